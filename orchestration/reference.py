@@ -1,0 +1,82 @@
+"""Plaintext float64 reference of exactly the algorithm the MPC programs run.
+
+Same warm start, epochs, batch order, learning rate and exp approximation as
+``mpc_programs/face_train.mpc`` and ``face_predict.mpc``; only the arithmetic differs
+(float64 here, 16-bit fixed point there). Tests and benchmarks put the two side by side.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 2
+    batch: int = 32
+    lr: float = 0.5
+    alpha: float = 8.0
+    exp_bits: int = 7
+
+    def program_args(self, n: int, d1: int, c: int) -> list[str]:
+        return [str(n), str(d1), str(c), str(self.epochs), str(min(self.batch, n)),
+                repr(float(self.lr)), repr(float(self.alpha)), str(self.exp_bits)]
+
+
+def with_bias(x: np.ndarray) -> np.ndarray:
+    """Append the constant-1 bias feature the programs expect."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.hstack([x, np.ones((x.shape[0], 1))])
+
+
+def exp_nonpos(t: np.ndarray, exp_bits: int) -> np.ndarray:
+    """(1 + t/2^m)^(2^m): the programs' exp for t <= 0."""
+    y = 1.0 + t / 2.0 ** exp_bits
+    for _ in range(exp_bits):
+        y = y * y
+    return y
+
+
+def softmax_rows(z: np.ndarray, exp_bits: int) -> np.ndarray:
+    e = exp_nonpos(z - z.max(axis=1, keepdims=True), exp_bits)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def warm_start(x1: np.ndarray, labels: np.ndarray, c: int, alpha: float) -> np.ndarray:
+    d1 = x1.shape[1]
+    w = np.zeros((d1, c))
+    for j in range(c):
+        mu = x1[labels == j, :-1].mean(axis=0)
+        w[:-1, j] = alpha * mu
+        w[-1, j] = -alpha / 2 * float(mu @ mu)
+    return w
+
+
+def train(x: np.ndarray, labels: np.ndarray, c: int, params: TrainParams) -> np.ndarray:
+    """Train on embeddings ``x`` (n, d) with integer labels; returns W (d+1, c)."""
+    x1 = with_bias(x)
+    labels = np.asarray(labels)
+    n = x1.shape[0]
+    y = np.zeros((n, c))
+    y[np.arange(n), labels] = 1.0
+    w = warm_start(x1, labels, c, params.alpha)
+    batch = min(params.batch, n)
+    starts = [(s, batch) for s in range(0, n - n % batch, batch)]
+    if n % batch:
+        starts.append((n - n % batch, n % batch))
+    for _ in range(params.epochs):
+        for s, rows in starts:
+            xb, yb = x1[s:s + rows], y[s:s + rows]
+            p = softmax_rows(xb @ w, params.exp_bits)
+            w = w - (params.lr / rows) * (xb.T @ (p - yb))
+    return w
+
+
+def predict(w: np.ndarray, x: np.ndarray, exp_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class index and top-class probability for each row of ``x``."""
+    p = softmax_rows(with_bias(x) @ w, exp_bits)
+    return p.argmax(axis=1), p.max(axis=1)
