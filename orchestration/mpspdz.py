@@ -1,0 +1,130 @@
+"""Finding MP-SPDZ and compiling our .mpc programs into a project-owned folder.
+
+The MP-SPDZ installation is read-only to us: ``compile.py`` runs with the project's build
+folder as working directory, so bytecode and schedules land in ``<build>/Programs``.
+Compiled programs are cached by (source hash, arguments, MP-SPDZ version) and rebuilt
+when either changes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+PROGRAMS_SRC = REPO / "mpc_programs"
+DEFAULT_HOME = Path("/opt/mp-spdz")
+PARTY_BINARY = "semi2k-party.x"
+COMPILE_FLAGS = ["-E", "semi2k"]  # ring 2^64, two-party split for comparisons
+
+INSTALL_HELP = (
+    "Install MP-SPDZ (https://github.com/data61/MP-SPDZ): either unpack the official binary release "
+    "(mp-spdz-<version>.tar.xz from the project's GitHub releases page; it ships semi2k-party.x and "
+    "compile.py) or build from source with `make semi2k-party.x`. Then set MP_SPDZ_HOME to that folder, "
+    "or `mpspdz.home` in invoke.yaml, or install it at /opt/mp-spdz."
+)
+
+
+class MPSPDZError(RuntimeError):
+    """MP-SPDZ is missing, broken, or a program failed to compile or run."""
+
+
+@dataclass(frozen=True)
+class MPSPDZ:
+    home: Path
+
+    @property
+    def party_binary(self) -> Path:
+        return self.home / PARTY_BINARY
+
+    @property
+    def compiler(self) -> Path:
+        return self.home / "compile.py"
+
+    def version(self) -> str:
+        """A stable identifier of this installation (changes when the binary changes)."""
+        st = self.party_binary.stat()
+        return f"{st.st_size}-{int(st.st_mtime)}"
+
+
+def find_mpspdz(configured: str | os.PathLike[str] | None = None) -> MPSPDZ:
+    """Locate MP-SPDZ: $MP_SPDZ_HOME, else ``configured`` (invoke.yaml), else /opt/mp-spdz."""
+    env = os.environ.get("MP_SPDZ_HOME")
+    if env:
+        home, source = Path(env), "MP_SPDZ_HOME"
+    elif configured:
+        home, source = Path(configured), "mpspdz.home in invoke.yaml"
+    else:
+        home, source = DEFAULT_HOME, "the default location"
+    home = home.expanduser().resolve()
+    missing = []
+    if not home.is_dir():
+        missing.append(f"folder {home}")
+    else:
+        for rel in (PARTY_BINARY, "compile.py", "Compiler"):
+            if not (home / rel).exists():
+                missing.append(str(home / rel))
+        binary = home / PARTY_BINARY
+        if binary.exists() and not os.access(binary, os.X_OK):
+            missing.append(f"{binary} is not executable")
+    if missing:
+        raise MPSPDZError(f"MP-SPDZ not usable at {home} (from {source}): missing {', '.join(missing)}. {INSTALL_HELP}")
+    return MPSPDZ(home)
+
+
+def program_source(name: str) -> Path:
+    path = PROGRAMS_SRC / f"{name}.mpc"
+    if not path.is_file():
+        allowed = sorted(p.stem for p in PROGRAMS_SRC.glob("*.mpc"))
+        raise MPSPDZError(f"no MPC program {name!r}; available: {', '.join(allowed)}")
+    return path
+
+
+def program_version(name: str) -> str:
+    """Hash of the program source; travels in manifests so stale shares are caught."""
+    return hashlib.sha256(program_source(name).read_bytes()).hexdigest()[:16]
+
+
+def compiled_name(name: str, args: list[str]) -> str:
+    return "-".join([name, *args])
+
+
+def compile_program(mp: MPSPDZ, name: str, args: list[str], build_dir: Path, force: bool = False) -> str:
+    """Compile ``mpc_programs/<name>.mpc`` with ``args``; returns the compiled program name.
+
+    Skips compilation when the cached result was made from the same source, arguments and
+    MP-SPDZ installation.
+    """
+    src = program_source(name)
+    build_dir = Path(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    full = compiled_name(name, args)
+    stamp_path = build_dir / "stamps" / f"{full}.json"
+    stamp = {"source": program_version(name), "args": args, "mpspdz": mp.version(), "flags": COMPILE_FLAGS}
+    schedule = build_dir / "Programs" / "Schedules" / f"{full}.sch"
+    if not force and schedule.exists() and stamp_path.exists():
+        try:
+            if json.loads(stamp_path.read_text()) == stamp:
+                logger.debug("compiled program %s is up to date", full)
+                return full
+        except json.JSONDecodeError:
+            pass
+    logger.info("compiling %s %s", name, " ".join(args))
+    cmd = [sys.executable, str(mp.compiler), *COMPILE_FLAGS, str(src), *args]
+    proc = subprocess.run(cmd, cwd=build_dir, capture_output=True, text=True)
+    if proc.returncode != 0 or not schedule.exists():
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        raise MPSPDZError(f"compiling {src} with arguments {args} failed (exit {proc.returncode}):\n{tail}")
+    stamp_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stamp_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stamp))
+    os.replace(tmp, stamp_path)
+    (build_dir / "stamps" / f"{full}.log").write_text(proc.stdout + proc.stderr)
+    return full
