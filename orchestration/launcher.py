@@ -20,6 +20,10 @@ from .mpspdz import MPSPDZ, MPSPDZError
 
 logger = logging.getLogger(__name__)
 
+#: SoftSpoken OT with k=4 instead of MP-SPDZ's default 2: measured here on private training
+#: (N=80, C=10, one epoch) it sends 25 % less data and runs faster; k=8 saves more data but is CPU-bound.
+DEFAULT_PARTY_ARGS: tuple[str, ...] = ("-o", "softspoken=4")
+
 _DATA_SENT = re.compile(r"^Data sent = ([0-9.e+]+) MB in ~(\d+) rounds")
 _GLOBAL_DATA = re.compile(r"^Global data sent = ([0-9.e+]+) MB")
 _TIME = re.compile(r"^Time = ([0-9.e+-]+) seconds")
@@ -96,8 +100,9 @@ def run_parties(
     *,
     host: str = "127.0.0.1",
     timeout: float = 1800.0,
-    extra_args: Sequence[str] = (),
+    extra_args: Sequence[str] = DEFAULT_PARTY_ARGS,
     on_line: Callable[[int, str], None] | None = None,
+    on_spawn: Callable[[list[subprocess.Popen[str]]], None] | None = None,
 ) -> RunResult:
     """Run ``program`` with party i in ``workdirs[i]``; raise :class:`PartyFailed` on any failure.
 
@@ -115,6 +120,9 @@ def run_parties(
         logger.debug("party %d: %s (cwd %s)", i, " ".join(cmd), workdirs[i])
         procs.append(subprocess.Popen(cmd, cwd=workdirs[i], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, bufsize=1, start_new_session=True))
+
+    if on_spawn:  # fault-injection hook for tests
+        on_spawn(procs)
 
     def reader(i: int) -> None:
         with open(logs[i], "w") as log:

@@ -189,6 +189,7 @@ def train_private(
     host: str = "127.0.0.1",
     timeout: float = 1800.0,
     on_line: Callable[[int, str], None] | None = None,
+    on_spawn: Callable[[list], None] | None = None,
 ) -> TrainReport:
     """Share ``embeddings``/``labels``, train under MPC, keep model shares per server."""
     x = np.asarray(embeddings, dtype=np.float64)
@@ -200,7 +201,9 @@ def train_private(
     if len(classes) < 2:
         raise ValueError(f"need at least 2 people to train a classifier, got {len(classes)}: {classes}")
     index = {name: k for k, name in enumerate(classes)}
-    y_idx = np.array([index[name] for name in labels])
+    order = reference.training_order(len(x), params.seed)
+    x = x[order]
+    y_idx = np.array([index[name] for name in labels])[order]
     n, d = x.shape
     c = len(classes)
     x1 = reference.with_bias(x)
@@ -227,7 +230,8 @@ def train_private(
     rundirs = [_prepare_rundir(layout, i, job, bundles[i], None) for i in range(2)]
     logs = [layout.server(i) / "logs" / f"{job}.log" for i in range(2)]
     try:
-        result = run_parties(mp, full, rundirs, logs, host=host, timeout=timeout, on_line=on_line)
+        result = run_parties(mp, full, rundirs, logs, host=host, timeout=timeout, on_line=on_line,
+                             on_spawn=on_spawn)
         meta = {"run_id": run_id, "d1": d + 1, "c": c, "n": n, "frac_bits": FRAC_BITS,
                 "program": TRAIN_PROGRAM, "program_version": version, "created": time.time()}
         for i in range(2):
@@ -271,6 +275,7 @@ def predict_private(
     host: str = "127.0.0.1",
     timeout: float = 600.0,
     on_line: Callable[[int, str], None] | None = None,
+    on_spawn: Callable[[list], None] | None = None,
 ) -> PredictReport:
     """Recognise a batch of embeddings under MPC; returns class index (or UNKNOWN) and confidence."""
     record = load_client_model(layout)
@@ -309,7 +314,8 @@ def predict_private(
     logs = [layout.server(i) / "logs" / f"{job}.log" for i in range(2)]
     out_shares = []
     try:
-        result = run_parties(mp, full, rundirs, logs, host=host, timeout=timeout, on_line=on_line)
+        result = run_parties(mp, full, rundirs, logs, host=host, timeout=timeout, on_line=on_line,
+                             on_spawn=on_spawn)
         for i in range(2):
             pers = rundirs[i] / "Persistence" / f"Transactions-P{i}.data"
             shares = _read_shares(pers, d1 * c, 2 * q)

@@ -21,10 +21,16 @@ class TrainParams:
     lr: float = 0.5
     alpha: float = 8.0
     exp_bits: int = 7
+    seed: int = 0  # the client shuffles the training rows with this seed before sharing
 
     def program_args(self, n: int, d1: int, c: int) -> list[str]:
         return [str(n), str(d1), str(c), str(self.epochs), str(min(self.batch, n)),
                 repr(float(self.lr)), repr(float(self.alpha)), str(self.exp_bits)]
+
+
+def training_order(n: int, seed: int) -> np.ndarray:
+    """The row order SGD sees: a seeded shuffle (sorted-by-person batches would wreck SGD)."""
+    return np.random.default_rng(seed).permutation(n)
 
 
 def with_bias(x: np.ndarray) -> np.ndarray:
@@ -58,8 +64,9 @@ def warm_start(x1: np.ndarray, labels: np.ndarray, c: int, alpha: float) -> np.n
 
 def train(x: np.ndarray, labels: np.ndarray, c: int, params: TrainParams) -> np.ndarray:
     """Train on embeddings ``x`` (n, d) with integer labels; returns W (d+1, c)."""
-    x1 = with_bias(x)
-    labels = np.asarray(labels)
+    order = training_order(len(x), params.seed)
+    x1 = with_bias(np.asarray(x)[order])
+    labels = np.asarray(labels)[order]
     n = x1.shape[0]
     y = np.zeros((n, c))
     y[np.arange(n), labels] = 1.0

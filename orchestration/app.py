@@ -1,0 +1,126 @@
+"""What the invoke tasks do, as plain functions: embed, train, predict, on top of the client pipeline.
+
+``tasks.py`` parses flags and prints; this module does the work and returns data.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from . import reference
+from .mpspdz import MPSPDZ
+from .private import UNKNOWN, Layout, Prediction, PredictReport, TrainReport, load_client_model, predict_private, \
+    train_private
+
+logger = logging.getLogger(__name__)
+
+NO_FACE = "no_face_found"
+UNKNOWN_PERSON = "unknown_person"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+@dataclass
+class FaceSettings:
+    backend: str = "facenet"
+    detector: str = "hog"
+    upsample: int = 1
+
+
+def embed_dataset(dataset: Path, layout: Layout, face: FaceSettings, progress: bool = True):
+    """Embed a gallery folder incrementally (cache under the client folder)."""
+    from preprocessing.dataset import embed_gallery
+
+    return embed_gallery(Path(dataset), backend=face.backend, detector=face.detector,
+                         cache_dir=layout.client / "cache", progress=progress)
+
+
+def previous_gallery(layout: Layout):
+    from preprocessing.dataset import GalleryEmbeddings
+
+    path = layout.client / "gallery.npz"
+    if not path.exists():
+        return None
+    try:
+        return GalleryEmbeddings.load(path)
+    except Exception as exc:  # an unreadable old record only loses the change summary
+        logger.warning("could not read previous gallery record %s: %s", path, exc)
+        return None
+
+
+def train(mp: MPSPDZ, layout: Layout, gallery, params: reference.TrainParams, *, host: str,
+          timeout: float) -> tuple[TrainReport, np.ndarray]:
+    """Train under MPC on a GalleryEmbeddings; returns the report and the plaintext reference model."""
+    report = train_private(mp, layout, gallery.embeddings, gallery.labels, params, host=host, timeout=timeout)
+    gallery.save(layout.client / "gallery.npz")
+    index = {name: k for k, name in enumerate(report.classes)}
+    ref_w = reference.train(gallery.embeddings, np.array([index[n] for n in gallery.labels]),
+                            len(report.classes), params)
+    return report, ref_w
+
+
+@dataclass
+class FaceQuery:
+    path: Path
+    location: tuple[int, int, int, int] | None  # None: no face in this image
+    embedding: np.ndarray | None
+    error: str | None = None
+
+
+def image_paths(images: Sequence[str | Path] = (), directory: str | Path | None = None) -> list[Path]:
+    """The images to recognise: explicit paths first, then a folder's images (sorted, recursive)."""
+    out = [Path(p) for p in images]
+    if directory is not None:
+        d = Path(directory)
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: not a folder of images")
+        out += sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                      and not p.name.startswith("."))
+    return out
+
+
+def face_queries(paths: Iterable[Path], face: FaceSettings) -> Iterator[FaceQuery]:
+    """Every face of every image (largest first), or one entry saying no face / unreadable."""
+    from preprocessing import detect_faces, get_embedder, load_image_file
+    from preprocessing.errors import PreprocessingError
+
+    embedder = get_embedder(face.backend)
+    for path in paths:
+        try:
+            image = load_image_file(path)
+        except PreprocessingError as exc:
+            yield FaceQuery(path, None, None, error=str(exc))
+            continue
+        faces = detect_faces(image, model=face.detector, upsample=face.upsample)
+        if not faces:
+            yield FaceQuery(path, None, None)
+            continue
+        vecs = embedder.embed(image, faces)
+        for f, v in zip(faces, vecs):
+            yield FaceQuery(path, tuple(int(t) for t in f.location), v)
+
+
+def recognise(mp: MPSPDZ, layout: Layout, embeddings: np.ndarray, threshold: float, *, host: str,
+              timeout: float, batch: int = 64) -> tuple[list[tuple[str, float]], list[PredictReport]]:
+    """Names and confidences for embeddings, one MPC run per batch of at most ``batch`` faces."""
+    record = load_client_model(layout)
+    classes = record["classes"]
+    out: list[tuple[str, float]] = []
+    reports = []
+    for s in range(0, len(embeddings), batch):
+        rep = predict_private(mp, layout, embeddings[s:s + batch], threshold, host=host, timeout=timeout)
+        reports.append(rep)
+        out += [(UNKNOWN_PERSON if p.label == UNKNOWN else classes[p.label], p.confidence) for p in rep.predictions]
+    return out, reports
+
+
+def default_threshold(layout: Layout) -> float:
+    record = load_client_model(layout)
+    return float(record.get("threshold", 0.0))
+
+
+__all__ = ["FaceSettings", "FaceQuery", "Prediction", "NO_FACE", "UNKNOWN_PERSON", "embed_dataset", "train",
+           "image_paths", "face_queries", "recognise", "default_threshold", "previous_gallery"]
