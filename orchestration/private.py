@@ -75,6 +75,7 @@ class TrainReport:
     compile_seconds: float
     run: RunResult
     share_seconds: float
+    threshold: reference.ThresholdChoice
 
 
 @dataclass
@@ -244,12 +245,14 @@ def train_private(
             shutil.rmtree(r, ignore_errors=True)
         for b in bundles:
             shutil.rmtree(b, ignore_errors=True)
+    choice = reference.choose_threshold(x, y_idx, c, params)  # client side, plaintext, enrollment data only
     record = {"run_id": run_id, "classes": classes, "d": d, "n": n, "params": params.__dict__,
-              "created": time.time(), "train_seconds": result.wall_seconds, "train_data_mb": result.data_sent_mb}
+              "created": time.time(), "train_seconds": result.wall_seconds, "train_data_mb": result.data_sent_mb,
+              "threshold": choice.threshold, "threshold_choice": choice.__dict__}
     atomic_write_json(layout.client_model, record)
     logger.info("trained %d classes on %d faces in %.1f s, %.1f MB sent", c, n, result.wall_seconds,
                 result.data_sent_mb)
-    return TrainReport(run_id, classes, n, params, compile_seconds, result, share_seconds)
+    return TrainReport(run_id, classes, n, params, compile_seconds, result, share_seconds, choice)
 
 
 def load_client_model(layout: Layout) -> dict[str, Any]:

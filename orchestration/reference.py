@@ -87,3 +87,60 @@ def predict(w: np.ndarray, x: np.ndarray, exp_bits: int) -> tuple[np.ndarray, np
     """Class index and top-class probability for each row of ``x``."""
     p = softmax_rows(with_bias(x) @ w, exp_bits)
     return p.argmax(axis=1), p.max(axis=1)
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    threshold: float
+    genuine_accept: float  # share of held-out enrolled faces accepted (cross-validation)
+    impostor_reject: float  # share of enrolled faces rejected when their own person is left out
+    n_genuine: int
+    n_impostor: int
+
+
+def choose_threshold(x: np.ndarray, labels: np.ndarray, c: int, params: TrainParams,
+                     folds: int = 5) -> ThresholdChoice:
+    """Default confidence threshold from the enrollment data alone, on the client, in plaintext.
+
+    Genuine scores: top-class confidence of each enrolled face under a model trained without it
+    (``folds``-fold cross-validation). Impostor scores: confidence of the best *other* person when
+    the face's own person is taken out of the model (each person plays the unknown in turn).
+    The threshold is the equal-error point of the two: as many genuine faces rejected as
+    impostors accepted. Uses the very algorithm the servers run, so the scale matches.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    labels = np.asarray(labels)
+    n = len(x)
+    genuine: list[float] = []
+    fold_of = np.empty(n, dtype=int)
+    for k in range(c):  # stratified: spread each person's faces over the folds
+        idx = np.flatnonzero(labels == k)
+        fold_of[idx] = np.arange(len(idx)) % folds
+    for f in range(folds):
+        test = fold_of == f
+        train_ = ~test
+        if not test.any() or len(np.unique(labels[train_])) < 2:
+            continue
+        present = np.unique(labels[train_])
+        remap = {int(k): i for i, k in enumerate(present)}
+        w = train(x[train_], np.array([remap[int(k)] for k in labels[train_]]), len(present), params)
+        keep = test & np.isin(labels, present)
+        if keep.any():
+            _, conf = predict(w, x[keep], params.exp_bits)
+            genuine += conf.tolist()
+    w_full = train(x, labels, c, params)
+    z = with_bias(x) @ w_full
+    impostor: list[float] = []
+    if c > 2:
+        for k in range(c):
+            rows = labels == k
+            zk = np.delete(z[rows], k, axis=1)
+            impostor += softmax_rows(zk, params.exp_bits).max(axis=1).tolist()
+    g = np.array(genuine) if genuine else np.array([1.0])
+    imp = np.array(impostor) if impostor else np.array([0.0])
+    candidates = np.unique(np.concatenate([g, imp]))
+    frr = np.array([(g < t).mean() for t in candidates])
+    far = np.array([(imp >= t).mean() for t in candidates])
+    best = int(np.argmin(np.abs(frr - far) + 1e-9 * candidates))
+    t = float(candidates[best])
+    return ThresholdChoice(t, float((g >= t).mean()), float((imp < t).mean()), len(genuine), len(impostor))

