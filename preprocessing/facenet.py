@@ -13,16 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import keras
 import numpy as np
+import tensorflow as tf
+from keras import layers
 
 from .errors import ModelFileError
 from .models import model_path
 
 logger = logging.getLogger(__name__)
-
-import keras  # noqa: E402  (heavy import after the light ones)
-import tensorflow as tf  # noqa: E402
-from keras import layers  # noqa: E402
 
 INPUT_SIZE = 160
 EMBEDDING_DIM = 128
