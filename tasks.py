@@ -374,3 +374,45 @@ def demo(c, dataset=None, people=10, held_out=2, backend=None, detector=None, se
           f"recognition {q_time:.1f} s and {q_mb:.0f} MB for {len(rows)} faces")
     if n_ok < len(rows) * 0.8:
         raise Exit("demo: fewer than 80% of the faces were recognised correctly", code=1)
+
+
+@task(help={
+    "dataset": "folder <dataset>/<person>/<image> to split into enrollment and test images",
+    "unknown": "folder of images of people who are never enrolled (open-set test)",
+    "output": "report folder (default var/reports/<time>)",
+    "test_fraction": "share of each person's images kept for testing",
+    "seed": "seed of the split",
+    "batch": "faces per MPC recognition run",
+    "backend": "embedder: facenet | dlib",
+    "detector": "face detector: hog | cnn",
+    "epochs": "SGD epochs after the warm start",
+    "mpspdz_home": "MP-SPDZ folder",
+})
+def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, batch=64, backend=None,
+             detector=None, epochs=None, mpspdz_home=None):
+    """Train and recognise under MPC on a seeded split and write a report (Markdown + PNG)."""
+    _logging()
+    import time as _time
+
+    from orchestration.evaluate import evaluate as run_eval
+    from orchestration.mpspdz import MPSPDZError
+    from preprocessing.errors import PreprocessingError
+
+    mp = _mp(c, mpspdz_home)
+    face = _face(c, backend, detector)
+    layout = _layout(c)
+    for name, folder in (("--dataset", dataset), ("--unknown", unknown)):
+        if folder is not None and not Path(folder).is_dir():
+            raise Exit(f"{name} {folder}: not a folder", code=1)
+    out = Path(output) if output else layout.root / "reports" / _time.strftime("%Y%m%d-%H%M%S")
+    try:
+        ev = run_eval(mp, Path(dataset), Path(unknown) if unknown else None, out, _train_params(c, epochs),
+                      backend=face.backend, detector=face.detector, cache_dir=layout.client / "cache",
+                      work=layout.root / "evaluate", test_fraction=float(test_fraction), seed=int(seed),
+                      batch=int(batch), host=_cfg(c, "mpspdz", "host", None))
+    except (MPSPDZError, PreprocessingError, ValueError, OSError) as exc:
+        raise Exit(f"evaluation failed: {exc}", code=1)
+    print(f"closed-set accuracy {ev.closed_set_accuracy:.4f} (plaintext {ev.plaintext_accuracy:.4f}, "
+          f"agreement {ev.agreement:.4f}); threshold {ev.threshold:.4f}: known accepted {ev.known_accept:.4f}, "
+          f"unknown rejected {ev.unknown_reject:.4f}")
+    print(f"report: {out / 'report.md'}")

@@ -80,8 +80,9 @@ class TrainReport:
 
 @dataclass
 class Prediction:
-    label: int  # class index, or UNKNOWN
-    confidence: float
+    label: int  # class index, or UNKNOWN when the protocol decided confidence < threshold
+    confidence: float  # softmax probability of the best class
+    best: int  # best class index whatever the decision (the client's own query: it may know)
 
 
 @dataclass
@@ -321,10 +322,10 @@ def predict_private(
                              on_spawn=on_spawn)
         for i in range(2):
             pers = rundirs[i] / "Persistence" / f"Transactions-P{i}.data"
-            shares = _read_shares(pers, d1 * c, 2 * q)
+            shares = _read_shares(pers, d1 * c, 3 * q)
             out = layout.server(i) / "outputs" / f"{job}.bin"
             sharing.atomic_write_bytes(out, shares.astype("<u8").tobytes())
-            atomic_write_json(out.with_suffix(".json"), {"job": job, "q": q, "values": ["label", "confidence"],
+            atomic_write_json(out.with_suffix(".json"), {"job": job, "q": q, "values": ["best", "known", "confidence"],
                                                          "frac_bits": FRAC_BITS, "run_id": record["run_id"]})
             out_shares.append(shares)
     finally:
@@ -333,11 +334,11 @@ def predict_private(
         for b in bundles:
             shutil.rmtree(b, ignore_errors=True)
     total = sharing.reconstruct(out_shares[0], out_shares[1])
-    labels = total[:q].view(np.int64)
-    conf = sharing.decode_fixed(total[q:])
-    preds = [Prediction(int(labels[k]), float(conf[k])) for k in range(q_real)]
-    for p in preds:
-        if p.label != UNKNOWN and not 0 <= p.label < c:
-            raise ModelError(f"reconstructed class index {p.label} out of range 0..{c - 1}: the servers' shares "
-                             "do not belong together")
+    best = total[:q].view(np.int64)
+    known = total[q:2 * q].view(np.int64)
+    conf = sharing.decode_fixed(total[2 * q:])
+    if not (np.all((best[:q_real] >= 0) & (best[:q_real] < c)) and np.all(np.isin(known[:q_real], (0, 1)))):
+        raise ModelError(f"reconstructed outputs out of range (class 0..{c - 1}, decision 0/1): the two servers' "
+                         "shares do not belong together")
+    preds = [Prediction(int(best[k]) if known[k] else UNKNOWN, float(conf[k]), int(best[k])) for k in range(q_real)]
     return PredictReport(preds, result, compile_seconds, q)

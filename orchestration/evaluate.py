@@ -1,0 +1,231 @@
+"""Evaluation under MPC: seeded enroll/test split, private training and recognition, a report.
+
+The report (Markdown + PNGs) gives closed-set accuracy, the plaintext reference's accuracy and the
+agreement between them, open-set acceptance/rejection at the chosen threshold and over all thresholds,
+a confusion matrix, and time and data sent per phase.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import reference
+from .mpspdz import MPSPDZ
+from .private import Layout, Prediction, predict_private, train_private
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    dataset: str
+    unknown: str | None
+    backend: str
+    n_people: int
+    n_enrolled_faces: int
+    n_test_faces: int
+    n_unknown_faces: int
+    closed_set_accuracy: float
+    plaintext_accuracy: float
+    agreement: float
+    threshold: float
+    known_accept: float  # known test faces accepted (decision inside MPC)
+    known_correct_accept: float  # accepted with the right name
+    unknown_reject: float  # unknown faces rejected (decision inside MPC)
+    decision_agreement: float  # MPC decisions equal the plaintext reference's
+    seconds: dict[str, float] = field(default_factory=dict)
+    data_mb: dict[str, float] = field(default_factory=dict)
+    skipped: int = 0
+
+
+def split_gallery(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per person: a seeded share of the images for testing (at least one when the person has 2+)."""
+    rng = np.random.default_rng(seed)
+    tr, te = [], []
+    for name in sorted(set(labels)):
+        idx = np.flatnonzero(labels == name)
+        rng.shuffle(idx)
+        k = int(round(len(idx) * test_fraction)) if len(idx) > 1 else 0
+        k = min(max(k, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        te += list(idx[:k])
+        tr += list(idx[k:])
+    return np.array(sorted(tr)), np.array(sorted(te))
+
+
+def _predict_batches(mp: MPSPDZ, layout: Layout, x: np.ndarray, threshold: float, batch: int, host: str,
+                     timeout: float) -> tuple[list[Prediction], float, float]:
+    out: list[Prediction] = []
+    secs = mb = 0.0
+    from tqdm import tqdm
+
+    for s in tqdm(range(0, len(x), batch), desc="private recognition", unit="batch", leave=False):
+        rep = predict_private(mp, layout, x[s:s + batch], threshold, host=host, timeout=timeout)
+        out += rep.predictions
+        secs += rep.run.wall_seconds
+        mb += rep.run.data_sent_mb
+    return out, secs, mb
+
+
+def evaluate(mp: MPSPDZ, dataset: Path, unknown: Path | None, out_dir: Path, params: reference.TrainParams, *,
+             backend: str, detector: str, cache_dir: Path, work: Path, test_fraction: float = 0.3, seed: int = 0,
+             batch: int = 64, host: str = "127.0.0.1", timeout: float = 7200.0) -> Evaluation:
+    from preprocessing.dataset import embed_gallery
+
+    seconds: dict[str, float] = {}
+    data: dict[str, float] = {}
+    t0 = time.monotonic()
+    g = embed_gallery(dataset, backend=backend, detector=detector, cache_dir=cache_dir, progress=True)
+    u_x = np.zeros((0, g.embeddings.shape[1]))
+    n_skipped = len(g.skipped)
+    if unknown is not None:
+        u_x, n_u_skipped = _embed_flat(unknown, backend, detector, cache_dir)
+        n_skipped += n_u_skipped
+    seconds["embedding (client)"] = time.monotonic() - t0
+    labels = np.array(g.labels)
+    tr, te = split_gallery(labels, test_fraction, seed)
+    layout = Layout(work)
+    t0 = time.monotonic()
+    report = train_private(mp, layout, g.embeddings[tr], list(labels[tr]), params, host=host, timeout=timeout)
+    seconds["training (MPC protocol)"] = report.run.wall_seconds
+    seconds["training (compile + share + protocol)"] = time.monotonic() - t0
+    data["training"] = report.run.data_sent_mb
+    classes = report.classes
+    index = {n: k for k, n in enumerate(classes)}
+    thr = report.threshold.threshold
+    truth = np.array([index[n] for n in labels[te]])
+
+    known_preds, s, mb = _predict_batches(mp, layout, g.embeddings[te], thr, batch, host, timeout)
+    seconds["recognition of known test faces (MPC)"] = s
+    data["recognition of known test faces"] = mb
+    unk_preds: list[Prediction] = []
+    if len(u_x):
+        unk_preds, s, mb = _predict_batches(mp, layout, u_x, thr, batch, host, timeout)
+        seconds["recognition of unknown faces (MPC)"] = s
+        data["recognition of unknown faces"] = mb
+
+    w = reference.train(g.embeddings[tr], np.array([index[n] for n in labels[tr]]), len(classes), params)
+    ref_best, ref_conf = reference.predict(w, g.embeddings[te], params.exp_bits)
+    best = np.array([p.best for p in known_preds])
+    conf = np.array([p.confidence for p in known_preds])
+    accepted = np.array([p.label != -1 for p in known_preds])
+    ev = Evaluation(
+        dataset=str(dataset), unknown=str(unknown) if unknown else None, backend=backend, n_people=len(classes),
+        n_enrolled_faces=len(tr), n_test_faces=len(te), n_unknown_faces=len(u_x),
+        closed_set_accuracy=float(np.mean(best == truth)), plaintext_accuracy=float(np.mean(ref_best == truth)),
+        agreement=float(np.mean(best == ref_best)), threshold=thr, known_accept=float(np.mean(accepted)),
+        known_correct_accept=float(np.mean(accepted & (best == truth))),
+        unknown_reject=float(np.mean([p.label == -1 for p in unk_preds])) if unk_preds else float("nan"),
+        decision_agreement=float(np.mean(accepted == (ref_conf >= thr))), seconds=seconds, data_mb=data,
+        skipped=n_skipped)
+    u_conf = np.array([p.confidence for p in unk_preds])
+    if unk_preds:
+        _, u_ref_conf = reference.predict(w, u_x, params.exp_bits)
+        ev.decision_agreement = float(np.mean(np.concatenate([accepted == (ref_conf >= thr),
+                                                              (u_conf >= thr) == (u_ref_conf >= thr)])))
+    write_report(ev, out_dir, truth, best, conf, u_conf, classes)
+    return ev
+
+
+def _embed_flat(folder: Path, backend: str, detector: str, cache_dir: Path) -> tuple[np.ndarray, int]:
+    """Embed a flat folder of images (one unknown face each) through the gallery cache."""
+    import tempfile
+
+    from preprocessing.dataset import embed_gallery
+
+    with tempfile.TemporaryDirectory() as tmp:
+        person = Path(tmp) / "unknown"
+        person.mkdir()
+        n = 0
+        for p in sorted(Path(folder).iterdir()):
+            if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg", ".png"):
+                (person / p.name).symlink_to(p.resolve())
+                n += 1
+        if n == 0:
+            raise ValueError(f"{folder}: no .jpg/.jpeg/.png images of unknown people")
+        g = embed_gallery(Path(tmp), backend=backend, detector=detector, cache_dir=cache_dir, progress=True)
+        return g.embeddings, len(g.skipped)
+
+
+def write_report(ev: Evaluation, out_dir: Path, truth: np.ndarray, best: np.ndarray, conf: np.ndarray,
+                 u_conf: np.ndarray, classes: list[str]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # confusion matrix
+    c = len(classes)
+    cm = np.zeros((c, c), dtype=int)
+    for t, b in zip(truth, best):
+        cm[t, b] += 1
+    size = min(2 + 0.35 * c, 40)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    if c <= 30:
+        ax.set_xticks(range(c), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(c), classes, fontsize=7)
+        for i in range(c):
+            for j in range(c):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xlabel("predicted under MPC")
+    ax.set_ylabel("true person")
+    ax.set_title(f"Confusion matrix ({c} people, closed set, accuracy {ev.closed_set_accuracy:.3f})")
+    fig.tight_layout()
+    fig.savefig(out_dir / "confusion.png", dpi=100)
+    plt.close(fig)
+    # open-set curve over thresholds
+    ts = np.linspace(0, 1, 201)
+    correct = best == truth
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(ts, [np.mean((conf >= t) & correct) for t in ts], label="known faces accepted with the right name")
+    if len(u_conf):
+        ax.plot(ts, [np.mean(u_conf < t) for t in ts], label="unknown faces rejected")
+    ax.axvline(ev.threshold, color="grey", ls="--", label=f"default threshold {ev.threshold:.3f}")
+    ax.set_xlabel("confidence threshold")
+    ax.set_ylabel("rate")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title("Open set: acceptance and rejection over thresholds")
+    fig.tight_layout()
+    fig.savefig(out_dir / "open_set.png", dpi=100)
+    plt.close(fig)
+
+    lines = [
+        "# Private face recognition: evaluation",
+        "",
+        f"Dataset `{ev.dataset}`" + (f", unknown faces `{ev.unknown}`" if ev.unknown else "") + f", backend {ev.backend}.",
+        f"{ev.n_people} people, {ev.n_enrolled_faces} enrolled faces, {ev.n_test_faces} known test faces, "
+        f"{ev.n_unknown_faces} unknown faces ({ev.skipped} images skipped: no usable face).",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| closed-set accuracy under MPC | {ev.closed_set_accuracy:.4f} |",
+        f"| closed-set accuracy of the plaintext reference | {ev.plaintext_accuracy:.4f} |",
+        f"| MPC and plaintext agree (best person) | {ev.agreement:.4f} |",
+        f"| MPC and plaintext agree (accept/reject decision) | {ev.decision_agreement:.4f} |",
+        f"| default threshold (from enrollment data) | {ev.threshold:.4f} |",
+        f"| known test faces accepted | {ev.known_accept:.4f} |",
+        f"| known test faces accepted with the right name | {ev.known_correct_accept:.4f} |",
+        f"| unknown faces rejected | {ev.unknown_reject:.4f} |",
+        "",
+        "| phase | seconds | MB sent between the servers |",
+        "|---|---|---|",
+    ]
+    for k, v in ev.seconds.items():
+        mb = next((m for name, m in ev.data_mb.items() if k.startswith(name)), None)
+        lines.append(f"| {k} | {v:.1f} | {'' if mb is None else f'{mb:.1f}'} |")
+    lines += ["", "![confusion matrix](confusion.png)", "", "![open set](open_set.png)", ""]
+    report = out_dir / "report.md"
+    tmp = report.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(report)
+    (out_dir / "evaluation.json").write_text(json.dumps(asdict(ev), indent=2))
+    return report
