@@ -416,3 +416,85 @@ def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, b
           f"agreement {ev.agreement:.4f}); threshold {ev.threshold:.4f}: known accepted {ev.known_accept:.4f}, "
           f"unknown rejected {ev.unknown_reject:.4f}")
     print(f"report: {out / 'report.md'}")
+
+
+@task(help={
+    "video": "a video file to recognise (give --video or --camera)",
+    "camera": "camera index N, as in cv2.VideoCapture(N) (stop with Ctrl-C, --max-frames, or q in the window)",
+    "output": "annotated video to write, .mp4 (mp4v) or .avi (MJPG) (default var/recognize/<name>-annotated.mp4)",
+    "frames": "also save each processed frame, annotated, as PNG into this folder",
+    "every": "process one frame in K; the frames in between keep the last frame's boxes",
+    "threshold": "confidence below which a face is unknown_person (default: the one chosen at training)",
+    "show": "show a live window (only when a display exists; ignored with opencv-python-headless)",
+    "max_frames": "stop after reading this many frames",
+    "backend": "embedder: facenet | dlib (must match training)",
+    "detector": "face detector: hog | cnn",
+    "timeout": "seconds one protocol run may take",
+    "mpspdz_home": "MP-SPDZ folder",
+    "verbose": "debug logging",
+})
+def recognize(c, video=None, camera=None, output=None, frames=None, every=1, threshold=None, show=False,
+              max_frames=None, backend=None, detector=None, timeout=None, mpspdz_home=None, verbose=False):
+    """Recognise every face of a video or camera privately (one MPC run per frame) and write an annotated video.
+
+    Prints CSV `frame,name,confidence,top,right,bottom,left` (one line per face, as frames are
+    processed), then a summary on lines starting with `#`.
+    """
+    _logging(verbose)
+    from orchestration.mpspdz import MPSPDZError
+    from orchestration.recognizer import FaceRecognizer, RecognizerError, codec_for
+    from preprocessing.errors import PreprocessingError
+
+    if (video is None) == (camera is None):
+        raise Exit("give exactly one of --video FILE or --camera N", code=1)
+    if video is not None:
+        source = Path(video)
+        if not source.is_file():
+            raise Exit(f"--video {source}: video file not found", code=1)
+        stem = source.stem
+    else:
+        try:
+            source = int(camera)
+        except ValueError:
+            raise Exit(f"--camera {camera!r}: not a camera index (0, 1, ...)", code=1)
+        if source < 0:
+            raise Exit(f"--camera {source}: a camera index is 0 or more", code=1)
+        stem = f"camera{source}"
+    try:
+        every = int(every)
+        max_frames = int(max_frames) if max_frames is not None else None
+        thr = float(threshold) if threshold is not None else None
+    except ValueError as exc:
+        raise Exit(f"bad number: {exc}", code=1)
+    if every < 1:
+        raise Exit(f"--every {every}: must be 1 or more", code=1)
+    layout = _layout(c)
+    out = Path(output) if output else layout.root / "recognize" / f"{stem}-annotated.mp4"
+    try:
+        codec_for(out)
+    except ValueError as exc:
+        raise Exit(f"--output {exc}", code=1)
+    mp = _mp(c, mpspdz_home)
+    face = _face(c, backend, detector)
+    rows = csv.writer(sys.stdout)
+    rows.writerow(["frame", "name", "confidence", "top", "right", "bottom", "left"])
+
+    def on_frame(result) -> None:
+        for f in result.faces:
+            rows.writerow([result.index, f.name, f"{f.confidence:.4f}", *f.location])
+        sys.stdout.flush()
+
+    try:
+        recognizer = FaceRecognizer(mp, layout, face, thr, host=_cfg(c, "mpspdz", "host", None),
+                                     timeout=float(_cfg(c, "mpspdz", "timeout", timeout)))
+        report = recognizer.run(source, out, frames_dir=frames, every=every, show=bool(show), max_frames=max_frames,
+                                on_frame=on_frame)
+    except FileNotFoundError as exc:
+        raise Exit(str(exc), code=1)
+    except (MPSPDZError, RecognizerError, PreprocessingError, ValueError, OSError) as exc:
+        raise Exit(f"recognition failed: {exc}", code=1)
+    print(f"# {report.frames_read} frames read, {report.frames_processed} processed, {report.faces} faces, "
+          f"{report.mpc_runs} MPC runs ({report.mpc_seconds:.1f} s, {report.mb_sent:.1f} MB between the servers), "
+          f"{report.seconds:.1f} s in all, threshold {recognizer.threshold:.4f}")
+    print(f"# annotated video: {report.output} ({report.codec}, {report.fps:.1f} fps)"
+          + (f"; {len(report.stills)} stills in {frames}" if frames else ""))
