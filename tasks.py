@@ -126,6 +126,7 @@ def build_mpc(c, n=0, classes=0, batches="", force=False, mpspdz_home=None):
 
             rec = json.loads(layout.client_model.read_text())
             n, classes, d1 = n or rec["n"], classes or len(rec["classes"]), rec["d"] + 1
+            params = TrainParams(**rec["params"])
         if n and classes:
             name = compile_program(mp, TRAIN_PROGRAM, params.program_args(int(n), d1, int(classes)), layout.build,
                                    force=force)
@@ -142,11 +143,18 @@ def build_mpc(c, n=0, classes=0, batches="", force=False, mpspdz_home=None):
         raise Exit(str(exc), code=1)
 
 
-def _train_params(c, epochs=None, batch=None, lr=None, alpha=None):
+def _train_params(c, epochs=None, batch=None, lr=None, alpha=None, backend=None):
     from orchestration.reference import TrainParams
 
+    if alpha in (None, ""):
+        per_backend = c.config.get("train", {}).get("alpha", {})
+        backend = backend or _cfg(c, "face", "backend", None)
+        alpha = per_backend.get(backend) if hasattr(per_backend, "get") else per_backend
+        if alpha is None:
+            raise Exit(f"no train.alpha for backend {backend!r} in invoke.yaml (allowed: {', '.join(per_backend)})",
+                       code=1)
     return TrainParams(epochs=int(_cfg(c, "train", "epochs", epochs)), batch=int(_cfg(c, "train", "batch", batch)),
-                       lr=float(_cfg(c, "train", "lr", lr)), alpha=float(_cfg(c, "train", "alpha", alpha)),
+                       lr=float(_cfg(c, "train", "lr", lr)), alpha=float(alpha),
                        exp_bits=int(_cfg(c, "train", "exp_bits", None)))
 
 
@@ -173,7 +181,7 @@ def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None,
     mp = _mp(c, mpspdz_home)
     layout = _layout(c)
     face = _face(c, backend, detector)
-    params = _train_params(c, epochs, batch, lr, alpha)
+    params = _train_params(c, epochs, batch, lr, alpha, face.backend)
     dataset = Path(_cfg(c, "paths", "gallery", dataset))
     try:
         gallery = app.embed_dataset(dataset, layout, face)
@@ -188,7 +196,7 @@ def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None,
         print(f"changes since last training: {gallery.diff_against(prev)}")
     try:
         report, _ = app.train(mp, layout, gallery, params, host=_cfg(c, "mpspdz", "host", None),
-                              timeout=float(_cfg(c, "mpspdz", "timeout", timeout)))
+                              timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), face=face)
     except (MPSPDZError, ValueError) as exc:
         raise Exit(f"private training failed: {exc}", code=1)
     print(f"trained model {report.run_id}: {len(report.classes)} people, {report.n} faces, "
@@ -231,6 +239,7 @@ def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, det
     if missing:
         raise Exit(f"image not found: {', '.join(map(str, missing))}", code=1)
     try:
+        app.check_backend(layout, face.backend)
         thr = float(threshold) if threshold is not None else app.default_threshold(layout)
         out = csv.writer(sys.stdout)
         out.writerow(["path", "name", "confidence"])
@@ -350,7 +359,7 @@ def demo(c, dataset=None, people=10, held_out=2, backend=None, detector=None, se
     if not dataset.is_dir():
         raise Exit(f"--dataset {dataset}: not a folder of <person>/<image>", code=1)
     try:
-        rows, report, preds = run_demo(mp, dataset, work, _train_params(c), backend=face.backend,
+        rows, report, preds = run_demo(mp, dataset, work, _train_params(c, backend=face.backend), backend=face.backend,
                                        detector=face.detector, held_out=int(held_out), people=int(people),
                                        seed=int(seed), host=_cfg(c, "mpspdz", "host", None),
                                        timeout=float(_cfg(c, "mpspdz", "timeout", None)))
@@ -406,7 +415,8 @@ def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, b
             raise Exit(f"{name} {folder}: not a folder", code=1)
     out = Path(output) if output else layout.root / "reports" / _time.strftime("%Y%m%d-%H%M%S")
     try:
-        ev = run_eval(mp, Path(dataset), Path(unknown) if unknown else None, out, _train_params(c, epochs),
+        ev = run_eval(mp, Path(dataset), Path(unknown) if unknown else None, out,
+                      _train_params(c, epochs, backend=face.backend),
                       backend=face.backend, detector=face.detector, cache_dir=layout.client / "cache",
                       work=layout.root / "evaluate", test_fraction=float(test_fraction), seed=int(seed),
                       batch=int(batch), host=_cfg(c, "mpspdz", "host", None))
@@ -485,6 +495,9 @@ def recognize(c, video=None, camera=None, output=None, frames=None, every=1, thr
         sys.stdout.flush()
 
     try:
+        from orchestration.app import check_backend
+
+        check_backend(layout, face.backend)
         recognizer = FaceRecognizer(mp, layout, face, thr, host=_cfg(c, "mpspdz", "host", None),
                                      timeout=float(_cfg(c, "mpspdz", "timeout", timeout)))
         report = recognizer.run(source, out, frames_dir=frames, every=every, show=bool(show), max_frames=max_frames,

@@ -52,9 +52,11 @@ def previous_gallery(layout: Layout):
 
 
 def train(mp: MPSPDZ, layout: Layout, gallery, params: reference.TrainParams, *, host: str,
-          timeout: float) -> tuple[TrainReport, np.ndarray]:
+          timeout: float, face: FaceSettings | None = None) -> tuple[TrainReport, np.ndarray]:
     """Train under MPC on a GalleryEmbeddings; returns the report and the plaintext reference model."""
-    report = train_private(mp, layout, gallery.embeddings, gallery.labels, params, host=host, timeout=timeout)
+    meta = {"backend": face.backend, "detector": face.detector} if face else None
+    report = train_private(mp, layout, gallery.embeddings, gallery.labels, params, host=host, timeout=timeout,
+                           meta=meta)
     gallery.save(layout.client / "gallery.npz")
     index = {name: k for k, name in enumerate(report.classes)}
     ref_w = reference.train(gallery.embeddings, np.array([index[n] for n in gallery.labels]),
@@ -115,6 +117,14 @@ def recognise(mp: MPSPDZ, layout: Layout, embeddings: np.ndarray, threshold: flo
         reports.append(rep)
         out += [(UNKNOWN_PERSON if p.label == UNKNOWN else classes[p.label], p.confidence) for p in rep.predictions]
     return out, reports
+
+
+def check_backend(layout: Layout, backend: str) -> None:
+    """Queries must be embedded like the training faces were."""
+    trained_with = load_client_model(layout).get("backend")
+    if trained_with is not None and trained_with != backend:
+        raise ValueError(f"the model was trained on {trained_with} embeddings; recognise with --backend {trained_with} "
+                         f"(got {backend}) or retrain")
 
 
 def default_threshold(layout: Layout) -> float:

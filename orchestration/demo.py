@@ -92,7 +92,8 @@ def run_demo(mp: MPSPDZ, dataset: Path, work: Path, params: reference.TrainParam
 
     layout = Layout(work / "var")
     g = embed_gallery(gallery, backend=backend, detector=detector, cache_dir=work / "cache", progress=False)
-    report = train_private(mp, layout, g.embeddings, g.labels, params, host=host, timeout=timeout)
+    report = train_private(mp, layout, g.embeddings, g.labels, params, host=host, timeout=timeout,
+                           meta={"backend": backend, "detector": detector})
     index = {n: k for k, n in enumerate(report.classes)}
     w = reference.train(g.embeddings, np.array([index[n] for n in g.labels]), len(report.classes), params)
 

@@ -90,7 +90,8 @@ def evaluate(mp: MPSPDZ, dataset: Path, unknown: Path | None, out_dir: Path, par
     tr, te = split_gallery(labels, test_fraction, seed)
     layout = Layout(work)
     t0 = time.monotonic()
-    report = train_private(mp, layout, g.embeddings[tr], list(labels[tr]), params, host=host, timeout=timeout)
+    report = train_private(mp, layout, g.embeddings[tr], list(labels[tr]), params, host=host, timeout=timeout,
+                           meta={"backend": backend, "detector": detector})
     seconds["training (MPC protocol)"] = report.run.wall_seconds
     seconds["training (compile + share + protocol)"] = time.monotonic() - t0
     data["training"] = report.run.data_sent_mb

@@ -192,8 +192,12 @@ def train_private(
     timeout: float = 1800.0,
     on_line: Callable[[int, str], None] | None = None,
     on_spawn: Callable[[list], None] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> TrainReport:
-    """Share ``embeddings``/``labels``, train under MPC, keep model shares per server."""
+    """Share ``embeddings``/``labels``, train under MPC, keep model shares per server.
+
+    ``meta`` (e.g. the embedder used) is kept in the client's model record.
+    """
     x = np.asarray(embeddings, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"embeddings must be a non-empty (n, d) array, got shape {x.shape}")
@@ -234,13 +238,13 @@ def train_private(
     try:
         result = run_parties(mp, full, rundirs, logs, host=host, timeout=timeout, on_line=on_line,
                              on_spawn=on_spawn)
-        meta = {"run_id": run_id, "d1": d + 1, "c": c, "n": n, "frac_bits": FRAC_BITS,
+        server_meta = {"run_id": run_id, "d1": d + 1, "c": c, "n": n, "frac_bits": FRAC_BITS,
                 "program": TRAIN_PROGRAM, "program_version": version, "created": time.time()}
         for i in range(2):
             pers = rundirs[i] / "Persistence" / f"Transactions-P{i}.data"
             _read_shares(pers, 0, (d + 1) * c)
         for i in range(2):
-            _swap_model(layout, i, run_id, rundirs[i] / "Persistence" / f"Transactions-P{i}.data", meta)
+            _swap_model(layout, i, run_id, rundirs[i] / "Persistence" / f"Transactions-P{i}.data", server_meta)
     finally:
         for r in rundirs:
             shutil.rmtree(r, ignore_errors=True)
@@ -249,7 +253,7 @@ def train_private(
     choice = reference.choose_threshold(x, y_idx, c, params)  # client side, plaintext, enrollment data only
     record = {"run_id": run_id, "classes": classes, "d": d, "n": n, "params": params.__dict__,
               "created": time.time(), "train_seconds": result.wall_seconds, "train_data_mb": result.data_sent_mb,
-              "threshold": choice.threshold, "threshold_choice": choice.__dict__}
+              "threshold": choice.threshold, "threshold_choice": choice.__dict__, **(meta or {})}
     atomic_write_json(layout.client_model, record)
     logger.info("trained %d classes on %d faces in %.1f s, %.1f MB sent", c, n, result.wall_seconds,
                 result.data_sent_mb)

@@ -16,11 +16,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = 2
+    epochs: int = 1
     batch: int = 32
-    lr: float = 0.5
-    alpha: float = 8.0
-    exp_bits: int = 7
+    lr: float = 1.0
+    alpha: float = 16.0
+    exp_bits: int = 8
     seed: int = 0  # the client shuffles the training rows with this seed before sharing
 
     def program_args(self, n: int, d1: int, c: int) -> list[str]:
@@ -99,14 +99,16 @@ class ThresholdChoice:
 
 
 def choose_threshold(x: np.ndarray, labels: np.ndarray, c: int, params: TrainParams,
-                     folds: int = 5) -> ThresholdChoice:
+                     folds: int = 5, max_genuine_reject: float = 0.03) -> ThresholdChoice:
     """Default confidence threshold from the enrollment data alone, on the client, in plaintext.
 
     Genuine scores: top-class confidence of each enrolled face under a model trained without it
     (``folds``-fold cross-validation). Impostor scores: confidence of the best *other* person when
     the face's own person is taken out of the model (each person plays the unknown in turn).
-    The threshold is the equal-error point of the two: as many genuine faces rejected as
-    impostors accepted. Uses the very algorithm the servers run, so the scale matches.
+    The threshold is the equal-error point of the two (as many genuine faces rejected as impostors
+    accepted), lowered where needed so that at most ``max_genuine_reject`` of the genuine faces are
+    rejected: turning away an enrolled person costs more than letting the odd stranger be named.
+    Uses the very algorithm the servers run, so the scale matches.
     """
     x = np.asarray(x, dtype=np.float64)
     labels = np.asarray(labels)
@@ -142,5 +144,5 @@ def choose_threshold(x: np.ndarray, labels: np.ndarray, c: int, params: TrainPar
     frr = np.array([(g < t).mean() for t in candidates])
     far = np.array([(imp >= t).mean() for t in candidates])
     best = int(np.argmin(np.abs(frr - far) + 1e-9 * candidates))
-    t = float(candidates[best])
+    t = min(float(candidates[best]), float(np.quantile(g, max_genuine_reject)))
     return ThresholdChoice(t, float((g >= t).mean()), float((imp < t).mean()), len(genuine), len(impostor))

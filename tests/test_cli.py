@@ -1,0 +1,139 @@
+"""The invoke tasks end to end, as a user runs them (real MP-SPDZ protocol, dlib backend for speed)."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.mpc
+
+REPO = Path(__file__).resolve().parents[1]
+PEOPLE = ["Colin_Powell", "George_W_Bush", "Tony_Blair", "Vladimir_Putin"]
+
+
+def invoke(var: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, INVOKE_PATHS_VAR=str(var), TF_CPP_MIN_LOG_LEVEL="3")
+    r = subprocess.run([sys.executable, "-m", "invoke", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=900)
+    if check and r.returncode != 0:
+        raise AssertionError(f"invoke {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def workspace(lfw10, tmp_path_factory):
+    """A gallery of 4 people x 7 images (symlinks to lfw10); images 8-10 held out."""
+    root = tmp_path_factory.mktemp("cli")
+    gallery = root / "gallery"
+    held = {}
+    for person in PEOPLE:
+        imgs = sorted((lfw10 / person).glob("*.jpg"))
+        (gallery / person).mkdir(parents=True)
+        for img in imgs[:7]:
+            (gallery / person / img.name).symlink_to(img)
+        held[person] = imgs[7:]
+    var = root / "var"
+    r = invoke(var, "train", "--dataset", str(gallery), "--backend", "dlib")
+    return root, gallery, var, held, r
+
+
+def test_train_reports_model_and_threshold(workspace):
+    _, _, var, _, r = workspace
+    assert "embedded 28 faces of 4 people" in r.stdout
+    assert "trained model" in r.stdout and "MB sent between the servers" in r.stdout
+    assert "unknown-face threshold" in r.stdout
+    assert (var / "client" / "model.json").exists()
+    assert (var / "server0" / "model" / "Transactions-P0.data").exists()
+
+
+def test_predict_prints_csv_with_names_and_sentinels(workspace, lfw10, lfw_unknown, tmp_path):
+    _, _, var, held, _ = workspace
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(blank)
+    unknown = sorted(lfw_unknown.glob("*.jpg"))[5]
+    images = [held["Tony_Blair"][0], held["Colin_Powell"][1], blank, unknown]
+    args = ["predict", "--backend", "dlib"]
+    for img in images:
+        args += ["--image", str(img)]
+    r = invoke(var, *args)
+    rows = list(csv.reader(io.StringIO(r.stdout)))
+    assert rows[0] == ["path", "name", "confidence"]
+    by_path = {row[0]: row for row in rows[1:]}
+    assert by_path[str(images[0])][1] == "Tony_Blair"
+    assert by_path[str(images[1])][1] == "Colin_Powell"
+    assert by_path[str(blank)][1:] == ["no_face_found", ""]
+    assert by_path[str(unknown)][1] == "unknown_person"
+    assert [row[0] for row in rows[1:]] == [str(p) for p in images]  # input order kept
+    assert 0.0 < float(by_path[str(images[0])][2]) <= 1.0
+
+
+def test_predict_dir_and_bad_inputs(workspace, tmp_path):
+    _, _, var, held, _ = workspace
+    d = tmp_path / "queries"
+    d.mkdir()
+    for person in ("George_W_Bush", "Vladimir_Putin"):
+        (d / held[person][0].name).symlink_to(held[person][0])
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    r = invoke(var, "predict", "--backend", "dlib", "--dir", str(d), check=False)
+    assert r.returncode == 1
+    assert "broken.jpg" in r.stderr and "could not be read" in r.stderr
+    names = {Path(row[0]).name: row[1] for row in csv.reader(io.StringIO(r.stdout)) if row[0] != "path"}
+    assert names[held["George_W_Bush"][0].name] == "George_W_Bush"
+    assert names[held["Vladimir_Putin"][0].name] == "Vladimir_Putin"
+    assert names["broken.jpg"] == "no_face_found"
+
+    missing = invoke(var, "predict", "--backend", "dlib", "--image", str(tmp_path / "nope.jpg"), check=False)
+    assert missing.returncode == 1 and "nope.jpg" in missing.stderr
+    wrong = invoke(var, "predict", "--backend", "facenet", "--image", str(held["Tony_Blair"][0]), check=False)
+    assert wrong.returncode == 1 and "trained on dlib" in wrong.stderr
+    bad = invoke(var, "predict", "--backend", "nope", "--image", str(held["Tony_Blair"][0]), check=False)
+    assert bad.returncode == 1 and "facenet, dlib" in bad.stderr
+
+
+def test_retrain_reuses_cache_and_says_what_changed(workspace, lfw10):
+    _, gallery, var, held, _ = workspace
+    extra = held["Tony_Blair"][-1]
+    (gallery / "Tony_Blair" / extra.name).symlink_to(extra)
+    try:
+        r = invoke(var, "train", "--dataset", str(gallery), "--backend", "dlib")
+    finally:
+        (gallery / "Tony_Blair" / extra.name).unlink()
+    assert "(1 new, 28 from cache" in r.stdout
+    assert "changes since last training" in r.stdout and "added" in r.stdout
+
+
+def test_evaluate_writes_report_with_pictures(workspace, lfw_unknown, tmp_path):
+    _, gallery, var, _, _ = workspace
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    for img in sorted(lfw_unknown.glob("*.jpg"))[:12]:
+        (unknown / img.name).symlink_to(img)
+    out = tmp_path / "report"
+    r = invoke(var, "evaluate", "--dataset", str(gallery), "--unknown", str(unknown), "--output", str(out),
+               "--backend", "dlib")
+    assert "closed-set accuracy" in r.stdout
+    text = (out / "report.md").read_text()
+    for key in ("closed-set accuracy under MPC", "plaintext reference", "unknown faces rejected", "training (MPC"):
+        assert key in text
+    for png in ("confusion.png", "open_set.png"):
+        with Image.open(out / png) as im:
+            assert im.size[0] >= 300 and im.size[1] >= 300
+            arr = np.asarray(im.convert("L"))
+            assert arr.std() > 5  # a drawn picture, not a blank canvas
+    import json
+
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert ev["closed_set_accuracy"] >= 0.8 and ev["agreement"] >= 0.99
+
+
+def test_build_mpc_compiles_for_the_trained_sizes(workspace):
+    _, _, var, _, _ = workspace
+    r = invoke(var, "build-mpc", "--batches", "1,2")
+    assert "compiled face_train-" in r.stdout and "compiled face_predict-1-129-4-8" in r.stdout
