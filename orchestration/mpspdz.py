@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from preprocessing.fileio import atomic_write_json, atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,9 +124,6 @@ def compile_program(mp: MPSPDZ, name: str, args: list[str], build_dir: Path, for
     if proc.returncode != 0 or not schedule.exists():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
         raise MPSPDZError(f"compiling {src} with arguments {args} failed (exit {proc.returncode}):\n{tail}")
-    stamp_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stamp_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stamp))
-    os.replace(tmp, stamp_path)
-    (build_dir / "stamps" / f"{full}.log").write_text(proc.stdout + proc.stderr)
+    atomic_write_text(build_dir / "stamps" / f"{full}.log", proc.stdout + proc.stderr)
+    atomic_write_json(stamp_path, stamp)
     return full
