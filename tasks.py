@@ -42,6 +42,12 @@ def _layout(c):
     return Layout((REPO / _cfg(c, "paths", "var", None)).resolve())
 
 
+def _gallery(c, flag=None) -> Path:
+    """The gallery folder: the flag, else paths.gallery, else <var>/gallery."""
+    value = _cfg(c, "paths", "gallery", flag)
+    return Path(value) if value else _layout(c).root / "gallery"
+
+
 def _mp(c, home=None):
     from orchestration.mpspdz import MPSPDZError, find_mpspdz
 
@@ -158,7 +164,7 @@ def _train_params(c, epochs=None, batch=None, lr=None, alpha=None, backend=None)
 
 
 @task(help={
-    "dataset": "gallery folder <dataset>/<person>/<image> (default: paths.gallery in invoke.yaml)",
+    "dataset": "gallery folder <dataset>/<person>/<image> (default: paths.gallery, else <var>/gallery)",
     "backend": "embedder: facenet | dlib",
     "detector": "face detector: hog | cnn",
     "epochs": "SGD epochs after the nearest-class-mean warm start",
@@ -181,7 +187,7 @@ def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None,
     layout = _layout(c)
     face = _face(c, backend, detector)
     params = _train_params(c, epochs, batch, lr, alpha, face.backend)
-    dataset = Path(_cfg(c, "paths", "gallery", dataset))
+    dataset = _gallery(c, dataset)
     try:
         gallery = app.embed_dataset(dataset, layout, face)
     except (PreprocessingError, OSError, ValueError) as exc:
@@ -293,8 +299,8 @@ def _progress(items, desc):
     "source": "camera | camera:N | VIDEO_FILE | IMAGE_DIR",
     "count": "faces to keep",
     "every": "use one frame in K (video/camera)",
-    "gallery": "gallery folder (default: paths.gallery in invoke.yaml)",
-    "backend": "embedder whose aligned crop is saved: facenet | dlib",
+    "gallery": "gallery folder (default: paths.gallery, else <var>/gallery)",
+    "backend": "facenet | dlib (the saved 250 px aligned crop serves both)",
     "detector": "face detector: hog | cnn",
 })
 def enroll(c, name, source, count=10, every=1, gallery=None, backend=None, detector=None):
@@ -304,7 +310,7 @@ def enroll(c, name, source, count=10, every=1, gallery=None, backend=None, detec
     from preprocessing.errors import PreprocessingError
 
     face = _face(c, backend, detector)
-    gallery = Path(_cfg(c, "paths", "gallery", gallery))
+    gallery = _gallery(c, gallery)
     try:
         res = do_enroll(name, source, gallery, count=int(count), every=int(every), detector=face.detector,
                         backend=face.backend)
