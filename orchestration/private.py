@@ -137,6 +137,8 @@ def _check_bundle(bundle: Path, i: int, expect: dict[str, Any]) -> ShareManifest
     size = data.stat().st_size
     if size != 8 * m.n_values:
         raise sharing.SharingError(f"{data}: {size} bytes, manifest says {8 * m.n_values} (truncated or wrong file)")
+    if sharing.sha256_bytes(data.read_bytes()) != m.sha256:
+        raise sharing.SharingError(f"{data}: checksum differs from {bundle / 'manifest.json'} (corrupted or swapped)")
     for key, value in expect.items():
         if getattr(m, key) != value:
             raise sharing.SharingError(f"{bundle / 'manifest.json'}: {key} is {getattr(m, key)!r}, expected {value!r}")

@@ -250,3 +250,28 @@ def test_missing_mpspdz_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("MP_SPDZ_HOME", str(tmp_path / "nowhere"))
     with pytest.raises(MPSPDZError, match="semi2k-party.x|official binary release"):
         find_mpspdz()
+
+
+def test_share_bundle_checks(tmp_path):
+    from orchestration.private import _check_bundle
+
+    dests = (tmp_path / "s0", tmp_path / "s1")
+    sharing.write_share_bundle([(np.ones((2, 3)) * 0.5, sharing.FRAC_BITS)], dests, program="face_train",
+                               program_version="v1", kind="train", n=2, d=3, n_classes=2, run_id="r")
+    expect = {"program": "face_train", "program_version": "v1", "n": 2, "d": 3}
+    _check_bundle(dests[0], 0, expect)
+    with pytest.raises(sharing.SharingError, match="not server 1"):
+        _check_bundle(dests[0], 1, expect)
+    with pytest.raises(sharing.SharingError, match="program_version"):
+        _check_bundle(dests[0], 0, dict(expect, program_version="v2"))
+    with pytest.raises(sharing.SharingError, match="n is 2, expected 5"):
+        _check_bundle(dests[0], 0, dict(expect, n=5))
+    f = dests[1] / "Input-Binary-P1-0"
+    data = bytearray(f.read_bytes())
+    data[3] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(sharing.SharingError, match="checksum"):
+        _check_bundle(dests[1], 1, expect)
+    f.write_bytes(bytes(data[:-8]))
+    with pytest.raises(sharing.SharingError, match="truncated"):
+        _check_bundle(dests[1], 1, expect)
