@@ -24,7 +24,8 @@ from typing import Any, Callable, Sequence
 import cv2
 import numpy as np
 
-from preprocessing.sharing import atomic_write_bytes
+from preprocessing.fileio import atomic_write_bytes
+from preprocessing.video import read_frames
 
 from .app import UNKNOWN_PERSON, FaceSettings, default_threshold, recognise
 from .mpspdz import MPSPDZ
@@ -39,7 +40,6 @@ KNOWN_COLOUR = (0, 200, 0)  # BGR green
 UNKNOWN_COLOUR = (0, 0, 255)  # BGR red
 WINDOW = "private face recognition"
 DEFAULT_FPS = 25.0
-MAX_CAMERA_FAILURES = 30
 
 
 class RecognizerError(RuntimeError):
@@ -236,24 +236,14 @@ class FaceRecognizer:
         report.fps = float(fps) if fps and 0 < fps <= 240 else DEFAULT_FPS
         writer: _Writer | None = None
         shown: list[FaceResult] = []
-        failures = 0
         t_start = time.monotonic()
         try:
             try:
-                while max_frames is None or report.frames_read < int(max_frames):
-                    ok, frame = capture.read()
-                    if not ok or frame is None:
-                        if not live:
-                            break  # end of the video
-                        failures += 1
-                        if failures >= MAX_CAMERA_FAILURES:
-                            logger.warning("%s: %d failed reads in a row, stopping", label, failures)
-                            break
-                        continue
-                    failures = 0
+                for index, frame in read_frames(capture, live=live, label=label):
+                    if max_frames is not None and index >= int(max_frames):
+                        break
                     if frame.ndim == 2:
                         frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
-                    index = report.frames_read
                     report.frames_read += 1
                     if report.size is None:
                         report.size = (frame.shape[1], frame.shape[0])

@@ -78,6 +78,7 @@ import numpy as np
 
 from .dataset import IMAGE_EXTENSIONS, REASON_NO_FACE, reason_too_small
 from .errors import ImageLoadError, InvalidNameError, PreprocessingError
+from .video import read_frames
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,6 @@ SAVE_PADDING = 0.5
 # Reference crop on which sharpness is measured (FaceNet's input geometry).
 SHARPNESS_SIZE = 160
 # Camera reads that may fail in a row before capture gives up.
-MAX_CAMERA_FAILURES = 50
 
 REASON_SEVERAL = "several faces"
 REASON_BLURRY = "too blurry"
@@ -224,32 +224,15 @@ def _folder_frames(folder: Path, result: EnrollResult) -> Iterator[tuple[str, np
 def _capture_frames(
     capture: Any, label: str, every: int, result: EnrollResult, live: bool
 ) -> Iterator[tuple[str, np.ndarray]]:
-    failures = 0
-    position = 0
-    while True:
-        look = position % every == 0
-        if look:
-            grabbed, frame = capture.read()
-        else:
-            grabbed, frame = capture.grab(), None
-        if not grabbed:
-            if not live:
-                return  # end of the video
-            failures += 1
-            if failures >= MAX_CAMERA_FAILURES:
-                logger.warning("%s: %d failed reads in a row, stopping", label, failures)
-                return
-            continue
-        failures = 0
+    for position, frame in read_frames(capture, live=live, label=label, decode=lambda i: i % every == 0):
         result.frames_read += 1
-        position += 1
-        if not look:
+        if position % every:
             continue
         if frame is None or frame.ndim != 3 or frame.shape[2] != 3:
             result.frames_checked += 1
             result.rejected["unreadable frame"] += 1
             continue
-        yield f"{label} frame {position - 1}", cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        yield f"{label} frame {position}", cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
 
 
 def _open_capture(src: _Source) -> tuple[Any, str]:
