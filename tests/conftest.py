@@ -31,3 +31,14 @@ def lfw_unknown() -> Path:
 @pytest.fixture(scope="session")
 def devtrain_people() -> Path:
     return _require(FACES / "lfw-devtrain" / "people")
+
+
+@pytest.fixture(scope="session")
+def mp():
+    """The MP-SPDZ installation. Missing MP-SPDZ FAILS the protocol tests: skipping would prove nothing."""
+    from orchestration.mpspdz import MPSPDZError, find_mpspdz
+
+    try:
+        return find_mpspdz()
+    except MPSPDZError as exc:
+        pytest.fail(str(exc))

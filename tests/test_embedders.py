@@ -20,7 +20,6 @@ if __name__ == "__main__":  # run as a script to rewrite the reference
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from preprocessing import (
-    DetectedFace,
     Embedder,
     ModelFileError,
     detect_faces,

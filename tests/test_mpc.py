@@ -27,14 +27,6 @@ PARAMS = reference.TrainParams(epochs=1, batch=32, lr=1.0, alpha=32.0, exp_bits=
 
 
 @pytest.fixture(scope="session")
-def mp():
-    try:
-        return find_mpspdz()
-    except MPSPDZError as exc:
-        pytest.fail(str(exc))
-
-
-@pytest.fixture(scope="session")
 def lfw10_split(lfw10, tmp_path_factory):
     """dlib embeddings of lfw10: 7 images per person to train, 3 held out (seeded)."""
     from preprocessing.dataset import embed_gallery

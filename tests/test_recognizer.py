@@ -17,7 +17,6 @@ import pytest
 from helpers_video import FRAME_SIZE, blank_frame, pair_frame, read_rgb, single_frame, write_video
 from orchestration import reference
 from orchestration.app import UNKNOWN_PERSON, FaceSettings
-from orchestration.mpspdz import MPSPDZError, find_mpspdz
 from orchestration.private import Layout, ModelError, train_private
 from orchestration.recognizer import (
     KNOWN_COLOUR,
@@ -40,14 +39,6 @@ EXPECTED = {0: ["Colin_Powell"], 1: ["Colin_Powell"], 2: ["George_W_Bush"], 3: [
             4: ["Tony_Blair"], 5: ["Tony_Blair"], 6: [], 7: [], 8: ["Vladimir_Putin", "Colin_Powell"],
             9: ["Vladimir_Putin", "Colin_Powell"]}
 N_FRAMES = len(EXPECTED)
-
-
-@pytest.fixture(scope="module")
-def mp():
-    try:
-        return find_mpspdz()
-    except MPSPDZError as exc:
-        pytest.fail(str(exc))
 
 
 def _images(lfw10: Path, person: str) -> list[Path]:
