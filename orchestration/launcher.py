@@ -6,6 +6,7 @@ working directory per party and reports what happened (time, data sent, which pa
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import socket
@@ -178,13 +179,11 @@ def run_parties(
 
 def _kill(p: subprocess.Popen[str]) -> None:
     try:
-        import os
         os.killpg(p.pid, signal.SIGTERM)
         p.wait(timeout=3)
     except (ProcessLookupError, PermissionError):
         pass
     except subprocess.TimeoutExpired:
-        import os
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
 
