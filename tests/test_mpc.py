@@ -267,3 +267,19 @@ def test_share_bundle_checks(tmp_path):
     f.write_bytes(bytes(data[:-8]))
     with pytest.raises(sharing.SharingError, match="truncated"):
         _check_bundle(dests[1], 1, expect)
+
+
+def test_two_runs_at_once_do_not_collide(mp, trained, lfw10_split, tmp_path):
+    """Each run picks its own free ports: two recognitions in parallel both succeed."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    g, _, te = lfw10_split
+    layout, _ = trained
+    other = Layout(tmp_path / "var")
+    shutil.copytree(layout.root, other.root, symlinks=True)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(predict_private, mp, lay, g.embeddings[te[:3]], 0.0) for lay in (layout, other)]
+        results = [f.result(timeout=300) for f in futures]
+    a, b = ([p.best for p in r.predictions] for r in results)
+    assert a == b and len(a) == 3
