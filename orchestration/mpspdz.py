@@ -120,7 +120,8 @@ def compile_program(mp: MPSPDZ, name: str, args: list[str], build_dir: Path, for
             pass
     logger.info("compiling %s %s", name, " ".join(args))
     cmd = [sys.executable, str(mp.compiler), *COMPILE_FLAGS, str(src), *args]
-    proc = subprocess.run(cmd, cwd=build_dir, capture_output=True, text=True)
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")  # no __pycache__ inside the MP-SPDZ folder
+    proc = subprocess.run(cmd, cwd=build_dir, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not schedule.exists():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
         raise MPSPDZError(f"compiling {src} with arguments {args} failed (exit {proc.returncode}):\n{tail}")
