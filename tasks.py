@@ -200,8 +200,8 @@ def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None,
     if prev is not None:
         print(f"changes since last training: {gallery.diff_against(prev)}")
     try:
-        report, _ = app.train(mp, layout, gallery, params, host=_cfg(c, "mpspdz", "host", None),
-                              timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), face=face)
+        report = app.train(mp, layout, gallery, params, host=_cfg(c, "mpspdz", "host", None),
+                           timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), face=face)
     except (MPSPDZError, ValueError) as exc:
         raise Exit(f"private training failed: {exc}", code=1)
     print(f"trained model {report.run_id}: {len(report.classes)} people, {report.n} faces, "

@@ -52,16 +52,13 @@ def previous_gallery(layout: Layout):
 
 
 def train(mp: MPSPDZ, layout: Layout, gallery, params: reference.TrainParams, *, host: str,
-          timeout: float, face: FaceSettings | None = None) -> tuple[TrainReport, np.ndarray]:
-    """Train under MPC on a GalleryEmbeddings; returns the report and the plaintext reference model."""
+          timeout: float, face: FaceSettings | None = None) -> TrainReport:
+    """Train under MPC on a GalleryEmbeddings and keep the gallery record for the next change summary."""
     meta = {"backend": face.backend, "detector": face.detector} if face else None
     report = train_private(mp, layout, gallery.embeddings, gallery.labels, params, host=host, timeout=timeout,
                            meta=meta)
     gallery.save(layout.client / "gallery.npz")
-    index = {name: k for k, name in enumerate(report.classes)}
-    ref_w = reference.train(gallery.embeddings, np.array([index[n] for n in gallery.labels]),
-                            len(report.classes), params)
-    return report, ref_w
+    return report
 
 
 @dataclass

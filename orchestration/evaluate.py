@@ -115,6 +115,14 @@ def evaluate(mp: MPSPDZ, dataset: Path, unknown: Path | None, out_dir: Path, par
     best = np.array([p.best for p in known_preds])
     conf = np.array([p.confidence for p in known_preds])
     accepted = np.array([p.label != -1 for p in known_preds])
+    # the protocol's accept/reject decisions against the plaintext reference's, known and unknown faces alike
+    mpc_decisions = [accepted]
+    ref_decisions = [ref_conf >= thr]
+    u_conf = np.array([p.confidence for p in unk_preds])
+    if unk_preds:
+        _, u_ref_conf = reference.predict(w, u_x, params.exp_bits)
+        mpc_decisions.append(np.array([p.label != -1 for p in unk_preds]))
+        ref_decisions.append(u_ref_conf >= thr)
     ev = Evaluation(
         dataset=str(dataset), unknown=str(unknown) if unknown else None, backend=backend, n_people=len(classes),
         n_enrolled_faces=len(tr), n_test_faces=len(te), n_unknown_faces=len(u_x),
@@ -122,13 +130,8 @@ def evaluate(mp: MPSPDZ, dataset: Path, unknown: Path | None, out_dir: Path, par
         agreement=float(np.mean(best == ref_best)), threshold=thr, known_accept=float(np.mean(accepted)),
         known_correct_accept=float(np.mean(accepted & (best == truth))),
         unknown_reject=float(np.mean([p.label == -1 for p in unk_preds])) if unk_preds else float("nan"),
-        decision_agreement=float(np.mean(accepted == (ref_conf >= thr))), seconds=seconds, data_mb=data,
-        skipped=n_skipped)
-    u_conf = np.array([p.confidence for p in unk_preds])
-    if unk_preds:
-        _, u_ref_conf = reference.predict(w, u_x, params.exp_bits)
-        ev.decision_agreement = float(np.mean(np.concatenate([accepted == (ref_conf >= thr),
-                                                              (u_conf >= thr) == (u_ref_conf >= thr)])))
+        decision_agreement=float(np.mean(np.concatenate(mpc_decisions) == np.concatenate(ref_decisions))),
+        seconds=seconds, data_mb=data, skipped=n_skipped)
     write_report(ev, out_dir, truth, best, conf, u_conf, classes)
     return ev
 
