@@ -5,9 +5,11 @@ working directory per party and reports what happened (time, data sent, which pa
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -84,6 +86,50 @@ def free_port_pair(host: str) -> int:
     raise MPSPDZError(f"could not find two consecutive free ports on {host}")
 
 
+def bind_shim(build_dir: Path) -> Path:
+    """The compiled LD_PRELOAD shim that keeps MP-SPDZ's listener on the hosts-file address.
+
+    MP-SPDZ binds its listening socket to every interface; see bindshim.c.
+    Built once per source version into ``build_dir`` with the system C compiler.
+    """
+    src = Path(__file__).with_name("bindshim.c")
+    code = src.read_bytes()
+    out = Path(build_dir) / f"bindshim-{hashlib.sha256(code).hexdigest()[:12]}.so"
+    if out.exists():
+        return out
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        raise MPSPDZError("a C compiler (cc or gcc) is needed once to build orchestration/bindshim.c, which keeps "
+                          "MP-SPDZ from listening on every interface (Debian: apt install gcc libc6-dev)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    proc = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(src), "-ldl"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise MPSPDZError(f"compiling {src} failed: {proc.stderr.strip()}")
+    os.replace(tmp, out)
+    return out
+
+
+@dataclass(frozen=True)
+class PartySpec:
+    """One party to run on this machine."""
+
+    party: int
+    workdir: Path  # holds Programs/, Player-Data/, Persistence/ for this run
+    log: Path
+    bind_address: str  # the address the hosts file gives this party; its listener goes there
+
+
+def party_command(mp: MPSPDZ, party: int, program: str, hosts_file: Path, *, encrypted: bool,
+                  extra_args: Sequence[str] = DEFAULT_PARTY_ARGS) -> list[str]:
+    cmd = [str(mp.party_binary), "-p", str(party), "-N", "2", "-ip", str(Path(hosts_file).resolve()), "-v"]
+    if encrypted:
+        cmd.append("-e")  # TLS with the per-party certificates in Player-Data/
+    return [*cmd, *extra_args, program]
+
+
 def _parse(line: str, res: PartyResult) -> None:
     if m := _DATA_SENT.match(line):
         res.data_sent_mb, res.rounds = float(m.group(1)), int(m.group(2))
@@ -93,50 +139,78 @@ def _parse(line: str, res: PartyResult) -> None:
         res.seconds = float(m.group(1))
 
 
+_HANDSHAKE = re.compile(r"(Client|Server)-side handshake with (P\d+) failed")
+_PEER_LOST = re.compile(r"(Connection reset|Broken pipe|End of file|connection closed|Received 0 bytes|"
+                        r"receiving error|sending error|stream truncated|Connection refused)", re.I)
+_BIND_FAILED = re.compile(r"^Binding to socket on .*:(\d+) failed \((.*)\)")
+
+
+def diagnose(log_text: str, party: int) -> tuple[str, int | None]:
+    """Why a party stopped, from its own output: (reason, party to blame or None)."""
+    peer = 1 - party
+    if m := _HANDSHAKE.search(log_text):
+        return (f"TLS handshake between server {party} and server {peer} failed: one side does not hold the "
+                f"other's certificate (certs/P{peer}.pem on server {party} must be the certificate server {peer} "
+                f"uses, and the other way round)", None)
+    for line in log_text.splitlines():
+        if m := _BIND_FAILED.match(line.strip()):
+            return f"server {party} cannot listen on port {m.group(1)}: {m.group(2)}", party
+    if _PEER_LOST.search(log_text):
+        return f"lost the connection to server {peer} (it stopped or its host went away)", peer
+    return "", None
+
+
 def run_parties(
     mp: MPSPDZ,
     program: str,
-    workdirs: Sequence[Path],
-    logs: Sequence[Path],
+    specs: Sequence[PartySpec],
+    hosts_file: Path,
     *,
-    host: str = "127.0.0.1",
+    encrypted: bool = True,
+    shim: Path | None = None,
     timeout: float = 1800.0,
     extra_args: Sequence[str] = DEFAULT_PARTY_ARGS,
     on_line: Callable[[int, str], None] | None = None,
     on_spawn: Callable[[list[subprocess.Popen[str]]], None] | None = None,
 ) -> RunResult:
-    """Run ``program`` with party i in ``workdirs[i]``; raise :class:`PartyFailed` on any failure.
+    """Run ``program`` for the parties in ``specs`` (one or both); raise :class:`PartyFailed` on any failure.
 
-    Both parties are stopped as soon as one fails or the timeout passes.
+    With both parties here, both are stopped as soon as one fails. With one, a peer that goes
+    away shows in its output and is named in the error. The timeout bounds the whole run.
     """
-    base = free_port_pair(host)
     procs: list[subprocess.Popen[str]] = []
-    results = [PartyResult(i, -1, Path(logs[i])) for i in range(2)]
+    results = [PartyResult(s.party, -1, Path(s.log)) for s in specs]
     readers: list[threading.Thread] = []
+    bind_errors: list[str] = []
     start = time.monotonic()
-    for i in range(2):
-        Path(logs[i]).parent.mkdir(parents=True, exist_ok=True)
-        cmd = [str(mp.party_binary), "-p", str(i), "-N", "2", "-h", host, "-pn", str(base), "-v",
-               *extra_args, program]
-        logger.debug("party %d: %s (cwd %s)", i, " ".join(cmd), workdirs[i])
-        procs.append(subprocess.Popen(cmd, cwd=workdirs[i], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, bufsize=1, start_new_session=True))
+    for s in specs:
+        Path(s.log).parent.mkdir(parents=True, exist_ok=True)
+        cmd = party_command(mp, s.party, program, hosts_file, encrypted=encrypted, extra_args=extra_args)
+        env = dict(os.environ)
+        if shim is not None:
+            env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD", "")]))
+            env["FACEREC_BIND_ADDR"] = s.bind_address
+        logger.debug("party %d: %s (cwd %s)", s.party, " ".join(cmd), s.workdir)
+        procs.append(subprocess.Popen(cmd, cwd=s.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, bufsize=1, start_new_session=True, env=env))
 
     if on_spawn:  # fault-injection hook for tests
         on_spawn(procs)
 
-    def reader(i: int) -> None:
-        with open(logs[i], "w") as log:
-            assert procs[i].stdout is not None
-            for line in procs[i].stdout:
+    def reader(k: int) -> None:
+        with open(specs[k].log, "w") as log:
+            assert procs[k].stdout is not None
+            for line in procs[k].stdout:
                 log.write(line)
                 log.flush()
-                _parse(line.strip(), results[i])
+                _parse(line.strip(), results[k])
+                if _BIND_FAILED.match(line.strip()):
+                    bind_errors.append(f"server {specs[k].party}: {line.strip()}")
                 if on_line:
-                    on_line(i, line.rstrip("\n"))
+                    on_line(specs[k].party, line.rstrip("\n"))
 
-    for i in range(2):
-        t = threading.Thread(target=reader, args=(i,), daemon=True)
+    for k in range(len(specs)):
+        t = threading.Thread(target=reader, args=(k,), daemon=True)
         t.start()
         readers.append(t)
 
@@ -145,17 +219,24 @@ def run_parties(
     try:
         while True:
             codes = [p.poll() for p in procs]
-            bad = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            if bind_errors:  # MP-SPDZ would retry for ten minutes
+                party_s, _, line = bind_errors[0].partition(": ")
+                failed = int(party_s.split()[1])
+                reason = f"server {failed} cannot listen ({line}); is another program using that port?"
+                break
+            bad = [k for k, c in enumerate(codes) if c not in (None, 0)]
             if bad:
-                failed = bad[0]
-                reason = f"party {failed} exited with code {codes[failed]}"
+                if len(procs) > 1 and any(c is None for c in codes):
+                    time.sleep(0.5)  # the survivor usually follows; then blame the one that went first
+                    codes = [p.poll() for p in procs]
+                failed, reason = _blame(specs, codes)
                 break
             if all(c == 0 for c in codes):
                 break
             if time.monotonic() - start > timeout:
-                hung = [i for i, c in enumerate(codes) if c is None]
-                failed = hung[0] if len(hung) == 1 else None
-                reason = f"timed out after {timeout:.0f} s (still running: party {', party '.join(map(str, hung))})"
+                hung = [specs[k].party for k, c in enumerate(codes) if c is None]
+                failed = hung[0] if len(hung) == 1 and len(specs) > 1 else None
+                reason = f"timed out after {timeout:.0f} s (still running: server {', server '.join(map(str, hung))})"
                 break
             time.sleep(0.05)
     finally:
@@ -164,17 +245,48 @@ def run_parties(
                 _kill(p)
         for t in readers:
             t.join(timeout=5)
-    for i, p in enumerate(procs):
-        results[i].returncode = p.returncode
+    for k, p in enumerate(procs):
+        results[k].returncode = p.returncode
     wall = time.monotonic() - start
     if failed is not None or reason:
-        which = failed if failed is not None else 0
-        other = 1 - which
-        log_tail = _tail(Path(logs[which]))
-        msg = (f"{program}: {reason}. Party {which} log: {logs[which]} ; party {other} log: {logs[other]}"
-               + (f"\nlast lines of party {which}:\n{log_tail}" if log_tail else ""))
-        raise PartyFailed(msg, failed, Path(logs[which]))
+        if len(specs) == 1 and reason.startswith("timed out"):
+            why, blame = diagnose(_read(specs[0].log), specs[0].party)
+            reason += f"; {why}" if why else f"; server {1 - specs[0].party} never finished its part"
+            failed = blame if blame is not None else 1 - specs[0].party
+        logs = "; ".join(f"server {s.party} log: {s.log}" for s in specs)
+        shown = next((s for s in specs if s.party == failed), specs[0])
+        log_tail = _tail(Path(shown.log))
+        msg = (f"{program}: {reason}. {logs}"
+               + (f"\nlast lines of server {shown.party}:\n{log_tail}" if log_tail else ""))
+        raise PartyFailed(msg, failed, Path(shown.log))
     return RunResult(program, wall, results)
+
+
+def _blame(specs: Sequence[PartySpec], codes: list[int | None]) -> tuple[int | None, str]:
+    """Which party caused the failure, and why, from exit codes and logs."""
+    texts = [_read(s.log) for s in specs]
+    diag = [diagnose(t, s.party) for t, s in zip(texts, specs)]
+    for (why, _), s in zip(diag, specs):
+        if why.startswith("TLS"):
+            return None, why
+    # the one that went first: failed without its output blaming the peer (a killed party writes nothing)
+    first = [k for k, c in enumerate(codes) if c not in (None, 0) and diag[k][1] != 1 - specs[k].party]
+    for k in first:
+        c = codes[k]
+        assert c is not None
+        what = f"was killed (signal {-c})" if c < 0 else f"exited with code {c}"
+        extra = f": {diag[k][0]}" if diag[k][0] else ""
+        return specs[k].party, f"server {specs[k].party} {what}{extra}"
+    k = next(k for k, c in enumerate(codes) if c not in (None, 0))
+    why, blame = diag[k]
+    return (blame if blame is not None else specs[k].party), f"server {specs[k].party} stopped: {why}"
+
+
+def _read(path: Path) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _kill(p: subprocess.Popen[str]) -> None:

@@ -1,0 +1,165 @@
+"""Per-server TLS certificates for MP-SPDZ's encrypted channels (``-e``).
+
+Each server makes its own key and self-signed certificate (common name ``P<i>``, as MP-SPDZ
+expects) and keeps the key. Certificates, never keys, are exchanged: server i's folder holds::
+
+    certs/P<i>.key   its private key (mode 0600, never leaves the server)
+    certs/P<i>.pem   its certificate (send this to the other server)
+    certs/P<j>.pem   the other server's certificate (received from it)
+
+Before a run the three files are put into the run's ``Player-Data/`` with the hash links
+``c_rehash`` would make, which is where MP-SPDZ looks. MP-SPDZ verifies the peer against
+exactly that certificate and its name, so a server with another key cannot join.
+"""
+from __future__ import annotations
+
+import calendar
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DAYS = 365
+
+
+class CertError(RuntimeError):
+    """A certificate or key is missing, malformed, expired, or does not belong where it is."""
+
+
+def _openssl(*args: str, input: bytes | None = None) -> str:
+    exe = shutil.which("openssl")
+    if exe is None:
+        raise CertError("the openssl command is needed to make and check certificates (Debian: apt install openssl)")
+    proc = subprocess.run([exe, *args], input=input, capture_output=True)
+    if proc.returncode != 0:
+        raise CertError(f"openssl {' '.join(args)} failed: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout.decode()
+
+
+def cert_dir(server_dir: Path) -> Path:
+    return Path(server_dir) / "certs"
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    path: Path
+    common_name: str
+    not_after: float  # epoch seconds
+    subject_hash: str
+    fingerprint: str
+
+
+def inspect(pem: Path) -> CertInfo:
+    """Read a certificate; raise CertError naming the file if it is not one."""
+    pem = Path(pem)
+    if not pem.is_file():
+        raise CertError(f"certificate {pem} missing")
+    out = _openssl("x509", "-in", str(pem), "-noout", "-subject", "-enddate", "-hash", "-fingerprint", "-sha256",
+                   "-nameopt", "RFC2253")
+    fields = {}
+    lines = out.strip().splitlines()
+    for line in lines:
+        if "=" in line and not line.startswith(("subject", "notAfter", "sha256", "SHA256")):
+            continue
+        key, _, value = line.partition("=")
+        fields[key.strip().lower()] = value.strip()
+    hash_line = next((ln for ln in lines if "=" not in ln), "")
+    cn = ""
+    for part in fields.get("subject", "").split(","):
+        k, _, v = part.partition("=")
+        if k.strip() == "CN":
+            cn = v.strip()
+    not_after = float(calendar.timegm(time.strptime(fields["notafter"], "%b %d %H:%M:%S %Y %Z")))
+    fp = fields.get("sha256 fingerprint", "")
+    return CertInfo(pem, cn, not_after, hash_line.strip(), fp)
+
+
+def make_party_cert(server_dir: Path, party: int, *, days: int = DEFAULT_DAYS, force: bool = False) -> CertInfo:
+    """Create server ``party``'s key and self-signed certificate in ``<server_dir>/certs``."""
+    d = cert_dir(server_dir)
+    key, pem = d / f"P{party}.key", d / f"P{party}.pem"
+    if (key.exists() or pem.exists()) and not force:
+        raise CertError(f"{key if key.exists() else pem} exists; use --force to replace server {party}'s key "
+                        "(the other server must then receive the new certificate)")
+    d.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=d, prefix=".new-") as tmp:
+        tkey, tpem = Path(tmp) / "key", Path(tmp) / "pem"
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-days", str(days), "-subj", f"/CN=P{party}", "-keyout", str(tkey), "-out", str(tpem))
+        os.chmod(tkey, 0o600)
+        os.replace(tkey, key)
+        os.replace(tpem, pem)
+    logger.info("server %d: new key %s and certificate %s", party, key, pem)
+    return inspect(pem)
+
+
+def import_peer_cert(server_dir: Path, party: int, pem: Path) -> CertInfo:
+    """Install the other server's certificate into server ``party``'s folder."""
+    peer = 1 - party
+    info = inspect(Path(pem))
+    if info.common_name != f"P{peer}":
+        raise CertError(f"{pem}: certificate is for {info.common_name or 'no name'!r}, server {party} needs the one "
+                        f"of server {peer} (common name P{peer})")
+    dest = cert_dir(server_dir) / f"P{peer}.pem"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(pem, tmp)
+    os.replace(tmp, dest)
+    return inspect(dest)
+
+
+@dataclass(frozen=True)
+class PartyCerts:
+    party: int
+    own: CertInfo
+    key: Path
+    peer: CertInfo
+
+
+def check_party_certs(server_dir: Path, party: int) -> PartyCerts:
+    """Everything server ``party`` needs for an encrypted run, checked; errors say what to do."""
+    d = cert_dir(server_dir)
+    peer = 1 - party
+    key, own_pem, peer_pem = d / f"P{party}.key", d / f"P{party}.pem", d / f"P{peer}.pem"
+    for path, what in ((own_pem, f"server {party}'s certificate"), (key, f"server {party}'s private key")):
+        if not path.is_file():
+            raise CertError(f"{what} {path} missing: run `invoke certs --id {party}` on server {party}")
+    if not peer_pem.is_file():
+        raise CertError(f"server {peer}'s certificate {peer_pem} missing: copy P{peer}.pem from server {peer} and "
+                        f"run `invoke certs --id {party} --peer-cert P{peer}.pem`")
+    own = inspect(own_pem)
+    other = inspect(peer_pem)
+    for info, name in ((own, f"P{party}"), (other, f"P{peer}")):
+        if info.common_name != name:
+            raise CertError(f"{info.path}: common name {info.common_name!r}, expected {name!r}")
+        if info.not_after < time.time():
+            raise CertError(f"{info.path}: expired on {time.strftime('%Y-%m-%d', time.gmtime(info.not_after))}; "
+                            f"make a new one with `invoke certs --id {name[1:]} --force` and exchange it")
+    if _openssl("x509", "-in", str(own_pem), "-noout", "-pubkey") != _openssl("pkey", "-in", str(key), "-pubout"):
+        raise CertError(f"{key} does not belong to {own_pem}")
+    if own.fingerprint == other.fingerprint:
+        raise CertError(f"{peer_pem} is server {party}'s own certificate, not server {peer}'s")
+    return PartyCerts(party, own, key, other)
+
+
+def install_for_run(certs: PartyCerts, player_data: Path) -> None:
+    """Put the key, both certificates and their hash links where MP-SPDZ reads them."""
+    player_data.mkdir(parents=True, exist_ok=True)
+    me, peer = certs.party, 1 - certs.party
+    shutil.copyfile(certs.key, player_data / f"P{me}.key")
+    os.chmod(player_data / f"P{me}.key", 0o600)
+    shutil.copyfile(certs.own.path, player_data / f"P{me}.pem")
+    shutil.copyfile(certs.peer.path, player_data / f"P{peer}.pem")
+    used: set[str] = set()
+    for info, name in ((certs.own, f"P{me}.pem"), (certs.peer, f"P{peer}.pem")):
+        k = 0
+        while f"{info.subject_hash}.{k}" in used:
+            k += 1
+        used.add(f"{info.subject_hash}.{k}")
+        os.symlink(name, player_data / f"{info.subject_hash}.{k}")
