@@ -52,11 +52,11 @@ def previous_gallery(layout: Layout):
 
 
 def train(mp: MPSPDZ, layout: Layout, gallery, params: reference.TrainParams, *, host: str,
-          timeout: float, face: FaceSettings | None = None) -> TrainReport:
+          timeout: float, face: FaceSettings | None = None, encrypted: bool = True) -> TrainReport:
     """Train under MPC on a GalleryEmbeddings and keep the gallery record for the next change summary."""
     meta = {"backend": face.backend, "detector": face.detector} if face else None
     report = train_private(mp, layout, gallery.embeddings, gallery.labels, params, host=host, timeout=timeout,
-                           meta=meta)
+                           meta=meta, encrypted=encrypted)
     gallery.save(layout.client / "gallery.npz")
     return report
 
@@ -103,17 +103,25 @@ def face_queries(paths: Iterable[Path], face: FaceSettings) -> Iterator[FaceQuer
 
 
 def recognise(mp: MPSPDZ, layout: Layout, embeddings: np.ndarray, threshold: float, *, host: str,
-              timeout: float, batch: int = 64) -> tuple[list[tuple[str, float]], list[PredictReport]]:
+              timeout: float, batch: int = 64, encrypted: bool = True
+              ) -> tuple[list[tuple[str, float]], list[PredictReport]]:
     """Names and confidences for embeddings, one MPC run per batch of at most ``batch`` faces."""
     record = load_client_model(layout)
     classes = record["classes"]
     out: list[tuple[str, float]] = []
     reports = []
     for s in range(0, len(embeddings), batch):
-        rep = predict_private(mp, layout, embeddings[s:s + batch], threshold, host=host, timeout=timeout)
+        rep = predict_private(mp, layout, embeddings[s:s + batch], threshold, host=host, timeout=timeout,
+                              encrypted=encrypted)
         reports.append(rep)
         out += [(UNKNOWN_PERSON if p.label == UNKNOWN else classes[p.label], p.confidence) for p in rep.predictions]
     return out, reports
+
+
+def names(layout: Layout, predictions: Sequence[Prediction]) -> list[tuple[str, float]]:
+    """Class indices to names (or ``unknown_person``), with confidences."""
+    classes = load_client_model(layout)["classes"]
+    return [(UNKNOWN_PERSON if p.label == UNKNOWN else classes[p.label], p.confidence) for p in predictions]
 
 
 def check_backend(layout: Layout, backend: str) -> None:

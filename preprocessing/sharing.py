@@ -113,6 +113,9 @@ class ShareManifest:
     sha256: str
     n_values: int
     extra: dict[str, Any] = field(default_factory=dict)
+    job: str = ""  # the client's job id; names the server's output folder
+    program_args: list[str] = field(default_factory=list)  # compile-time arguments the servers must use
+    model_gen: str = ""  # predict/refresh: the generation of model shares the client expects
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,7 +137,7 @@ def share_arrays(arrays: list[tuple[np.ndarray, int]]) -> tuple[bytes, bytes]:
     ``frac_bits=0`` encodes integers (labels, one-hot entries); ``FRAC_BITS`` encodes sfix values.
     """
     if not arrays:
-        raise SharingError("nothing to share")
+        return b"", b""  # a job without client data (share refresh)
     flat = np.concatenate([encode_fixed(a, f).ravel() for a, f in arrays])
     s0, s1 = share(flat)
     return s0.astype("<u8").tobytes(), s1.astype("<u8").tobytes()
@@ -152,6 +155,9 @@ def write_share_bundle(
     n_classes: int,
     run_id: str,
     extra: dict[str, Any] | None = None,
+    job: str = "",
+    program_args: list[str] | None = None,
+    model_gen: str = "",
 ) -> list[ShareManifest]:
     """Share ``arrays`` and write ``Input-Binary-P<i>-0`` plus ``manifest.json`` into each dest dir.
 
@@ -168,6 +174,7 @@ def write_share_bundle(
             program=program, program_version=program_version, kind=kind, n=n, d=d,
             n_classes=n_classes, frac_bits=FRAC_BITS, ring_bits=RING_BITS, run_id=run_id,
             party=party, file=fname, sha256=sha256_bytes(blob), n_values=n_values, extra=dict(extra or {}),
+            job=job, program_args=list(program_args or []), model_gen=model_gen,
         )
         atomic_write_json(Path(dest) / "manifest.json", m.to_json())
         manifests.append(m)

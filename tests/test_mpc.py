@@ -110,7 +110,9 @@ def _fixed_point_needles(values: np.ndarray) -> set[bytes]:
 
 
 SERVER_JSON_KEYS = {"c", "created", "d1", "frac_bits", "n", "program", "program_version", "run_id", "job", "q",
-                    "values", "d", "extra", "file", "kind", "n_classes", "n_values", "party", "ring_bits", "sha256"}
+                    "values", "d", "extra", "file", "kind", "n_classes", "n_values", "party", "ring_bits", "sha256",
+                    "gen", "model_gen", "program_args", "status", "finished", "seconds", "data_sent_mb",
+                    "global_data_mb", "refreshed_from"}
 
 
 def _server_files(layout: Layout) -> list[Path]:
@@ -123,8 +125,15 @@ def _server_files(layout: Layout) -> list[Path]:
 def test_server_folders_hold_no_plaintext(mp, trained, lfw10_split):
     g, tr, te = lfw10_split
     layout, report = trained
-    rep = predict_private(mp, layout, g.embeddings[te[:4]], threshold=0.0)
+    from orchestration import client
+    from orchestration.private import run_local
+
+    # the steps of predict_private, looking at the servers' folders before the client collects
+    sent = client.share_predict(layout.client, g.embeddings[te[:4]], 0.0,
+                                [layout.server(i) / "inputs" / "{job}" for i in range(2)])
+    _, outs = run_local(mp, layout, sent)
     files = _server_files(layout)
+    rep = client.collect(layout.client, sent.job, outs)
     assert any(p.name.endswith(".data") for p in files) and any(p.suffix == ".bin" for p in files)
     w = _reference(g, tr, report.classes)
     needles = _fixed_point_needles(g.embeddings[np.concatenate([tr, te[:4]])][:, :40])
@@ -184,7 +193,7 @@ def test_killed_party_gives_clear_error_and_keeps_model(mp, trained, lfw10_split
         train_private(mp, layout, g.embeddings[tr], [g.labels[i] for i in tr], PARAMS, timeout=120,
                       on_spawn=kill_party_1)
     assert time.monotonic() - start < 120
-    assert "party 1" in str(err.value) or "party 0" in str(err.value)
+    assert "server 1" in str(err.value) and err.value.party == 1
     assert err.value.log is not None and err.value.log.exists()
     after = [(layout.model_dir(i) / f"Transactions-P{i}.data").read_bytes() for i in range(2)]
     assert after == before

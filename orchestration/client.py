@@ -1,0 +1,250 @@
+"""The client's side of a job: make one share bundle per server, later collect what comes back.
+
+Only shares and sizes go to the servers; names, the threshold choice and everything needed to
+read the results stay in the client's folder::
+
+    client/model.json        the current model: classes, run id, share generation, threshold
+    client/jobs/<job>.json   a job sent out and not yet collected (what to do with its results)
+
+Bundles are folders ``<out>/server0`` and ``<out>/server1``; each server's operator runs
+``invoke party`` on its own folder, and sends back that server's ``outputs/<job>/``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from preprocessing import sharing
+from preprocessing.fileio import atomic_write_json
+from preprocessing.sharing import FRAC_BITS
+
+from . import reference
+from .mpspdz import program_version
+from .server import PREDICT_PROGRAM, REFRESH_PROGRAM, TRAIN_PROGRAM, ModelError
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN = -1
+
+
+class CollectError(ModelError):
+    """Results from the servers are missing, incomplete, or do not belong to the job."""
+
+
+@dataclass
+class Prediction:
+    label: int  # class index, or UNKNOWN when the protocol decided confidence < threshold
+    confidence: float  # softmax probability of the best class
+    best: int  # best class index whatever the decision (the client's own query: it may know)
+
+
+@dataclass
+class Outgoing:
+    job: str
+    kind: str
+    bundles: tuple[Path, Path]
+    program_args: list[str]
+
+
+def model_record_path(client: Path) -> Path:
+    return Path(client) / "model.json"
+
+
+def load_model_record(client: Path) -> dict[str, Any]:
+    path = model_record_path(client)
+    if not path.exists():
+        raise ModelError(f"no trained model ({path} missing): run `invoke train` first")
+    return json.loads(path.read_text())
+
+
+def _pending_path(client: Path, job: str) -> Path:
+    return Path(client) / "jobs" / f"{job}.json"
+
+
+def _load_pending(client: Path, job: str) -> dict[str, Any]:
+    path = _pending_path(client, job)
+    if not path.is_file():
+        jobs = sorted(p.stem for p in (Path(client) / "jobs").glob("*.json"))
+        raise CollectError(f"no job {job!r} waiting at the client ({path} missing); waiting jobs: "
+                           f"{', '.join(jobs) or 'none'}")
+    return json.loads(path.read_text())
+
+
+def _bundle_dirs(out: Path | Sequence[Path], job: str) -> tuple[Path, Path]:
+    """``out/server0``, ``out/server1`` for one folder; or two folders, where ``{job}`` is replaced."""
+    if isinstance(out, (str, Path)):
+        return Path(out) / "server0", Path(out) / "server1"
+    a, b = (Path(str(p).replace("{job}", job)) for p in out)
+    return a, b
+
+
+def share_train(client: Path, embeddings: np.ndarray, labels: Sequence[str], params: reference.TrainParams,
+                out: Path | Sequence[Path], *, meta: dict[str, Any] | None = None) -> Outgoing:
+    """Share a labelled gallery for private training; keeps classes and threshold at the client."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"embeddings must be a non-empty (n, d) array, got shape {x.shape}")
+    if len(labels) != x.shape[0]:
+        raise ValueError(f"{len(labels)} labels for {x.shape[0]} embeddings")
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise ValueError(f"need at least 2 people to train a classifier, got {len(classes)}: {classes}")
+    index = {name: k for k, name in enumerate(classes)}
+    order = reference.training_order(len(x), params.seed)
+    x = x[order]
+    y_idx = np.array([index[name] for name in labels])[order]
+    n, d = x.shape
+    c = len(classes)
+    y = np.zeros((n, c), dtype=np.int64)
+    y[np.arange(n), y_idx] = 1
+    args = params.program_args(n, d + 1, c)
+    run_id = sharing.new_run_id()
+    job = f"train-{run_id}"
+    dirs = _bundle_dirs(out, job)
+    sharing.write_share_bundle([(reference.with_bias(x), FRAC_BITS), (y, 0)], dirs, program=TRAIN_PROGRAM,
+                               program_version=program_version(TRAIN_PROGRAM), kind="train", n=n, d=d + 1,
+                               n_classes=c, run_id=run_id, job=job, program_args=args)
+    choice = reference.choose_threshold(x, y_idx, c, params)  # client side, plaintext, enrollment data only
+    record = {"run_id": run_id, "gen": run_id, "classes": classes, "d": d, "n": n, "params": params.__dict__,
+              "created": time.time(), "threshold": choice.threshold, "threshold_choice": choice.__dict__,
+              **(meta or {})}
+    atomic_write_json(_pending_path(client, job), {"kind": "train", "job": job, "record": record})
+    return Outgoing(job, "train", dirs, args)
+
+
+def share_predict(client: Path, embeddings: np.ndarray, threshold: float, out: Path | Sequence[Path], *,
+                  info: dict[str, Any] | None = None) -> Outgoing:
+    """Share a batch of query embeddings (padded to a power of two) and the decision threshold."""
+    record = load_model_record(client)
+    x = np.asarray(embeddings, dtype=np.float64)
+    q_real = len(x)
+    if q_real == 0:
+        raise ValueError("no embeddings to recognise")
+    x = x.reshape(q_real, -1)
+    if x.shape[1] != record["d"]:
+        raise ValueError(f"embeddings have dimension {x.shape[1]}, the model expects {record['d']}")
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold {threshold} is not a number")
+    d1, c = record["d"] + 1, len(record["classes"])
+    q = bucket_size(q_real)
+    padded = np.zeros((q, d1))
+    padded[:q_real] = reference.with_bias(x)
+    args = [str(q), str(d1), str(c), str(int(record["params"]["exp_bits"]))]
+    job = f"predict-{sharing.new_run_id()}"
+    dirs = _bundle_dirs(out, job)
+    sharing.write_share_bundle([(np.array([[threshold]]), FRAC_BITS), (padded, FRAC_BITS)], dirs,
+                               program=PREDICT_PROGRAM, program_version=program_version(PREDICT_PROGRAM),
+                               kind="predict", n=q, d=d1, n_classes=c, run_id=record["run_id"], job=job,
+                               program_args=args, model_gen=record.get("gen", record["run_id"]))
+    atomic_write_json(_pending_path(client, job), {"kind": "predict", "job": job, "q": q, "q_real": q_real,
+                                                   "run_id": record["run_id"], "c": c, "info": info or {}})
+    return Outgoing(job, "predict", dirs, args)
+
+
+def share_refresh(client: Path, out: Path | Sequence[Path]) -> Outgoing:
+    """A job with no data: both servers re-randomise their shares of the current model."""
+    record = load_model_record(client)
+    d1, c = record["d"] + 1, len(record["classes"])
+    job = f"refresh-{sharing.new_run_id()}"
+    dirs = _bundle_dirs(out, job)
+    sharing.write_share_bundle([], dirs, program=REFRESH_PROGRAM, program_version=program_version(REFRESH_PROGRAM),
+                               kind="refresh", n=0, d=d1, n_classes=c, run_id=record["run_id"], job=job,
+                               program_args=[str(d1), str(c)], model_gen=record.get("gen", record["run_id"]))
+    atomic_write_json(_pending_path(client, job), {"kind": "refresh", "job": job, "run_id": record["run_id"]})
+    return Outgoing(job, "refresh", dirs, [str(d1), str(c)])
+
+
+def bucket_size(q: int) -> int:
+    """Queries are padded to a power of two so few program sizes need compiling."""
+    b = 1
+    while b < q:
+        b *= 2
+    return b
+
+
+def _receipt(folder: Path, party: int, job: str) -> dict[str, Any]:
+    path = Path(folder) / "receipt.json"
+    if not path.is_file():
+        raise CollectError(f"server {party}'s result {path} missing (did `invoke party --id {party}` finish job {job}?)")
+    try:
+        r = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CollectError(f"{path}: not valid JSON ({exc})") from None
+    if r.get("job") != job or r.get("party") != party or r.get("status") != "ok":
+        raise CollectError(f"{path}: receipt of job {r.get('job')!r} from server {r.get('party')!r} "
+                           f"(status {r.get('status')!r}); expected job {job!r} from server {party}")
+    return r
+
+
+@dataclass
+class Collected:
+    job: str
+    kind: str
+    record: dict[str, Any]  # the model record after the job
+    predictions: list[Prediction] | None = None
+    info: dict[str, Any] | None = None
+
+
+def collect(client: Path, job: str, results: Sequence[Path]) -> Collected:
+    """Read both servers' ``outputs/<job>/`` and finish the job at the client.
+
+    train: the new model becomes current. refresh: the new share generation becomes current.
+    predict: the output shares are reconstructed into predictions.
+    """
+    pending = _load_pending(client, job)
+    kind = pending["kind"]
+    receipts = [_receipt(results[i], i, job) for i in range(2)]
+    if receipts[0].get("gen") != receipts[1].get("gen"):
+        raise CollectError(f"job {job}: server 0 reports model generation {receipts[0].get('gen')}, server 1 "
+                           f"{receipts[1].get('gen')}")
+    preds = None
+    if kind == "train":
+        record = pending["record"]
+        if receipts[0]["gen"] != record["run_id"]:
+            raise CollectError(f"job {job}: servers trained {receipts[0]['gen']}, expected {record['run_id']}")
+        atomic_write_json(model_record_path(client), record)
+    elif kind == "refresh":
+        record = load_model_record(client)
+        if record["run_id"] != pending["run_id"]:
+            raise CollectError(f"job {job} refreshed model {pending['run_id']}, the client now uses {record['run_id']}")
+        record["gen"] = receipts[0]["gen"]
+        record["refreshed"] = time.time()
+        atomic_write_json(model_record_path(client), record)
+    else:
+        record = load_model_record(client)
+        q, q_real, c = pending["q"], pending["q_real"], pending["c"]
+        shares = []
+        for i, r in enumerate(receipts):
+            f = Path(results[i]) / "shares.bin"
+            if not f.is_file():
+                raise CollectError(f"server {i}'s output shares {f} missing")
+            blob = f.read_bytes()
+            if len(blob) != 8 * 3 * q or sharing.sha256_bytes(blob) != r.get("sha256"):
+                raise CollectError(f"{f}: {len(blob)} bytes, expected {8 * 3 * q} matching its receipt "
+                                   "(truncated or corrupted)")
+            shares.append(np.frombuffer(blob, dtype="<u8").astype(np.uint64))
+        total = sharing.reconstruct(shares[0], shares[1])
+        best = total[:q].view(np.int64)
+        known = total[q:2 * q].view(np.int64)
+        conf = sharing.decode_fixed(total[2 * q:])
+        if not (np.all((best[:q_real] >= 0) & (best[:q_real] < c)) and np.all(np.isin(known[:q_real], (0, 1)))):
+            raise ModelError(f"reconstructed outputs out of range (class 0..{c - 1}, decision 0/1): the two "
+                             "servers' shares do not belong together")
+        preds = [Prediction(int(best[k]) if known[k] else UNKNOWN, float(conf[k]), int(best[k]))
+                 for k in range(q_real)]
+    _pending_path(client, job).unlink(missing_ok=True)
+    return Collected(job, kind, record, preds, pending.get("info"))
+
+
+def discard(client: Path, job: str, bundles: Sequence[Path] = ()) -> None:
+    """Forget a job that failed (the current model record is untouched)."""
+    _pending_path(client, job).unlink(missing_ok=True)
+    for b in bundles:
+        shutil.rmtree(b, ignore_errors=True)

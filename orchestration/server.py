@@ -1,0 +1,341 @@
+"""One server's side of a job: check what arrived, run its MP-SPDZ party, keep or send the result.
+
+A server only ever holds shares, sizes and its own key. Its folder::
+
+    certs/               P<i>.key, P<i>.pem (its own), P<j>.pem (the other server's)
+    inputs/<job>/        a share bundle from the client (local mode; a remote client's bundle can be anywhere)
+    models/<gen>/        model shares Transactions-P<i>.data + manifest.json, one folder per generation
+    model -> models/<gen>  the current generation (symlink, swapped atomically)
+    outputs/<job>/       receipt.json (+ shares.bin for recognition): all that goes back to the client
+    logs/<job>.log       MP-SPDZ's output
+    run-<job>/           scratch working directory of one protocol run (removed afterwards)
+    build/               compiled programs (when the server compiles for itself)
+
+A generation is a training run or a share refresh. New shares are written aside and the link is
+swapped only after the protocol succeeded, so a failed run leaves the last good model in place.
+The previous generation is kept too: the client names the generation it expects, so a refresh
+that succeeded on one server but not the other still leaves a generation both servers hold.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from preprocessing import sharing
+from preprocessing.fileio import atomic_write_bytes, atomic_write_json
+from preprocessing.sharing import FRAC_BITS, RING_BITS, ShareManifest, SharingError
+
+from . import certs as certs_mod
+from .launcher import PartyResult
+from .mpspdz import MPSPDZ, MPSPDZError, compile_program, program_version
+
+logger = logging.getLogger(__name__)
+
+TRAIN_PROGRAM = "face_train"
+PREDICT_PROGRAM = "face_predict"
+REFRESH_PROGRAM = "face_refresh"
+PROGRAMS = {"train": TRAIN_PROGRAM, "predict": PREDICT_PROGRAM, "refresh": REFRESH_PROGRAM}
+KEEP_GENERATIONS = 2  # current and previous
+
+
+class ModelError(MPSPDZError):
+    """No model, or the server's model shares do not match what the client expects."""
+
+
+@dataclass(frozen=True)
+class Server:
+    root: Path
+    party: int
+    build: Path | None = None  # compiled programs; default <root>/build
+
+    @property
+    def build_dir(self) -> Path:
+        return self.build or self.root / "build"
+
+    @property
+    def inputs(self) -> Path:
+        return self.root / "inputs"
+
+    @property
+    def outputs(self) -> Path:
+        return self.root / "outputs"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def current(self) -> Path:
+        return self.root / "model"
+
+    def model_file(self, gen_dir: Path) -> Path:
+        return gen_dir / f"Transactions-P{self.party}.data"
+
+
+# ---- persistence files -------------------------------------------------------------------------
+
+def header_length(path: Path) -> int:
+    """Length of MP-SPDZ's persistence file signature (8-byte length + specification)."""
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+    if len(raw) < 8:
+        raise ModelError(f"{path}: truncated persistence file (no header)")
+    return 8 + int.from_bytes(raw, "little")
+
+
+def read_shares(path: Path, start: int, count: int) -> np.ndarray:
+    """Read ``count`` 64-bit shares at share position ``start`` of a persistence file."""
+    head = header_length(path)
+    size = path.stat().st_size
+    need = head + 8 * (start + count)
+    if size < need:
+        raise ModelError(f"{path}: holds {(size - head) // 8} shares, expected at least {start + count} (truncated?)")
+    with open(path, "rb") as fh:
+        fh.seek(head + 8 * start)
+        return np.frombuffer(fh.read(8 * count), dtype="<u8").astype(np.uint64)
+
+
+def write_model_file(path: Path, header_from: Path, shares: np.ndarray) -> None:
+    """A persistence file with ``header_from``'s header and ``shares`` as its content."""
+    head = header_length(header_from)
+    with open(header_from, "rb") as fh:
+        header = fh.read(head)
+    atomic_write_bytes(path, header + np.asarray(shares, dtype="<u8").tobytes())
+
+
+# ---- checks before any protocol run ------------------------------------------------------------
+
+def check_bundle(bundle: Path, party: int, expect: dict[str, Any] | None = None) -> ShareManifest:
+    """This server's check of a client's bundle: integrity, sizes, and that it is for us."""
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise SharingError(f"{bundle}: no such job folder (expected manifest.json and Input-Binary-P{party}-0)")
+    m = ShareManifest.load(bundle / "manifest.json")
+    if m.party != party:
+        raise SharingError(f"{bundle}: bundle is for server {m.party}, not server {party}")
+    if m.kind not in PROGRAMS or m.program != PROGRAMS[m.kind]:
+        raise SharingError(f"{bundle / 'manifest.json'}: kind {m.kind!r} / program {m.program!r}; expected one of "
+                           + ", ".join(f"{k} ({v})" for k, v in PROGRAMS.items()))
+    if m.frac_bits != FRAC_BITS or m.ring_bits != RING_BITS:
+        raise SharingError(f"{bundle / 'manifest.json'}: fixed point f={m.frac_bits} in Z_2^{m.ring_bits}, "
+                           f"this server uses f={FRAC_BITS} in Z_2^{RING_BITS}")
+    if m.n_values:
+        data = bundle / m.file
+        if not data.is_file():
+            raise SharingError(f"{data}: share file missing")
+        size = data.stat().st_size
+        if size != 8 * m.n_values:
+            raise SharingError(f"{data}: {size} bytes, manifest says {8 * m.n_values} (truncated or wrong file)")
+        if sharing.sha256_bytes(data.read_bytes()) != m.sha256:
+            raise SharingError(f"{data}: checksum differs from {bundle / 'manifest.json'} (corrupted or swapped)")
+    for key, value in (expect or {}).items():
+        if getattr(m, key) != value:
+            raise SharingError(f"{bundle / 'manifest.json'}: {key} is {getattr(m, key)!r}, expected {value!r}")
+    return m
+
+
+def _check_args(m: ShareManifest, bundle: Path) -> list[str]:
+    args = [str(a) for a in m.program_args]
+    want = {"train": ([m.n, m.d, m.n_classes], 8), "predict": ([m.n, m.d, m.n_classes], 4),
+            "refresh": ([m.d, m.n_classes], 2)}[m.kind]
+    sizes, count = want
+    if len(args) != count or [a for a in args[:len(sizes)]] != [str(v) for v in sizes]:
+        raise SharingError(f"{bundle / 'manifest.json'}: program arguments {args} do not match the sizes "
+                           f"n={m.n} d={m.d} c={m.n_classes} of a {m.kind} job")
+    for a in args:
+        try:
+            float(a)
+        except ValueError:
+            raise SharingError(f"{bundle / 'manifest.json'}: program argument {a!r} is not a number") from None
+    return args
+
+
+def model_generations(server: Server) -> dict[str, dict[str, Any]]:
+    out = {}
+    if server.models.is_dir():
+        for d in sorted(server.models.iterdir()):
+            mf = d / "manifest.json"
+            if d.is_dir() and mf.is_file():
+                try:
+                    out[d.name] = json.loads(mf.read_text())
+                except json.JSONDecodeError:
+                    continue
+    return out
+
+
+def current_generation(server: Server) -> str | None:
+    link = server.current
+    return Path(os.readlink(link)).name if link.is_symlink() else None
+
+
+def find_model(server: Server, gen: str, run_id: str, d1: int, c: int) -> tuple[Path, dict[str, Any]]:
+    """The model shares of generation ``gen``, checked against what the job expects."""
+    i = server.party
+    gdir = server.models / gen
+    manifest = gdir / "manifest.json"
+    if not manifest.is_file():
+        held = model_generations(server)
+        if not held:
+            raise ModelError(f"server {i} has no model ({server.models} is empty): run `invoke train` first")
+        cur = current_generation(server)
+        listing = ", ".join(f"{g}{' (current)' if g == cur else ''} from run {m.get('run_id')}" for g, m in held.items())
+        raise ModelError(f"server {i} does not hold model generation {gen} of run {run_id}; it holds {listing}. "
+                         "The two servers' model shares come from different runs: retrain with `invoke train`")
+    meta = json.loads(manifest.read_text())
+    if meta.get("run_id") != run_id or meta.get("d1") != d1 or meta.get("c") != c:
+        raise ModelError(f"server {i}: model generation {gen} is from run {meta.get('run_id')} "
+                         f"({meta.get('d1')}x{meta.get('c')}), the job expects run {run_id} ({d1}x{c}): "
+                         "retrain with `invoke train`")
+    data = server.model_file(gdir)
+    if not data.is_file():
+        raise ModelError(f"server {i}: model shares {data} missing")
+    read_shares(data, 0, d1 * c)  # size check: a truncated file fails here, before the protocol
+    return data, meta
+
+
+# ---- one job -----------------------------------------------------------------------------------
+
+@dataclass
+class PreparedJob:
+    server: Server
+    manifest: ShareManifest
+    program: str  # compiled program name
+    rundir: Path
+    log: Path
+    model_meta: dict[str, Any] | None = None
+    mask: np.ndarray | None = field(default=None, repr=False)  # refresh, server 0: its random input
+
+    @property
+    def job(self) -> str:
+        return self.manifest.job
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+
+def prepare_job(mp: MPSPDZ, server: Server, bundle: Path, *, encrypted: bool = True,
+                expect: dict[str, Any] | None = None) -> PreparedJob:
+    """Every check that can fail before the protocol starts, then the run's working directory."""
+    i = server.party
+    m = check_bundle(bundle, i, expect)
+    if m.program_version != program_version(m.program):
+        raise SharingError(f"{bundle}: made for another version of {m.program}.mpc ({m.program_version}, this "
+                           f"server has {program_version(m.program)}); client and servers must run the same release")
+    if not m.job or "/" in m.job or m.job.startswith("."):
+        raise SharingError(f"{bundle / 'manifest.json'}: invalid job id {m.job!r}")
+    args = _check_args(m, bundle)
+    model_path, model_meta = None, None
+    if m.kind in ("predict", "refresh"):
+        model_path, model_meta = find_model(server, m.model_gen, m.run_id, m.d, m.n_classes)
+    party_certs = certs_mod.check_party_certs(server.root, i) if encrypted else None
+    full = compile_program(mp, m.program, args, server.build_dir)
+
+    run = server.root / f"run-{m.job}"
+    if run.exists():
+        shutil.rmtree(run)
+    (run / "Player-Data").mkdir(parents=True)
+    (run / "Persistence").mkdir()
+    os.symlink(server.build_dir.resolve() / "Programs", run / "Programs")
+    if m.n_values:
+        shutil.copyfile(Path(bundle) / m.file, run / "Player-Data" / f"Input-Binary-P{i}-0")
+    mask = None
+    if m.kind == "refresh" and i == 0:
+        # server 0's secret input: fresh randomness, removed from its own share after the run
+        mask = sharing.random_ring(m.d * m.n_classes)
+        (run / "Player-Data" / "Input-Binary-P0-0").write_bytes(mask.astype("<u8").tobytes())
+    if model_path is not None:
+        shutil.copyfile(model_path, run / "Persistence" / f"Transactions-P{i}.data")
+    if party_certs is not None:
+        certs_mod.install_for_run(party_certs, run / "Player-Data")
+    log = server.logs / f"{m.job}.log"
+    return PreparedJob(server, m, full, run, log, model_meta, mask)
+
+
+def _install_generation(server: Server, gen: str, shares_file: Path, meta: dict[str, Any]) -> None:
+    """Write generation ``gen`` aside, repoint ``model`` atomically, keep the previous one."""
+    server.models.mkdir(parents=True, exist_ok=True)
+    new_dir = server.models / gen
+    tmp_dir = server.models / f".{gen}.tmp"
+    for d in (new_dir, tmp_dir):
+        if d.exists():
+            shutil.rmtree(d)
+    tmp_dir.mkdir()
+    shutil.copyfile(shares_file, server.model_file(tmp_dir))
+    atomic_write_json(tmp_dir / "manifest.json", meta)
+    os.replace(tmp_dir, new_dir)
+    tmp_link = server.root / ".model.link"
+    tmp_link.unlink(missing_ok=True)
+    os.symlink(Path("models") / gen, tmp_link)
+    os.replace(tmp_link, server.current)
+    # keep the newest KEEP_GENERATIONS generations
+    gens = sorted(model_generations(server).items(), key=lambda kv: kv[1].get("created", 0), reverse=True)
+    for old, _ in gens[KEEP_GENERATIONS:]:
+        if old != gen:
+            shutil.rmtree(server.models / old, ignore_errors=True)
+
+
+def finish_job(prep: PreparedJob, result: PartyResult | None) -> Path:
+    """After a successful run: install the model or write the output shares, then the receipt.
+
+    Returns the job's output folder ``outputs/<job>/`` (what goes back to the client).
+    """
+    server, m, i = prep.server, prep.manifest, prep.server.party
+    pers = prep.rundir / "Persistence" / f"Transactions-P{i}.data"
+    d1, c = m.d, m.n_classes
+    receipt: dict[str, Any] = {"job": m.job, "kind": m.kind, "party": i, "run_id": m.run_id, "status": "ok",
+                               "finished": time.time()}
+    if result is not None:
+        receipt.update(seconds=result.seconds, data_sent_mb=result.data_sent_mb,
+                       global_data_mb=result.global_data_mb)
+    out = server.outputs / m.job
+    tmp_out = server.outputs / f".{m.job}.tmp"
+    if tmp_out.exists():
+        shutil.rmtree(tmp_out)
+    tmp_out.mkdir(parents=True)
+    if m.kind == "train":
+        read_shares(pers, 0, d1 * c)
+        meta = {"run_id": m.run_id, "gen": m.run_id, "d1": d1, "c": c, "n": m.n, "frac_bits": FRAC_BITS,
+                "program": m.program, "program_version": m.program_version, "created": time.time()}
+        _install_generation(server, m.run_id, pers, meta)
+        receipt["gen"] = m.run_id
+    elif m.kind == "refresh":
+        new = read_shares(pers, 0, d1 * c)
+        if prep.mask is not None:
+            with np.errstate(over="ignore"):
+                new = new - prep.mask  # server 0 takes its own random input back out
+        fixed = prep.rundir / "refreshed.data"
+        write_model_file(fixed, pers, new)
+        meta = dict(prep.model_meta or {}, gen=m.job, refreshed_from=m.model_gen, created=time.time())
+        _install_generation(server, m.job, fixed, meta)
+        receipt["gen"] = m.job
+    else:  # predict
+        q = m.n
+        shares = read_shares(pers, d1 * c, 3 * q)
+        blob = shares.astype("<u8").tobytes()
+        (tmp_out / "shares.bin").write_bytes(blob)
+        receipt.update(gen=m.model_gen, q=q, values=["best", "known", "confidence"], frac_bits=FRAC_BITS,
+                       sha256=sharing.sha256_bytes(blob))
+    atomic_write_json(tmp_out / "receipt.json", receipt)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp_out, out)
+    return out
+
+
+def cleanup_job(prep: PreparedJob) -> None:
+    shutil.rmtree(prep.rundir, ignore_errors=True)
+    if prep.mask is not None:
+        prep.mask[:] = 0
