@@ -57,6 +57,14 @@ def _mp(c, home=None):
         raise Exit(str(exc), code=1)
 
 
+def _tls(c) -> bool:
+    """TLS between the servers (MP-SPDZ -e), on unless mpspdz.encrypted is false in invoke.yaml."""
+    value = c.config.get("mpspdz", {}).get("encrypted", True)
+    if not value:
+        logger.warning("mpspdz.encrypted is off: the servers talk in the clear (shares only, but unauthenticated)")
+    return bool(value)
+
+
 def _face(c, backend=None, detector=None, upsample=None):
     from orchestration.app import FaceSettings
 
@@ -200,7 +208,7 @@ def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None,
     if prev is not None:
         print(f"changes since last training: {gallery.diff_against(prev)}")
     try:
-        report = app.train(mp, layout, gallery, params, host=_cfg(c, "mpspdz", "host", None),
+        report = app.train(mp, layout, gallery, params, host=_cfg(c, "mpspdz", "host", None), encrypted=_tls(c),
                            timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), face=face)
     except (MPSPDZError, ValueError) as exc:
         raise Exit(f"private training failed: {exc}", code=1)
@@ -274,7 +282,7 @@ def _flush(mp, layout, pending, thr, out, c, timeout, batch):
     results = iter([])
     if faces:
         found, _ = app.recognise(mp, layout, np.stack([q.embedding for q in faces]), thr,
-                                 host=_cfg(c, "mpspdz", "host", None),
+                                 host=_cfg(c, "mpspdz", "host", None), encrypted=_tls(c),
                                  timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), batch=int(batch))
         results = iter(found)
     for q in pending:
@@ -514,3 +522,244 @@ def recognize(c, video=None, camera=None, output=None, frames=None, every=1, thr
           f"{report.seconds:.1f} s in all, threshold {recognizer.threshold:.4f}")
     print(f"# annotated video: {report.output} ({report.codec}, {report.fps:.1f} fps)"
           + (f"; {len(report.stills)} stills in {frames}" if frames else ""))
+
+
+# ---- two hosts: certificates, one server per host, client bundles -------------------------------
+
+def _server_dir(c, party: int, server_dir=None) -> Path:
+    return Path(server_dir) if server_dir else _layout(c).server(party)
+
+
+def _party_id(value) -> int:
+    if str(value) not in ("0", "1"):
+        raise Exit(f"--id must be 0 or 1 (which server this is), got {value!r}", code=1)
+    return int(value)
+
+
+@task(help={
+    "id": "make/import for this server only (0 or 1); without it, both local servers get keys and swap certificates",
+    "peer_cert": "the other server's certificate file (P0.pem or P1.pem) to install on server --id",
+    "server_dir": "the server's folder (default <var>/server<id>)",
+    "days": "validity of a new certificate in days",
+    "force": "replace an existing key and certificate",
+})
+def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False):
+    """Make TLS keys and certificates for the servers' encrypted channel, or install the peer's certificate.
+
+    Two hosts: on each server `invoke certs --id I` (keeps certs/P<I>.key, prints where P<I>.pem is), send
+    P<I>.pem to the other server, which runs `invoke certs --id J --peer-cert P<I>.pem`.
+    """
+    _logging()
+    from orchestration import certs as certs_mod
+
+    try:
+        if id is None:
+            if peer_cert:
+                raise Exit("--peer-cert needs --id (which server receives it)", code=1)
+            layout = _layout(c)
+            for i in range(2):
+                info = certs_mod.make_party_cert(layout.server(i), i, days=int(days), force=force)
+                print(f"server {i}: {info.path} (sha256 {info.fingerprint})")
+            for i in range(2):
+                certs_mod.import_peer_cert(layout.server(i), i,
+                                           certs_mod.cert_dir(layout.server(1 - i)) / f"P{1 - i}.pem")
+            print("both local servers hold their own key and the other's certificate")
+            return
+        party = _party_id(id)
+        sdir = _server_dir(c, party, server_dir)
+        own = certs_mod.cert_dir(sdir) / f"P{party}.pem"
+        if peer_cert:
+            info = certs_mod.import_peer_cert(sdir, party, Path(peer_cert))
+            print(f"server {party}: installed server {1 - party}'s certificate {info.path} (sha256 {info.fingerprint})")
+        if not peer_cert or force or not own.exists():
+            if own.exists() and not force:
+                print(f"server {party}: {own} exists (sha256 {certs_mod.inspect(own).fingerprint}); --force replaces it")
+            else:
+                info = certs_mod.make_party_cert(sdir, party, days=int(days), force=force)
+                print(f"server {party}: key {certs_mod.cert_dir(sdir) / f'P{party}.key'} stays here; send {info.path} "
+                      f"(sha256 {info.fingerprint}) to server {1 - party}")
+    except certs_mod.CertError as exc:
+        raise Exit(str(exc), code=1)
+
+
+@task(help={
+    "id": "which server this is: 0 or 1",
+    "hosts": "hosts file in MP-SPDZ's format: line 1 host[:port] of server 0, line 2 of server 1",
+    "job": "the job folder the client sent this server (manifest.json + Input-Binary-P<id>-0)",
+    "server_dir": "this server's folder: certs, model shares, outputs (default <var>/server<id>)",
+    "timeout": "seconds the protocol may run before this server gives up",
+    "mpspdz_home": "MP-SPDZ folder",
+    "verbose": "debug logging",
+})
+def party(c, id, hosts, job, server_dir=None, timeout=None, mpspdz_home=None, verbose=False):
+    """Run ONE server of a job (train, predict or refresh) on this host, talking TLS to the other one.
+
+    Checks the bundle, the model shares and the certificates before anything starts, listens only on
+    its hosts-file address, and on success writes <server_dir>/outputs/<job>/ for the client.
+    """
+    _logging(verbose)
+    from orchestration import remote
+
+    mp = _mp(c, mpspdz_home)
+    party_no = _party_id(id)
+    sdir = _server_dir(c, party_no, server_dir)
+    try:
+        out = remote.run_party_job(mp, sdir, party_no, Path(hosts), Path(job),
+                                   timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), encrypted=_tls(c))
+    except remote.ERRORS as exc:
+        raise Exit(f"server {party_no}: {exc}", code=1)
+    print(f"server {party_no}: job done; send {out} to the client")
+
+
+def _out_folder(out) -> Path:
+    if not out:
+        raise Exit("--out FOLDER is required (the bundles for both servers go to FOLDER/server0 and FOLDER/server1)",
+                   code=1)
+    return Path(out)
+
+
+@task(help={
+    "out": "folder for the two bundles: OUT/server0 goes to server 0, OUT/server1 to server 1",
+    "dataset": "gallery folder <dataset>/<person>/<image> (default: paths.gallery, else <var>/gallery)",
+    "backend": "embedder: facenet | dlib",
+    "detector": "face detector: hog | cnn",
+    "epochs": "SGD epochs after the nearest-class-mean warm start",
+    "batch": "SGD mini-batch size",
+    "lr": "SGD learning rate",
+    "alpha": "warm-start scale",
+})
+def share_train(c, out, dataset=None, backend=None, detector=None, epochs=None, batch=None, lr=None, alpha=None):
+    """Client, two hosts: embed the gallery and write one training share bundle per server."""
+    _logging()
+    from orchestration import app, client
+    from preprocessing.errors import PreprocessingError
+
+    layout = _layout(c)
+    face = _face(c, backend, detector)
+    params = _train_params(c, epochs, batch, lr, alpha, face.backend)
+    dataset = _gallery(c, dataset)
+    try:
+        gallery = app.embed_dataset(dataset, layout, face)
+        sent = client.share_train(layout.client, gallery.embeddings, gallery.labels, params, _out_folder(out),
+                                  meta={"backend": face.backend, "detector": face.detector})
+    except (PreprocessingError, OSError, ValueError) as exc:
+        raise Exit(f"cannot share {dataset}: {exc}", code=1)
+    gallery.save(layout.client / "gallery.npz")
+    print(f"job {sent.job}: {len(gallery.labels)} faces of {len(gallery.classes)} people")
+    for i, b in enumerate(sent.bundles):
+        print(f"send {b} to server {i}; there: invoke party --id {i} --hosts HOSTS --job <that folder>")
+
+
+@task(iterable=["image"], help={
+    "out": "folder for the two bundles: OUT/server0 and OUT/server1",
+    "image": "an image to recognise (repeat for several)",
+    "dir": "a folder of images to recognise",
+    "threshold": "confidence below which a face is unknown_person (default: the one chosen at training)",
+    "backend": "embedder: facenet | dlib (must match training)",
+    "detector": "face detector: hog | cnn",
+})
+def share_predict(c, out, image=None, dir=None, threshold=None, backend=None, detector=None):
+    """Client, two hosts: embed query images and write one recognition share bundle per server."""
+    _logging()
+    import numpy as np
+
+    from orchestration import app, client
+    from orchestration.mpspdz import MPSPDZError
+
+    layout = _layout(c)
+    face = _face(c, backend, detector)
+    try:
+        paths = app.image_paths(image or [], dir)
+    except FileNotFoundError as exc:
+        raise Exit(str(exc), code=1)
+    if not paths:
+        raise Exit("nothing to recognise: give --image PATH (repeatable) or --dir DIR", code=1)
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise Exit(f"image not found: {', '.join(map(str, missing))}", code=1)
+    try:
+        app.check_backend(layout, face.backend)
+        thr = float(threshold) if threshold is not None else app.default_threshold(layout)
+        queries = list(app.face_queries(_progress(paths, "faces"), face))
+        faces = [q for q in queries if q.embedding is not None]
+        if not faces:
+            raise Exit("no face found in any of the images: nothing to send", code=1)
+        rows = [[str(q.path), q.embedding is not None] for q in queries]
+        sent = client.share_predict(layout.client, np.stack([q.embedding for q in faces]), thr, _out_folder(out),
+                                    info={"rows": rows})
+    except (MPSPDZError, ValueError) as exc:
+        raise Exit(f"cannot share the queries: {exc}", code=1)
+    print(f"job {sent.job}: {len(faces)} faces")
+    for i, b in enumerate(sent.bundles):
+        print(f"send {b} to server {i}")
+
+
+@task(help={"out": "folder for the two job tickets: OUT/server0 and OUT/server1"})
+def share_refresh(c, out):
+    """Client, two hosts: a share-refresh job for both servers (no data; they re-randomise their model shares)."""
+    _logging()
+    from orchestration import client
+    from orchestration.mpspdz import MPSPDZError
+
+    try:
+        sent = client.share_refresh(_layout(c).client, _out_folder(out))
+    except (MPSPDZError, ValueError) as exc:
+        raise Exit(str(exc), code=1)
+    print(f"job {sent.job}")
+    for i, b in enumerate(sent.bundles):
+        print(f"send {b} to server {i}")
+
+
+@task(iterable=["result"], help={
+    "job": "the job id printed by share-train / share-predict / share-refresh",
+    "result": "a server's outputs/<job> folder: give it twice, server 0's first",
+})
+def collect(c, job, result=None):
+    """Client, two hosts: check both servers' results of a job and finish it (reconstructs predictions as CSV)."""
+    _logging()
+    from orchestration import app, client
+    from orchestration.mpspdz import MPSPDZError
+
+    if not result or len(result) != 2:
+        raise Exit("give --result twice: server 0's outputs/<job> folder, then server 1's", code=1)
+    layout = _layout(c)
+    try:
+        done = client.collect(layout.client, job, [Path(r) for r in result])
+    except (MPSPDZError, ValueError, OSError) as exc:
+        raise Exit(f"cannot collect job {job}: {exc}", code=1)
+    if done.kind == "train":
+        print(f"model {done.record['run_id']}: {len(done.record['classes'])} people, threshold "
+              f"{done.record['threshold']:.4f}")
+    elif done.kind == "refresh":
+        print(f"model {done.record['run_id']}: shares renewed, generation {done.record['gen']}")
+    else:
+        assert done.predictions is not None
+        named = iter(app.names(layout, done.predictions))
+        out = csv.writer(sys.stdout)
+        out.writerow(["path", "name", "confidence"])
+        for path, has_face in (done.info or {}).get("rows", []):
+            if has_face:
+                name, conf = next(named)
+                out.writerow([path, name, f"{conf:.4f}"])
+            else:
+                out.writerow([path, app.NO_FACE, ""])
+
+
+@task(help={"timeout": "seconds the protocol may run", "mpspdz_home": "MP-SPDZ folder"})
+def refresh_shares(c, timeout=None, mpspdz_home=None):
+    """Re-randomise both servers' model shares (local mode) without reconstructing the model.
+
+    Adds a fresh random sharing of zero: the model and its predictions stay the same, old and new
+    shares do not combine. Two hosts: share-refresh, then party on each server, then collect.
+    """
+    _logging()
+    from orchestration.mpspdz import MPSPDZError
+    from orchestration.private import refresh_private
+
+    mp = _mp(c, mpspdz_home)
+    try:
+        gen, run = refresh_private(mp, _layout(c), host=_cfg(c, "mpspdz", "host", None),
+                                   timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), encrypted=_tls(c))
+    except MPSPDZError as exc:
+        raise Exit(f"share refresh failed: {exc}", code=1)
+    print(f"model shares renewed: generation {gen} ({run.wall_seconds:.1f} s, {run.data_sent_mb:.1f} MB)")
