@@ -5,6 +5,10 @@
  * semi2k-party.x, this replaces a bind() to 0.0.0.0 by a bind() to $FACEREC_BIND_ADDR.
  * Every other bind() passes through unchanged. If the variable is set but not an IPv4
  * address, bind() fails with EINVAL instead of silently listening everywhere.
+ *
+ * MP-SPDZ also connects to its own listener at 127.0.0.1 (its "send to self" socket), which
+ * a listener on another address does not answer: connect() to 127.0.0.1:$FACEREC_SELF_PORT
+ * is sent to $FACEREC_BIND_ADDR instead, which stays on this host all the same.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -16,6 +20,7 @@
 #include <sys/socket.h>
 
 typedef int (*bind_fn)(int, const struct sockaddr *, socklen_t);
+typedef int (*connect_fn)(int, const struct sockaddr *, socklen_t);
 
 int bind(int fd, const struct sockaddr *addr, socklen_t len)
 {
@@ -36,4 +41,26 @@ int bind(int fd, const struct sockaddr *addr, socklen_t len)
         }
     }
     return real_bind(fd, addr, len);
+}
+
+int connect(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    static connect_fn real_connect = NULL;
+    if (!real_connect)
+        real_connect = (connect_fn)dlsym(RTLD_NEXT, "connect");
+    const char *want = getenv("FACEREC_BIND_ADDR");
+    const char *self_port = getenv("FACEREC_SELF_PORT");
+    if (want && self_port && addr && addr->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)addr;
+        if (in->sin_addr.s_addr == htonl(INADDR_LOOPBACK) && ntohs(in->sin_port) == atoi(self_port)) {
+            struct sockaddr_in copy;
+            memcpy(&copy, in, sizeof copy);
+            if (inet_pton(AF_INET, want, &copy.sin_addr) != 1) {
+                errno = EINVAL;
+                return -1;
+            }
+            return real_connect(fd, (const struct sockaddr *)&copy, sizeof copy);
+        }
+    }
+    return real_connect(fd, addr, len);
 }

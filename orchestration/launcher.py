@@ -120,6 +120,7 @@ class PartySpec:
     workdir: Path  # holds Programs/, Player-Data/, Persistence/ for this run
     log: Path
     bind_address: str  # the address the hosts file gives this party; its listener goes there
+    port: int  # the port the hosts file gives this party
 
 
 def party_command(mp: MPSPDZ, party: int, program: str, hosts_file: Path, *, encrypted: bool,
@@ -190,6 +191,7 @@ def run_parties(
         if shim is not None:
             env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD", "")]))
             env["FACEREC_BIND_ADDR"] = s.bind_address
+            env["FACEREC_SELF_PORT"] = str(s.port)
         logger.debug("party %d: %s (cwd %s)", s.party, " ".join(cmd), s.workdir)
         procs.append(subprocess.Popen(cmd, cwd=s.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, bufsize=1, start_new_session=True, env=env))

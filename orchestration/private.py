@@ -132,7 +132,7 @@ def run_local(
         base = free_port_pair(host)
         hosts_file = write_hosts(preps[0].rundir / "hosts", [(host, base), (host, base + 1)])
         shim = bind_shim(layout.build)
-        specs = [PartySpec(i, preps[i].rundir, preps[i].log, hosts_file[i].address) for i in range(2)]
+        specs = [PartySpec(i, preps[i].rundir, preps[i].log, hosts_file[i].address, hosts_file[i].port) for i in range(2)]
         result = run_parties(mp, preps[0].program, specs, hosts_file.path, encrypted=encrypted, shim=shim,
                              timeout=timeout, on_line=on_line, on_spawn=on_spawn)
         outs = [finish_job(preps[i], result.parties[i]) for i in range(2)]

@@ -1,0 +1,221 @@
+"""Two hosts on one machine: network namespaces joined by a veth pair, with optional netem latency.
+
+Used by the two-host tests and ``benchmarks/two_hosts.py``. Needs root (or CAP_NET_ADMIN) and
+iproute2; :func:`unavailable` says why not, so callers can skip with the reason printed.
+"""
+from __future__ import annotations
+
+import secrets
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+CAPTURE = Path(__file__).with_name("capture.py")
+RELAY = Path(__file__).with_name("delay_relay.py")
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def unavailable() -> str | None:
+    """Why two namespaces cannot be made here, or None if they can."""
+    if shutil.which("ip") is None:
+        return "iproute2's `ip` command is not installed"
+    name = f"frprobe{secrets.token_hex(3)}"
+    r = _ip("netns", "add", name, check=False)
+    if r.returncode != 0:
+        return f"the kernel or sandbox forbids network namespaces: `ip netns add` said {r.stderr.strip()!r}"
+    _ip("netns", "del", name, check=False)
+    return None
+
+
+_NETEM: bool | None = None
+
+
+def netem_available() -> bool:
+    """Whether this kernel has tc's netem qdisc (some VM kernels are built without it)."""
+    global _NETEM
+    if _NETEM is None:
+        name = f"frprobe{secrets.token_hex(3)}"
+        _ip("netns", "add", name)
+        try:
+            r = subprocess.run(["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "netem",
+                                "delay", "1ms"], capture_output=True, text=True)
+            _NETEM = r.returncode == 0
+        finally:
+            _ip("netns", "del", name, check=False)
+    return _NETEM
+
+
+class TwoHosts:
+    """``with TwoHosts(rtt_ms=20) as net:`` gives namespaces net.ns[0], net.ns[1] at net.addr[0], net.addr[1]."""
+
+    def __init__(self, rtt_ms: float = 0.0):
+        tag = secrets.token_hex(3)
+        self.ns = (f"fr{tag}a", f"fr{tag}b")
+        self.veth = (f"vfr{tag}a", f"vfr{tag}b")
+        octet = 16 + secrets.randbelow(200)
+        self.addr = (f"10.231.{octet}.1", f"10.231.{octet}.2")
+        self.netem_rtt_ms = rtt_ms
+        self.delay = "none" if not rtt_ms else ("netem" if netem_available() else "relay")
+        self.relay: subprocess.Popen | None = None
+        self.relay_port: int | None = None
+
+    def __enter__(self) -> "TwoHosts":
+        try:
+            for ns in self.ns:
+                _ip("netns", "add", ns)
+            _ip("link", "add", self.veth[0], "type", "veth", "peer", "name", self.veth[1])
+            for i in range(2):
+                _ip("link", "set", self.veth[i], "netns", self.ns[i])
+                self.run(i, ["ip", "addr", "add", f"{self.addr[i]}/24", "dev", self.veth[i]])
+                self.run(i, ["ip", "link", "set", self.veth[i], "up"])
+                self.run(i, ["ip", "link", "set", "lo", "up"])
+                if self.delay == "netem":
+                    # half the round trip each way
+                    self.run(i, ["tc", "qdisc", "add", "dev", self.veth[i], "root", "netem", "delay",
+                                 f"{self.netem_rtt_ms / 2:g}ms"])
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.relay is not None:
+            self.relay.terminate()
+            try:
+                self.relay.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.relay.kill()
+        for ns in self.ns:
+            _ip("netns", "del", ns, check=False)  # removes the veth pair too
+
+    def hosts_text(self, i: int, ports: tuple[int, int]) -> str:
+        """The hosts file for server i. Without netem, server 1 reaches server 0 through a delaying relay
+        in its own namespace (MP-SPDZ's connections all go from server 1 to server 0)."""
+        if i == 1 and self.delay == "relay":
+            if self.relay is None:
+                self.relay_port = ports[0] + 1000
+                self.relay = self.popen(1, [sys.executable, str(RELAY), f"127.0.0.1:{self.relay_port}",
+                                            f"{self.addr[0]}:{ports[0]}", f"{self.netem_rtt_ms / 2:g}"],
+                                        stdout=subprocess.PIPE, text=True)
+                assert self.relay.stdout is not None
+                if self.relay.stdout.readline().strip() != "ready":
+                    raise RuntimeError("delay relay did not start")
+            return f"127.0.0.1:{self.relay_port}\n{self.addr[1]}:{ports[1]}\n"
+        return f"{self.addr[0]}:{ports[0]}\n{self.addr[1]}:{ports[1]}\n"
+
+    def cmd(self, i: int, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.ns[i], *argv]
+
+    def run(self, i: int, argv: Sequence[str], **kw) -> subprocess.CompletedProcess[str]:
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        kw.setdefault("check", True)
+        return subprocess.run(self.cmd(i, argv), **kw)
+
+    def popen(self, i: int, argv: Sequence[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(self.cmd(i, argv), **kw)
+
+    def rtt_ms(self) -> float:
+        """Median round trip from namespace 0 to 1: a TCP connect to a closed port (SYN, RST).
+        (With the relay, the delay is on server 1's path to server 0 only: see :meth:`hosts_text`.)"""
+        code = ("import socket,time,statistics\nts=[]\nfor _ in range(7):\n s=socket.socket();t=time.perf_counter()\n"
+                f" try: s.connect(('{self.addr[1]}', 9))\n except OSError: pass\n"
+                " ts.append(time.perf_counter()-t); s.close()\nprint(statistics.median(ts)*1000)")
+        return float(self.run(0, [sys.executable, "-c", code]).stdout)
+
+    def listeners(self, i: int) -> list[tuple[str, int]]:
+        """(address, port) of every listening TCP socket in namespace i."""
+        text = self.run(i, ["cat", "/proc/net/tcp"]).stdout
+        out = []
+        for line in text.splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A":  # LISTEN
+                ip_hex, port_hex = f[1].split(":")
+                ip = ".".join(str(b) for b in struct.pack("<I", int(ip_hex, 16)))
+                out.append((ip, int(port_hex, 16)))
+        return out
+
+    def capture(self, i: int, out: Path) -> subprocess.Popen:
+        """Start capturing TCP frames on namespace i's veth into ``out`` (stop with terminate())."""
+        p = self.popen(i, [sys.executable, str(CAPTURE), self.veth[i], str(out)], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+        assert p.stdout is not None
+        line = p.stdout.readline()  # "ready" once the socket is bound
+        if line.strip() != "ready":
+            p.kill()
+            raise RuntimeError(f"capture did not start: {line} {p.stderr.read() if p.stderr else ''}")
+        return p
+
+
+def tcp_streams(capture_file: Path) -> dict[tuple[str, int, str, int], bytes]:
+    """Reassemble the TCP payload of each direction of each connection in a capture (by sequence number)."""
+    segs: dict[tuple[str, int, str, int], dict[int, bytes]] = {}
+    data = Path(capture_file).read_bytes()
+    pos = 0
+    while pos + 4 <= len(data):
+        (n,) = struct.unpack_from("<I", data, pos)
+        frame = data[pos + 4:pos + 4 + n]
+        pos += 4 + n
+        if len(frame) < 14 + 20 or frame[12:14] != b"\x08\x00":
+            continue
+        ip = frame[14:]
+        ihl = (ip[0] & 0x0F) * 4
+        if ip[9] != 6:
+            continue
+        total = struct.unpack_from(">H", ip, 2)[0]
+        src, dst = ".".join(map(str, ip[12:16])), ".".join(map(str, ip[16:20]))
+        tcp = ip[ihl:total]
+        sport, dport, seq = struct.unpack_from(">HHI", tcp, 0)
+        off = (tcp[12] >> 4) * 4
+        payload = bytes(tcp[off:])
+        if payload:
+            segs.setdefault((src, sport, dst, dport), {})[seq] = payload
+    streams = {}
+    for key, by_seq in segs.items():
+        seqs = sorted(by_seq)
+        buf = bytearray()
+        nxt = seqs[0]
+        for s in seqs:
+            p = by_seq[s]
+            if s > nxt:
+                raise ValueError(f"capture misses bytes of {key} at sequence {nxt} (dropped frames)")
+            if s + len(p) <= nxt:
+                continue
+            buf += p[nxt - s:]
+            nxt = s + len(p)
+        streams[key] = bytes(buf)
+    return streams
+
+
+def tls_records(stream: bytes) -> list[tuple[int, int]]:
+    """Split a byte stream into TLS records [(content type, length)]; ValueError if it is not TLS."""
+    out = []
+    pos = 0
+    while pos < len(stream):
+        if pos + 5 > len(stream):
+            raise ValueError(f"{len(stream) - pos} trailing bytes are no TLS record header")
+        ctype, major, minor, length = struct.unpack_from(">BBBH", stream, pos)
+        if ctype not in (20, 21, 22, 23) or major != 3 or minor > 4 or length > 2 ** 14 + 2048:
+            raise ValueError(f"bytes at offset {pos} are no TLS record (type {ctype}, version {major}.{minor}, "
+                             f"length {length})")
+        out.append((ctype, length))
+        pos += 5 + length
+    return out
+
+
+def split_preamble(stream: bytes) -> tuple[bytes, bytes]:
+    """MP-SPDZ names the connecting party in the clear before TLS starts: a 4-byte length and an
+    ASCII id such as ``machineP1``. Returns (that id, the rest); (b"", stream) if there is none."""
+    if not stream or stream[0] == 22:
+        return b"", stream
+    n = int.from_bytes(stream[:4], "little")
+    ident = stream[4:4 + n]
+    if 0 < n <= 64 and len(ident) == n and ident.isascii() and ident.decode().isprintable():
+        return ident, stream[4 + n:]
+    return b"", stream
