@@ -1,0 +1,292 @@
+"""Protocol tests on synthetic embeddings: no face images, no model files, only MP-SPDZ.
+
+These are what the container's test stage runs (``pytest -m protocol``): local two-server runs
+over TLS, share refresh, and the faults that must be caught before the protocol starts.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from synthetic import clusters
+
+from orchestration import certs, client, reference
+from orchestration.certs import CertError
+from orchestration.hosts import HostsError, load_hosts
+from orchestration.launcher import PartyFailed
+from orchestration.private import Layout, ModelError, predict_private, refresh_private, train_private
+from orchestration.remote import run_party_job
+from orchestration.server import Server, current_generation, model_generations, read_shares
+from preprocessing import sharing
+
+pytestmark = [pytest.mark.mpc, pytest.mark.protocol]
+
+PARAMS = reference.TrainParams(epochs=1, batch=16, lr=1.0, alpha=16.0, exp_bits=8, seed=2)
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, labels = clusters(people=5, per=8, seed=7)
+    te = np.arange(0, len(x), 4)
+    tr = np.setdiff1d(np.arange(len(x)), te)
+    return x, labels, tr, te
+
+
+@pytest.fixture(scope="module")
+def trained(mp, data, tmp_path_factory):
+    x, labels, tr, _ = data
+    layout = Layout(tmp_path_factory.mktemp("var"))
+    report = train_private(mp, layout, x[tr], [labels[k] for k in tr], PARAMS, timeout=300)
+    return layout, report
+
+
+def _model(layout: Layout, gen: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    rec = client.load_model_record(layout.client)
+    n = (rec["d"] + 1) * len(rec["classes"])
+    out = []
+    for i in range(2):
+        d = layout.server(i) / "models" / gen if gen else layout.model_dir(i)
+        out.append(read_shares(d / f"Transactions-P{i}.data", 0, n))
+    return out[0], out[1]
+
+
+def _kill(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _copy(layout: Layout, dest: Path) -> Layout:
+    shutil.copytree(layout.root, dest, symlinks=True)
+    return Layout(dest)
+
+
+def test_private_training_and_recognition_match_plaintext(mp, trained, data):
+    layout, report = trained
+    x, labels, tr, te = data
+    idx = {n: k for k, n in enumerate(report.classes)}
+    w = reference.train(x[tr], np.array([idx[labels[k]] for k in tr]), len(report.classes), PARAMS)
+    s0, s1 = _model(layout)
+    got_w = sharing.decode_fixed(sharing.reconstruct(s0, s1)).reshape(w.shape)
+    assert np.max(np.abs(got_w - w)) < 0.05
+    rep = predict_private(mp, layout, x[te], 0.0)
+    expected = np.argmax(reference.with_bias(x[te]) @ w, axis=1)
+    assert [p.best for p in rep.predictions] == list(expected)
+    assert [report.classes[p.label] for p in rep.predictions] == [labels[k] for k in te]
+
+
+def test_local_runs_use_tls_with_per_server_keys(trained):
+    layout, _ = trained
+    for i in range(2):
+        pc = certs.check_party_certs(layout.server(i), i)
+        assert pc.own.common_name == f"P{i}" and pc.peer.common_name == f"P{1 - i}"
+        assert oct(pc.key.stat().st_mode & 0o777) == "0o600"
+        assert not (layout.server(i) / "certs" / f"P{1 - i}.key").exists()
+
+
+def test_refresh_shares_keeps_the_model_and_unlinks_the_shares(mp, trained, data, tmp_path):
+    layout0, _ = trained
+    layout = _copy(layout0, tmp_path / "var")
+    x, _, _, te = data
+    old = _model(layout)
+    before = predict_private(mp, layout, x[te], 0.0).predictions
+    old_gen = client.load_model_record(layout.client)["gen"]
+    gen, run = refresh_private(mp, layout)
+    new = _model(layout)
+    assert gen != old_gen and client.load_model_record(layout.client)["gen"] == gen
+    # the same model, bit for bit, without anyone having reconstructed it
+    assert np.array_equal(sharing.reconstruct(*old), sharing.reconstruct(*new))
+    # every share changed; an old share of one server with a new share of the other is noise
+    assert np.all(old[0] != new[0]) and np.all(old[1] != new[1])
+    model = sharing.reconstruct(*old)
+    for mixed in (sharing.reconstruct(old[0], new[1]), sharing.reconstruct(new[0], old[1])):
+        assert np.mean(mixed == model) < 0.01
+        assert np.mean(np.abs(sharing.decode_fixed(mixed)) > 100) > 0.9  # far outside any weight's range
+    after = predict_private(mp, layout, x[te], 0.0).predictions
+    assert [p.best for p in after] == [p.best for p in before]
+    assert [p.label for p in after] == [p.label for p in before]
+    # confidences agree up to sfix's probabilistic rounding, as between any two runs
+    assert np.allclose([p.confidence for p in after], [p.confidence for p in before], atol=1e-3)
+    # the previous generation is kept (a refresh that fails on one server must not strand the other)
+    for i in range(2):
+        assert set(model_generations(Server(layout.server(i), i))) == {old_gen, gen}
+
+
+def test_refresh_shares_task_end_to_end(trained, tmp_path):
+    """`invoke refresh-shares` on a copy of a trained deployment."""
+    import subprocess
+    import sys
+
+    layout = _copy(trained[0], tmp_path / "var")
+    gen = client.load_model_record(layout.client)["gen"]
+    r = subprocess.run([sys.executable, "-m", "invoke", "refresh-shares"], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, env=dict(os.environ, INVOKE_PATHS_VAR=str(layout.root)))
+    assert r.returncode == 0, r.stderr
+    assert "model shares renewed: generation refresh-" in r.stdout
+    assert client.load_model_record(layout.client)["gen"] != gen
+
+
+def test_refresh_killed_on_one_server_leaves_a_usable_model(mp, trained, data, tmp_path):
+    layout = _copy(trained[0], tmp_path / "var")
+    x, _, _, te = data
+    gen = client.load_model_record(layout.client)["gen"]
+
+    def kill_server_1(procs):
+        os.killpg(procs[1].pid, signal.SIGSTOP)  # cannot finish before it is killed
+        threading.Timer(0.5, _kill, args=(procs[1],)).start()
+
+    with pytest.raises(PartyFailed) as err:
+        refresh_private(mp, layout, on_spawn=kill_server_1)
+    assert err.value.party == 1
+    assert client.load_model_record(layout.client)["gen"] == gen
+    assert not list((layout.client / "jobs").glob("*.json"))
+    rep = predict_private(mp, layout, x[te[:2]], 0.0)
+    assert len(rep.predictions) == 2
+
+
+def test_killed_server_mid_recognition_is_named_and_changes_nothing(mp, trained, data):
+    layout, _ = trained
+    x, _, _, te = data
+    before = [current_generation(Server(layout.server(i), i)) for i in range(2)]
+
+    def kill_server_0(procs):
+        threading.Timer(0.3, _kill, args=(procs[0],)).start()
+
+    start = time.monotonic()
+    with pytest.raises(PartyFailed, match="server 0 was killed") as err:
+        predict_private(mp, layout, np.tile(x[te], (6, 1)), 0.0, timeout=60, on_spawn=kill_server_0)
+    assert err.value.party == 0 and time.monotonic() - start < 60
+    assert [current_generation(Server(layout.server(i), i)) for i in range(2)] == before
+    for i in range(2):
+        assert not list(layout.server(i).glob("run-*")) and not list((layout.server(i) / "outputs").iterdir())
+
+
+def test_port_in_use_is_a_clear_error(mp, trained, data, tmp_path):
+    layout, _ = trained
+    x, _, _, te = data
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        hosts = tmp_path / "hosts"
+        hosts.write_text(f"127.0.0.1:{port}\n127.0.0.1:{port + 1}\n")
+        client.share_predict(layout.client, x[te[:1]], 0.0, tmp_path / "jobs")
+        start = time.monotonic()
+        with pytest.raises(HostsError, match=f"port {port} on 127.0.0.1 is already in use"):
+            run_party_job(mp, layout.server(0), 0, hosts, tmp_path / "jobs" / "server0", timeout=30)
+        assert time.monotonic() - start < 5
+
+
+def test_model_shares_from_another_training_run_are_caught_before_the_protocol(mp, trained, data, tmp_path):
+    x, labels, tr, te = data
+    layout = _copy(trained[0], tmp_path / "a")
+    other = Layout(tmp_path / "b")
+    train_private(mp, other, x[tr], [labels[k] for k in tr], PARAMS, timeout=300)
+    # server 1 of deployment a gets server 1's model folder from deployment b
+    shutil.rmtree(layout.server(1) / "models")
+    shutil.copytree(other.server(1) / "models", layout.server(1) / "models")
+    (layout.server(1) / "model").unlink()
+    os.symlink(os.readlink(other.server(1) / "model"), layout.server(1) / "model")
+    with pytest.raises(ModelError, match="server 1 does not hold model generation .* different runs"):
+        predict_private(mp, layout, x[te[:1]], 0.0)
+    assert not list(layout.server(0).glob("run-*"))
+
+
+def test_bundle_of_another_size_is_caught(mp, trained, data, tmp_path):
+    layout, _ = trained
+    x, _, _, te = data
+    client.share_predict(layout.client, x[te[:1]], 0.0, tmp_path / "jobs")
+    import json
+
+    mf = tmp_path / "jobs" / "server0" / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["n_classes"] += 1
+    m["program_args"][2] = str(m["n_classes"])
+    mf.write_text(json.dumps(m))
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1:7400\n127.0.0.1:7401\n")
+    with pytest.raises(ModelError, match=r"expects run .*\(129x6\)"):
+        run_party_job(mp, layout.server(0), 0, hosts, tmp_path / "jobs" / "server0")
+
+
+@pytest.mark.parametrize("what", ["bundle", "model"])
+def test_truncated_share_files_are_caught(mp, trained, data, tmp_path, what):
+    layout = _copy(trained[0], tmp_path / "var")
+    x, _, _, te = data
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1:7402\n127.0.0.1:7403\n")
+    client.share_predict(layout.client, x[te[:1]], 0.0, tmp_path / "jobs")
+    if what == "bundle":
+        f = tmp_path / "jobs" / "server1" / "Input-Binary-P1-0"
+        err = sharing.SharingError
+    else:
+        f = layout.model_dir(1) / "Transactions-P1.data"
+        err = ModelError
+    f.write_bytes(f.read_bytes()[:-24])
+    with pytest.raises(err, match="truncated"):
+        run_party_job(mp, layout.server(1), 1, hosts, tmp_path / "jobs" / "server1")
+    assert not list(layout.server(1).glob("run-*"))
+
+
+def test_missing_certificate_in_a_server_folder(mp, trained, data, tmp_path):
+    layout = _copy(trained[0], tmp_path / "var")
+    x, _, _, te = data
+    (layout.server(0) / "certs" / "P0.key").unlink()
+    with pytest.raises(CertError, match=r"server 0's private key .*P0.key missing: run `invoke certs --id 0`"):
+        predict_private(mp, layout, x[te[:1]], 0.0)
+
+
+def test_certificate_checks(tmp_path, monkeypatch):
+    certs.make_party_cert(tmp_path / "s0", 0)
+    certs.make_party_cert(tmp_path / "s1", 1)
+    with pytest.raises(CertError, match="server 1's certificate .* missing"):
+        certs.check_party_certs(tmp_path / "s0", 0)
+    with pytest.raises(CertError, match="needs the one of server 1"):
+        certs.import_peer_cert(tmp_path / "s0", 0, tmp_path / "s0" / "certs" / "P0.pem")
+    with pytest.raises(CertError, match="exists; use --force"):
+        certs.make_party_cert(tmp_path / "s0", 0)
+    certs.import_peer_cert(tmp_path / "s0", 0, tmp_path / "s1" / "certs" / "P1.pem")
+    assert certs.check_party_certs(tmp_path / "s0", 0).peer.common_name == "P1"
+    # a key that does not belong to the certificate
+    shutil.copyfile(tmp_path / "s1" / "certs" / "P1.key", tmp_path / "s0" / "certs" / "P0.key")
+    with pytest.raises(CertError, match="does not belong to"):
+        certs.check_party_certs(tmp_path / "s0", 0)
+    # an expired certificate
+    certs.make_party_cert(tmp_path / "s0", 0, force=True, days=1)
+    now = time.time()
+    monkeypatch.setattr(certs.time, "time", lambda: now + 2 * 86400)
+    with pytest.raises(CertError, match="expired"):
+        certs.check_party_certs(tmp_path / "s0", 0)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("127.0.0.1:5000\n", "exactly two non-empty lines"),
+    ("127.0.0.1:5000\n\n127.0.0.1:5001\n", "exactly two"),
+    ("127.0.0.1:50x\n127.0.0.1:5001\n", "line 1: port '50x' is not a number"),
+    ("127.0.0.1:5000\n127.0.0.1:70000\n", "line 2: port 70000 out of range"),
+    ("127.0.0.1:5000\nbad host!:5001\n", "line 2: 'bad host!' is neither"),
+    ("127.0.0.1:5000\n127.0.0.1:5000\n", "both servers at"),
+    (" 127.0.0.1:5000\n127.0.0.1:5001\n", "remove the spaces"),
+])
+def test_hosts_file_errors_name_the_line(tmp_path, text, match):
+    p = tmp_path / "hosts"
+    p.write_text(text)
+    with pytest.raises(HostsError, match=match):
+        load_hosts(p)
+
+
+def test_hosts_file_defaults_and_missing(tmp_path):
+    p = tmp_path / "hosts"
+    p.write_text("127.0.0.1\nlocalhost:6001\n")
+    h = load_hosts(p)
+    assert (h[0].port, h[1].address, h[1].port) == (5000, "127.0.0.1", 6001)
+    with pytest.raises(HostsError, match="not found"):
+        load_hosts(tmp_path / "nope")
