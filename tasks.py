@@ -600,14 +600,23 @@ def party(c, id, hosts, job, server_dir=None, timeout=None, mpspdz_home=None, ve
     _logging(verbose)
     from orchestration import remote
 
+    import signal
+
     mp = _mp(c, mpspdz_home)
     party_no = _party_id(id)
     sdir = _server_dir(c, party_no, server_dir)
+
+    def stop(signum, frame):  # SIGTERM from a service manager: stop the protocol, keep the model
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         out = remote.run_party_job(mp, sdir, party_no, Path(hosts), Path(job),
                                    timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), encrypted=_tls(c))
     except remote.ERRORS as exc:
         raise Exit(f"server {party_no}: {exc}", code=1)
+    except KeyboardInterrupt as exc:
+        raise Exit(f"server {party_no}: stopped ({exc or 'interrupted'}); the model shares are unchanged", code=1)
     print(f"server {party_no}: job done; send {out} to the client")
 
 

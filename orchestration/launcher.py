@@ -194,7 +194,8 @@ def run_parties(
             env["FACEREC_SELF_PORT"] = str(s.port)
         logger.debug("party %d: %s (cwd %s)", s.party, " ".join(cmd), s.workdir)
         procs.append(subprocess.Popen(cmd, cwd=s.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, bufsize=1, start_new_session=True, env=env))
+                                      text=True, bufsize=1, start_new_session=True, env=env,
+                                      preexec_fn=_die_with_parent))
 
     if on_spawn:  # fault-injection hook for tests
         on_spawn(procs)
@@ -289,6 +290,19 @@ def _read(path: Path) -> str:
         return Path(path).read_text(errors="replace")
     except OSError:
         return ""
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the launching process dies, even by SIGKILL (Linux prctl).
+
+    The party runs in its own session, so without this a killed launcher would leave it running."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def _kill(p: subprocess.Popen[str]) -> None:

@@ -290,3 +290,40 @@ def test_hosts_file_defaults_and_missing(tmp_path):
     assert (h[0].port, h[1].address, h[1].port) == (5000, "127.0.0.1", 6001)
     with pytest.raises(HostsError, match="not found"):
         load_hosts(tmp_path / "nope")
+
+
+def test_stopping_invoke_party_stops_its_protocol_process(trained, data, tmp_path):
+    """SIGTERM to `invoke party` (a service manager stopping it) leaves no protocol process behind."""
+    import subprocess
+    import sys
+
+    layout = _copy(trained[0], tmp_path / "var")
+    x, _, _, te = data
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"127.0.0.1:{port}\n127.0.0.1:{port + 1}\n")
+    client.share_predict(layout.client, x[te[:1]], 0.0, tmp_path / "jobs")
+    p = subprocess.Popen([sys.executable, "-m", "invoke", "party", "--id", "0", "--hosts", str(hosts), "--job",
+                          str(tmp_path / "jobs" / "server0"), "--server-dir", str(layout.server(0))],
+                         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.monotonic() + 60
+    child = None
+    while child is None and time.monotonic() < deadline:  # server 1 never comes: server 0 waits
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and os.readlink(proc / "exe").endswith("semi2k-party.x") and \
+                        Path(os.readlink(proc / "cwd")).parent == layout.server(0).resolve():
+                    child = int(proc.name)
+            except OSError:
+                continue
+        time.sleep(0.05)
+    assert child is not None
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 1 and "stopped" in err and "model shares are unchanged" in err, err
+    time.sleep(0.2)
+    assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
+    assert not list(layout.server(0).glob("run-*"))
