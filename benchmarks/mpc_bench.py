@@ -53,10 +53,10 @@ def run_train(x, labels, tr, te, params, layout, mp):
     classes = sorted(set(labels[tr]))
     index = {n: k for k, n in enumerate(classes)}
     t0 = time.monotonic()
-    report = train_private(mp, layout, x[tr], list(labels[tr]), params, timeout=7200)
+    report = train_private(mp, layout, x[tr], list(labels[tr]), params, timeout=7200, encrypted=ENCRYPTED)
     total = time.monotonic() - t0
     w = reference.train(x[tr], np.array([index[n] for n in labels[tr]]), len(classes), params)
-    pr = predict_private(mp, layout, x[te], threshold=0.0, timeout=3600)
+    pr = predict_private(mp, layout, x[te], threshold=0.0, timeout=3600, encrypted=ENCRYPTED)
     mpc = np.array([p.label for p in pr.predictions])
     ref, _ = reference.predict(w, x[te], params.exp_bits)
     truth = np.array([index[n] for n in labels[te]])
@@ -71,14 +71,21 @@ def run_train(x, labels, tr, te, params, layout, mp):
     return report
 
 
+ENCRYPTED = True
+
+
 def main() -> None:
+    global ENCRYPTED
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["small", "query", "devtrain"])
     ap.add_argument("--backend", default="facenet", choices=["facenet", "dlib"])
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--plain", action="store_true", help="without TLS between the servers (to measure its cost)")
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "pfr-bench-cache")
     args = ap.parse_args()
+    ENCRYPTED = not args.plain
+    print(f"tls: {ENCRYPTED}")
     logging.basicConfig(level=logging.WARNING)
     mp = find_mpspdz()
     params = reference.TrainParams(epochs=args.epochs, batch=32, lr=1.0, alpha=args.alpha, exp_bits=8)
@@ -98,8 +105,8 @@ def main() -> None:
             else:
                 for q in (1, 100):
                     queries = np.resize(x[te], (q, x.shape[1]))
-                    predict_private(mp, layout, queries, threshold=0.5)  # compile outside the timing
-                    runs = [predict_private(mp, layout, queries, threshold=0.5) for _ in range(3)]
+                    predict_private(mp, layout, queries, threshold=0.5, encrypted=ENCRYPTED)  # compile outside the timing
+                    runs = [predict_private(mp, layout, queries, threshold=0.5, encrypted=ENCRYPTED) for _ in range(3)]
                     secs = sorted(r.run.wall_seconds for r in runs)[1]
                     mb = runs[0].run.data_sent_mb
                     print(f"batch_{q}_seconds: {secs:.3f}\nbatch_{q}_seconds_per_query: {secs / q:.4f}")
