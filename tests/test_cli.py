@@ -137,3 +137,49 @@ def test_build_mpc_compiles_for_the_trained_sizes(workspace):
     _, _, var, _, _ = workspace
     r = invoke(var, "build-mpc", "--batches", "1,2")
     assert "compiled face_train-" in r.stdout and "compiled face_predict-1-129-4-8" in r.stdout
+
+
+def test_two_host_tasks_share_party_collect(workspace, tmp_path):
+    """The client's share-predict and collect around two `invoke party` runs (here both on localhost)."""
+    import socket
+    import threading
+
+    _, _, var, held, _ = workspace
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((120, 120, 3), 90, np.uint8)).save(blank)
+    out = tmp_path / "out"
+    r = invoke(var, "share-predict", "--out", str(out), "--backend", "dlib", "--image",
+               str(held["Vladimir_Putin"][0]), "--image", str(blank), "--image", str(held["George_W_Bush"][1]))
+    job = r.stdout.split()[1].rstrip(":")
+    assert job.startswith("predict-") and (out / "server0" / "manifest.json").exists()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"127.0.0.1:{port}\n127.0.0.1:{port + 1}\n")
+    results: dict[int, subprocess.CompletedProcess[str]] = {}
+
+    def party(i: int) -> None:
+        results[i] = invoke(var, "party", "--id", str(i), "--hosts", str(hosts), "--job", str(out / f"server{i}"),
+                            check=False)
+
+    threads = [threading.Thread(target=party, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert results[i].returncode == 0, results[i].stderr
+        assert f"send {var / f'server{i}' / 'outputs' / job}" in results[i].stdout
+    r = invoke(var, "collect", "--job", job, "--result", str(var / "server0" / "outputs" / job), "--result",
+               str(var / "server1" / "outputs" / job))
+    rows = list(csv.reader(io.StringIO(r.stdout)))
+    assert rows[0] == ["path", "name", "confidence"]
+    assert [row[:2] for row in rows[1:]] == [[str(held["Vladimir_Putin"][0]), "Vladimir_Putin"],
+                                            [str(blank), "no_face_found"],
+                                            [str(held["George_W_Bush"][1]), "George_W_Bush"]]
+    # collected once: a second collect says the job is no longer waiting
+    again = invoke(var, "collect", "--job", job, "--result", "a", "--result", "b", check=False)
+    assert again.returncode == 1 and f"no job {job!r} waiting" in again.stderr
+    bad = invoke(var, "party", "--id", "2", "--hosts", str(hosts), "--job", str(out / "server0"), check=False)
+    assert bad.returncode == 1 and "--id must be 0 or 1" in bad.stderr
