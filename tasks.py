@@ -240,15 +240,7 @@ def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, det
     mp = _mp(c, mpspdz_home)
     layout = _layout(c)
     face = _face(c, backend, detector)
-    try:
-        paths = app.image_paths(image or [], dir)
-    except FileNotFoundError as exc:
-        raise Exit(str(exc), code=1)
-    if not paths:
-        raise Exit("nothing to recognise: give --image PATH (repeatable) or --dir DIR", code=1)
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise Exit(f"image not found: {', '.join(map(str, missing))}", code=1)
+    paths = _query_paths(image, dir)
     try:
         app.check_backend(layout, face.backend)
         thr = float(threshold) if threshold is not None else app.default_threshold(layout)
@@ -270,6 +262,22 @@ def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, det
     if unreadable:
         raise Exit(f"{len(unreadable)} of {len(paths)} images could not be read (listed above as no_face_found)",
                    code=1)
+
+
+def _query_paths(image, dir) -> list[Path]:
+    """The images given by --image/--dir, all existing; Exit naming what is wrong otherwise."""
+    from orchestration import app
+
+    try:
+        paths = app.image_paths(image or [], dir)
+    except FileNotFoundError as exc:
+        raise Exit(str(exc), code=1)
+    if not paths:
+        raise Exit("nothing to recognise: give --image PATH (repeatable) or --dir DIR", code=1)
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise Exit(f"image not found: {', '.join(map(str, missing))}", code=1)
+    return paths
 
 
 def _flush(mp, layout, pending, thr, out, c, timeout, batch):
@@ -677,15 +685,7 @@ def share_predict(c, out, image=None, dir=None, threshold=None, backend=None, de
 
     layout = _layout(c)
     face = _face(c, backend, detector)
-    try:
-        paths = app.image_paths(image or [], dir)
-    except FileNotFoundError as exc:
-        raise Exit(str(exc), code=1)
-    if not paths:
-        raise Exit("nothing to recognise: give --image PATH (repeatable) or --dir DIR", code=1)
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise Exit(f"image not found: {', '.join(map(str, missing))}", code=1)
+    paths = _query_paths(image, dir)
     try:
         app.check_backend(layout, face.backend)
         thr = float(threshold) if threshold is not None else app.default_threshold(layout)

@@ -13,3 +13,10 @@ def clusters(people: int = 5, per: int = 8, d: int = 128, spread: float = 0.3, s
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     labels = [f"person_{k:02d}" for k in range(people) for _ in range(per)]
     return x, labels
+
+
+def split(people: int, per: int, seed: int, every: int) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """Clusters with every ``every``-th face held out: (x, labels, train indices, test indices)."""
+    x, labels = clusters(people=people, per=per, seed=seed)
+    te = np.arange(0, len(x), every)
+    return x, labels, np.setdiff1d(np.arange(len(x)), te), te

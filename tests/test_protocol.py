@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic import clusters
+from synthetic import split
 
 from orchestration import certs, client, reference
 from orchestration.certs import CertError
@@ -33,10 +33,7 @@ PARAMS = reference.TrainParams(epochs=1, batch=16, lr=1.0, alpha=16.0, exp_bits=
 
 @pytest.fixture(scope="module")
 def data():
-    x, labels = clusters(people=5, per=8, seed=7)
-    te = np.arange(0, len(x), 4)
-    tr = np.setdiff1d(np.arange(len(x)), te)
-    return x, labels, tr, te
+    return split(people=5, per=8, seed=7, every=4)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import pytest
 from orchestration import client, reference
 from orchestration.server import Server, current_generation
 import netlab
-from synthetic import clusters
+from synthetic import split
 
 pytestmark = [pytest.mark.mpc, pytest.mark.protocol]
 
@@ -94,10 +94,7 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def data():
-    x, labels = clusters(people=6, per=10, seed=4)
-    test_idx = np.arange(0, len(x), 5)
-    train_idx = np.setdiff1d(np.arange(len(x)), test_idx)
-    return x, labels, train_idx, test_idx
+    return split(people=6, per=10, seed=4, every=5)
 
 
 @pytest.fixture(scope="module")
