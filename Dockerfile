@@ -36,7 +36,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # openssl: TLS certificates for the parties (including `openssl x509 -hash`).
 # gcc, libc6-dev: the project compiles a small LD_PRELOAD shim on first use.
 # libgmp*, libsodium, libssl, libboost-*, zlib/bz2/lzma/zstd: what a source build of semi2k-party.x
-#   links against (the official release binaries are built static apart from glibc and should need none).
+#   links against (what the official release's binaries need was not checked: they could not be downloaded here).
 # tini: PID 1 that forwards signals and reaps the party processes.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
