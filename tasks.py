@@ -565,12 +565,9 @@ def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False):
             if peer_cert:
                 raise Exit("--peer-cert needs --id (which server receives it)", code=1)
             layout = _layout(c)
-            for i in range(2):
-                info = certs_mod.make_party_cert(layout.server(i), i, days=int(days), force=force)
+            made = certs_mod.make_local_pair((layout.server(0), layout.server(1)), days=int(days), force=force)
+            for i, info in enumerate(made):
                 print(f"server {i}: {info.path} (sha256 {info.fingerprint})")
-            for i in range(2):
-                certs_mod.import_peer_cert(layout.server(i), i,
-                                           certs_mod.cert_dir(layout.server(1 - i)) / f"P{1 - i}.pem")
             print("both local servers hold their own key and the other's certificate")
             return
         party = _party_id(id)

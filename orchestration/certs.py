@@ -114,6 +114,15 @@ def import_peer_cert(server_dir: Path, party: int, pem: Path) -> CertInfo:
     return inspect(dest)
 
 
+def make_local_pair(server_dirs: tuple[Path, Path], *, days: int = DEFAULT_DAYS, force: bool = False
+                    ) -> list[CertInfo]:
+    """Both servers on one machine: a key and certificate each, and each holds the other's certificate."""
+    made = [make_party_cert(server_dirs[i], i, days=days, force=force) for i in range(2)]
+    for i in range(2):
+        import_peer_cert(server_dirs[i], i, made[1 - i].path)
+    return made
+
+
 @dataclass(frozen=True)
 class PartyCerts:
     party: int

@@ -103,10 +103,7 @@ def ensure_local_certs(layout: Layout) -> None:
     """
     if any(certs.cert_dir(layout.server(i)).exists() for i in range(2)):
         return
-    for i in range(2):
-        certs.make_party_cert(layout.server(i), i)
-    for i in range(2):
-        certs.import_peer_cert(layout.server(i), i, certs.cert_dir(layout.server(1 - i)) / f"P{1 - i}.pem")
+    certs.make_local_pair((layout.server(0), layout.server(1)))
     logger.info("made TLS keys and certificates for both local servers in %s/server*/certs", layout.root)
 
 
