@@ -171,7 +171,8 @@ def _train_params(c, epochs=None, batch=None, lr=None, alpha=None, backend=None)
                        exp_bits=int(_cfg(c, "train", "exp_bits", None)))
 
 
-@task(help={
+#: the flags of the tasks that embed a gallery and train on it (train, share-train)
+TRAIN_HELP = {
     "dataset": "gallery folder <dataset>/<person>/<image> (default: paths.gallery, else <var>/gallery)",
     "backend": "embedder: facenet | dlib",
     "detector": "face detector: hog | cnn",
@@ -179,23 +180,14 @@ def _train_params(c, epochs=None, batch=None, lr=None, alpha=None, backend=None)
     "batch": "SGD mini-batch size",
     "lr": "SGD learning rate",
     "alpha": "warm-start scale (inverse softmax temperature)",
-    "timeout": "seconds the protocol may run before both servers are stopped",
-    "mpspdz_home": "MP-SPDZ folder (else MP_SPDZ_HOME, invoke.yaml, /opt/mp-spdz)",
-    "verbose": "debug logging",
-})
-def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None, lr=None, alpha=None, timeout=None,
-          mpspdz_home=None, verbose=False):
-    """Embed a gallery on the client, secret-share it and train the classifier on the two servers."""
-    _logging(verbose)
+}
+
+
+def _embedded_gallery(layout, face, dataset):
+    """Embed the gallery (incremental cache); print what was skipped and what changed since last time."""
     from orchestration import app
-    from orchestration.mpspdz import MPSPDZError
     from preprocessing.errors import PreprocessingError
 
-    mp = _mp(c, mpspdz_home)
-    layout = _layout(c)
-    face = _face(c, backend, detector)
-    params = _train_params(c, epochs, batch, lr, alpha, face.backend)
-    dataset = _gallery(c, dataset)
     try:
         gallery = app.embed_dataset(dataset, layout, face)
     except (PreprocessingError, OSError, ValueError) as exc:
@@ -207,6 +199,27 @@ def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None,
           f"({gallery.n_embedded} new, {gallery.n_cached} from cache, {len(gallery.skipped)} skipped)")
     if prev is not None:
         print(f"changes since last training: {gallery.diff_against(prev)}")
+    return gallery
+
+
+@task(help={
+    **TRAIN_HELP,
+    "timeout": "seconds the protocol may run before both servers are stopped",
+    "mpspdz_home": "MP-SPDZ folder (else MP_SPDZ_HOME, invoke.yaml, /opt/mp-spdz)",
+    "verbose": "debug logging",
+})
+def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None, lr=None, alpha=None, timeout=None,
+          mpspdz_home=None, verbose=False):
+    """Embed a gallery on the client, secret-share it and train the classifier on the two servers."""
+    _logging(verbose)
+    from orchestration import app
+    from orchestration.mpspdz import MPSPDZError
+
+    mp = _mp(c, mpspdz_home)
+    layout = _layout(c)
+    face = _face(c, backend, detector)
+    params = _train_params(c, epochs, batch, lr, alpha, face.backend)
+    gallery = _embedded_gallery(layout, face, _gallery(c, dataset))
     try:
         report = app.train(mp, layout, gallery, params, host=_cfg(c, "mpspdz", "host", None), encrypted=_tls(c),
                            timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), face=face)
@@ -634,29 +647,23 @@ def _out_folder(out) -> Path:
 
 @task(help={
     "out": "folder for the two bundles: OUT/server0 goes to server 0, OUT/server1 to server 1",
-    "dataset": "gallery folder <dataset>/<person>/<image> (default: paths.gallery, else <var>/gallery)",
-    "backend": "embedder: facenet | dlib",
-    "detector": "face detector: hog | cnn",
-    "epochs": "SGD epochs after the nearest-class-mean warm start",
-    "batch": "SGD mini-batch size",
-    "lr": "SGD learning rate",
-    "alpha": "warm-start scale",
+    **TRAIN_HELP,
 })
 def share_train(c, out, dataset=None, backend=None, detector=None, epochs=None, batch=None, lr=None, alpha=None):
     """Client, two hosts: embed the gallery and write one training share bundle per server."""
     _logging()
-    from orchestration import app, client
-    from preprocessing.errors import PreprocessingError
+    from orchestration import client
 
     layout = _layout(c)
     face = _face(c, backend, detector)
     params = _train_params(c, epochs, batch, lr, alpha, face.backend)
+    out_dir = _out_folder(out)
     dataset = _gallery(c, dataset)
+    gallery = _embedded_gallery(layout, face, dataset)
     try:
-        gallery = app.embed_dataset(dataset, layout, face)
-        sent = client.share_train(layout.client, gallery.embeddings, gallery.labels, params, _out_folder(out),
+        sent = client.share_train(layout.client, gallery.embeddings, gallery.labels, params, out_dir,
                                   meta={"backend": face.backend, "detector": face.detector})
-    except (PreprocessingError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         raise Exit(f"cannot share {dataset}: {exc}", code=1)
     gallery.save(layout.client / "gallery.npz")
     print(f"job {sent.job}: {len(gallery.labels)} faces of {len(gallery.classes)} people")
