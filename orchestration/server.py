@@ -151,7 +151,7 @@ def _check_args(m: ShareManifest, bundle: Path) -> list[str]:
     want = {"train": ([m.n, m.d, m.n_classes], 8), "predict": ([m.n, m.d, m.n_classes], 4),
             "refresh": ([m.d, m.n_classes], 2)}[m.kind]
     sizes, count = want
-    if len(args) != count or [a for a in args[:len(sizes)]] != [str(v) for v in sizes]:
+    if len(args) != count or args[:len(sizes)] != [str(v) for v in sizes]:
         raise SharingError(f"{bundle / 'manifest.json'}: program arguments {args} do not match the sizes "
                            f"n={m.n} d={m.d} c={m.n_classes} of a {m.kind} job")
     for a in args:
