@@ -6,6 +6,10 @@ expects) and keeps the key. Certificates, never keys, are exchanged: server i's 
     certs/P<i>.key   its private key (mode 0600, never leaves the server)
     certs/P<i>.pem   its certificate (send this to the other server)
     certs/P<j>.pem   the other server's certificate (received from it)
+    certs/P2.pem     dealer mode: the client's certificate (the client deals as party 2)
+
+In the dealer mode the client is party 2 with ``certs/P2.key`` and ``P2.pem`` in its own folder
+and both servers' certificates beside them: every party pins the certificates of all the others.
 
 Before a run the three files are put into the run's ``Player-Data/`` with the hash links
 ``c_rehash`` would make, which is where MP-SPDZ looks. MP-SPDZ verifies the peer against
@@ -22,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +104,23 @@ def make_party_cert(server_dir: Path, party: int, *, days: int = DEFAULT_DAYS, f
     return inspect(pem)
 
 
+MAX_PARTIES = 3  # two servers and, in the dealer mode, the client
+
+
+def party_label(party: int) -> str:
+    return "the client" if party == 2 else f"server {party}"
+
+
 def import_peer_cert(server_dir: Path, party: int, pem: Path) -> CertInfo:
-    """Install the other server's certificate into server ``party``'s folder."""
-    peer = 1 - party
+    """Install another party's certificate (the other server's, or the client's: P2) into ``party``'s folder."""
     info = inspect(Path(pem))
-    if info.common_name != f"P{peer}":
-        raise CertError(f"{pem}: certificate is for {info.common_name or 'no name'!r}, server {party} needs the one "
-                        f"of server {peer} (common name P{peer})")
+    others = [j for j in range(MAX_PARTIES) if j != party]
+    names = {f"P{j}": j for j in others}
+    if info.common_name not in names:
+        wanted = " or ".join(f"{party_label(j)} (common name P{j})" for j in others)
+        raise CertError(f"{pem}: certificate is for {info.common_name or 'no name'!r}, {party_label(party)} needs the "
+                        f"one of {wanted}")
+    peer = names[info.common_name]
     dest = cert_dir(server_dir) / f"P{peer}.pem"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
@@ -114,12 +129,15 @@ def import_peer_cert(server_dir: Path, party: int, pem: Path) -> CertInfo:
     return inspect(dest)
 
 
-def make_local_pair(server_dirs: tuple[Path, Path], *, days: int = DEFAULT_DAYS, force: bool = False
+def make_local_pair(party_dirs: Sequence[Path], *, days: int = DEFAULT_DAYS, force: bool = False
                     ) -> list[CertInfo]:
-    """Both servers on one machine: a key and certificate each, and each holds the other's certificate."""
-    made = [make_party_cert(server_dirs[i], i, days=days, force=force) for i in range(2)]
-    for i in range(2):
-        import_peer_cert(server_dirs[i], i, made[1 - i].path)
+    """All parties on one machine (both servers, and the client for the dealer mode): a key and
+    certificate each, and each holds every other party's certificate."""
+    made = [make_party_cert(party_dirs[i], i, days=days, force=force) for i in range(len(party_dirs))]
+    for i in range(len(party_dirs)):
+        for j in range(len(party_dirs)):
+            if j != i:
+                import_peer_cert(party_dirs[i], i, made[j].path)
     return made
 
 
@@ -128,23 +146,30 @@ class PartyCerts:
     party: int
     own: CertInfo
     key: Path
-    peer: CertInfo
+    peers: dict[int, CertInfo]  # every other party's pinned certificate
+
+    @property
+    def peer(self) -> CertInfo:
+        """The other server's certificate."""
+        return self.peers[1 - self.party] if self.party < 2 else self.peers[0]
 
 
-def check_party_certs(server_dir: Path, party: int) -> PartyCerts:
-    """Everything server ``party`` needs for an encrypted run, checked; errors say what to do."""
+def check_party_certs(server_dir: Path, party: int, n_parties: int = 2) -> PartyCerts:
+    """Everything party ``party`` needs for an encrypted run of ``n_parties``, checked; errors say what to do."""
     d = cert_dir(server_dir)
-    peer = 1 - party
-    key, own_pem, peer_pem = d / f"P{party}.key", d / f"P{party}.pem", d / f"P{peer}.pem"
-    for path, what in ((own_pem, f"server {party}'s certificate"), (key, f"server {party}'s private key")):
+    me = party_label(party)
+    key, own_pem = d / f"P{party}.key", d / f"P{party}.pem"
+    for path, what in ((own_pem, f"{me}'s certificate"), (key, f"{me}'s private key")):
         if not path.is_file():
-            raise CertError(f"{what} {path} missing: run `invoke certs --id {party}` on server {party}")
-    if not peer_pem.is_file():
-        raise CertError(f"server {peer}'s certificate {peer_pem} missing: copy P{peer}.pem from server {peer} and "
-                        f"run `invoke certs --id {party} --peer-cert P{peer}.pem`")
+            raise CertError(f"{what} {path} missing: run `invoke certs --id {party}` on {me}")
+    peer_pems = {j: d / f"P{j}.pem" for j in range(n_parties) if j != party}
+    for j, pem in peer_pems.items():
+        if not pem.is_file():
+            raise CertError(f"{party_label(j)}'s certificate {pem} missing: copy P{j}.pem from {party_label(j)} and "
+                            f"run `invoke certs --id {party} --peer-cert P{j}.pem`")
     own = inspect(own_pem)
-    other = inspect(peer_pem)
-    for info, name in ((own, f"P{party}"), (other, f"P{peer}")):
+    others = {j: inspect(pem) for j, pem in peer_pems.items()}
+    for info, name in ((own, f"P{party}"), *((o, f"P{j}") for j, o in others.items())):
         if info.common_name != name:
             raise CertError(f"{info.path}: common name {info.common_name!r}, expected {name!r}")
         if info.not_after < time.time():
@@ -152,21 +177,23 @@ def check_party_certs(server_dir: Path, party: int) -> PartyCerts:
                             f"make a new one with `invoke certs --id {name[1:]} --force` and exchange it")
     if _openssl("x509", "-in", str(own_pem), "-noout", "-pubkey") != _openssl("pkey", "-in", str(key), "-pubout"):
         raise CertError(f"{key} does not belong to {own_pem}")
-    if own.fingerprint == other.fingerprint:
-        raise CertError(f"{peer_pem} is server {party}'s own certificate, not server {peer}'s")
-    return PartyCerts(party, own, key, other)
+    for j, other in others.items():
+        if own.fingerprint == other.fingerprint:
+            raise CertError(f"{other.path} is {me}'s own certificate, not {party_label(j)}'s")
+    return PartyCerts(party, own, key, others)
 
 
 def install_for_run(certs: PartyCerts, player_data: Path) -> None:
-    """Put the key, both certificates and their hash links where MP-SPDZ reads them."""
+    """Put the key, every certificate and their hash links where MP-SPDZ reads them."""
     player_data.mkdir(parents=True, exist_ok=True)
-    me, peer = certs.party, 1 - certs.party
+    me = certs.party
     shutil.copyfile(certs.key, player_data / f"P{me}.key")
     os.chmod(player_data / f"P{me}.key", 0o600)
     shutil.copyfile(certs.own.path, player_data / f"P{me}.pem")
-    shutil.copyfile(certs.peer.path, player_data / f"P{peer}.pem")
+    for j, info in certs.peers.items():
+        shutil.copyfile(info.path, player_data / f"P{j}.pem")
     used: set[str] = set()
-    for info, name in ((certs.own, f"P{me}.pem"), (certs.peer, f"P{peer}.pem")):
+    for info, name in ((certs.own, f"P{me}.pem"), *((o, f"P{j}.pem") for j, o in certs.peers.items())):
         k = 0
         while f"{info.subject_hash}.{k}" in used:
             k += 1

@@ -26,7 +26,7 @@ from preprocessing.fileio import atomic_write_json
 from preprocessing.sharing import FRAC_BITS
 
 from . import reference
-from .mpspdz import program_version
+from .mpspdz import DEFAULT_PROTOCOL, program_version, protocol as get_protocol
 from .server import PREDICT_PROGRAM, REFRESH_PROGRAM, TRAIN_PROGRAM, ModelError
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ class Outgoing:
     kind: str
     bundles: tuple[Path, Path]
     program_args: list[str]
+    protocol: str = DEFAULT_PROTOCOL
+    program: str = ""
 
 
 def model_record_path(client: Path) -> Path:
@@ -86,8 +88,12 @@ def _bundle_dirs(out: Path | Sequence[Path], job: str) -> tuple[Path, Path]:
 
 
 def share_train(client: Path, embeddings: np.ndarray, labels: Sequence[str], params: reference.TrainParams,
-                out: Path | Sequence[Path], *, meta: dict[str, Any] | None = None) -> Outgoing:
-    """Share a labelled gallery for private training; keeps classes and threshold at the client."""
+                out: Path | Sequence[Path], *, meta: dict[str, Any] | None = None,
+                protocol: str = DEFAULT_PROTOCOL) -> Outgoing:
+    """Share a labelled gallery for private training; keeps classes and threshold at the client.
+
+    ``alpha`` (it depends on the embedder) is shared with the data, never sent as a size or argument."""
+    get_protocol(protocol)
     x = np.asarray(embeddings, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"embeddings must be a non-empty (n, d) array, got shape {x.shape}")
@@ -108,20 +114,31 @@ def share_train(client: Path, embeddings: np.ndarray, labels: Sequence[str], par
     run_id = sharing.new_run_id()
     job = f"train-{run_id}"
     dirs = _bundle_dirs(out, job)
-    sharing.write_share_bundle([(reference.with_bias(x), FRAC_BITS), (y, 0)], dirs, program=TRAIN_PROGRAM,
+    sharing.write_share_bundle([(np.array([[params.alpha]]), FRAC_BITS), (reference.with_bias(x), FRAC_BITS),
+                                (y, 0)], dirs, program=TRAIN_PROGRAM,
                                program_version=program_version(TRAIN_PROGRAM), kind="train", n=n, d=d + 1,
-                               n_classes=c, run_id=run_id, job=job, program_args=args)
+                               n_classes=c, run_id=run_id, job=job, program_args=args, protocol=protocol)
     choice = reference.choose_threshold(x, y_idx, c, params)  # client side, plaintext, enrollment data only
     record = {"run_id": run_id, "gen": run_id, "classes": classes, "d": d, "n": n, "params": params.__dict__,
               "created": time.time(), "threshold": choice.threshold, "threshold_choice": choice.__dict__,
               **(meta or {})}
-    atomic_write_json(_pending_path(client, job), {"kind": "train", "job": job, "record": record})
-    return Outgoing(job, "train", dirs, args)
+    atomic_write_json(_pending_path(client, job), {"kind": "train", "job": job, "record": record,
+                                                   **_dealing(TRAIN_PROGRAM, args, protocol)})
+    return Outgoing(job, "train", dirs, args, protocol, TRAIN_PROGRAM)
+
+
+def _dealing(program: str, args: list[str], protocol: str) -> dict[str, Any]:
+    """What the client keeps to run its dealer party for a job (dealer mode)."""
+    return {"protocol": protocol, "program": program, "program_args": list(args)}
 
 
 def share_predict(client: Path, embeddings: np.ndarray, threshold: float, out: Path | Sequence[Path], *,
-                  info: dict[str, Any] | None = None) -> Outgoing:
-    """Share a batch of query embeddings (padded to a power of two) and the decision threshold."""
+                  info: dict[str, Any] | None = None, protocol: str = DEFAULT_PROTOCOL) -> Outgoing:
+    """Share a batch of query embeddings (padded to a power of two).
+
+    The decision threshold stays in the client's job record: the servers return the best class and
+    the softmax denominator, and the client decides "unknown" (see :func:`collect`)."""
+    get_protocol(protocol)
     record = load_model_record(client)
     x = np.asarray(embeddings, dtype=np.float64)
     q_real = len(x)
@@ -139,26 +156,30 @@ def share_predict(client: Path, embeddings: np.ndarray, threshold: float, out: P
     args = [str(q), str(d1), str(c), str(int(record["params"]["exp_bits"]))]
     job = f"predict-{sharing.new_run_id()}"
     dirs = _bundle_dirs(out, job)
-    sharing.write_share_bundle([(np.array([[threshold]]), FRAC_BITS), (padded, FRAC_BITS)], dirs,
+    sharing.write_share_bundle([(padded, FRAC_BITS)], dirs,
                                program=PREDICT_PROGRAM, program_version=program_version(PREDICT_PROGRAM),
                                kind="predict", n=q, d=d1, n_classes=c, run_id=record["run_id"], job=job,
-                               program_args=args, model_gen=record.get("gen", record["run_id"]))
+                               program_args=args, model_gen=record.get("gen", record["run_id"]), protocol=protocol)
     atomic_write_json(_pending_path(client, job), {"kind": "predict", "job": job, "q": q, "q_real": q_real,
-                                                   "run_id": record["run_id"], "c": c, "info": info or {}})
-    return Outgoing(job, "predict", dirs, args)
+                                                   "run_id": record["run_id"], "c": c, "threshold": float(threshold),
+                                                   "info": info or {}, **_dealing(PREDICT_PROGRAM, args, protocol)})
+    return Outgoing(job, "predict", dirs, args, protocol, PREDICT_PROGRAM)
 
 
-def share_refresh(client: Path, out: Path | Sequence[Path]) -> Outgoing:
+def share_refresh(client: Path, out: Path | Sequence[Path], *, protocol: str = DEFAULT_PROTOCOL) -> Outgoing:
     """A job with no data: both servers re-randomise their shares of the current model."""
+    get_protocol(protocol)
     record = load_model_record(client)
     d1, c = record["d"] + 1, len(record["classes"])
     job = f"refresh-{sharing.new_run_id()}"
     dirs = _bundle_dirs(out, job)
     sharing.write_share_bundle([], dirs, program=REFRESH_PROGRAM, program_version=program_version(REFRESH_PROGRAM),
                                kind="refresh", n=0, d=d1, n_classes=c, run_id=record["run_id"], job=job,
-                               program_args=[str(d1), str(c)], model_gen=record.get("gen", record["run_id"]))
-    atomic_write_json(_pending_path(client, job), {"kind": "refresh", "job": job, "run_id": record["run_id"]})
-    return Outgoing(job, "refresh", dirs, [str(d1), str(c)])
+                               program_args=[str(d1), str(c)], model_gen=record.get("gen", record["run_id"]),
+                               protocol=protocol)
+    atomic_write_json(_pending_path(client, job), {"kind": "refresh", "job": job, "run_id": record["run_id"],
+                                                   **_dealing(REFRESH_PROGRAM, [str(d1), str(c)], protocol)})
+    return Outgoing(job, "refresh", dirs, [str(d1), str(c)], protocol, REFRESH_PROGRAM)
 
 
 def bucket_size(q: int) -> int:
@@ -226,19 +247,20 @@ def collect(client: Path, job: str, results: Sequence[Path]) -> Collected:
             if not f.is_file():
                 raise CollectError(f"server {i}'s output shares {f} missing")
             blob = f.read_bytes()
-            if len(blob) != 8 * 3 * q or sharing.sha256_bytes(blob) != r.get("sha256"):
-                raise CollectError(f"{f}: {len(blob)} bytes, expected {8 * 3 * q} matching its receipt "
+            if len(blob) != 8 * 2 * q or sharing.sha256_bytes(blob) != r.get("sha256"):
+                raise CollectError(f"{f}: {len(blob)} bytes, expected {8 * 2 * q} matching its receipt "
                                    "(truncated or corrupted)")
             shares.append(np.frombuffer(blob, dtype="<u8").astype(np.uint64))
         total = sharing.reconstruct(shares[0], shares[1])
-        best = total[:q].view(np.int64)
-        known = total[q:2 * q].view(np.int64)
-        conf = sharing.decode_fixed(total[2 * q:])
-        if not (np.all((best[:q_real] >= 0) & (best[:q_real] < c)) and np.all(np.isin(known[:q_real], (0, 1)))):
-            raise ModelError(f"reconstructed outputs out of range (class 0..{c - 1}, decision 0/1): the two "
-                             "servers' shares do not belong together")
-        preds = [Prediction(int(best[k]) if known[k] else UNKNOWN, float(conf[k]), int(best[k]))
-                 for k in range(q_real)]
+        best = total[:q].view(np.int64)[:q_real]
+        denom = sharing.decode_fixed(total[q:])[:q_real]
+        # the top class contributes exp(0) = 1 and every other at most 1, so 1 <= S <= c (up to rounding)
+        if not (np.all((best >= 0) & (best < c)) and np.all((denom > 1 - 1e-3) & (denom < c + 1e-3))):
+            raise ModelError(f"reconstructed outputs out of range (class 0..{c - 1}, softmax denominator 1..{c}): "
+                             "the two servers' shares do not belong together")
+        conf = 1.0 / denom
+        preds = [Prediction(int(best[k]) if conf[k] >= pending["threshold"] else UNKNOWN, float(conf[k]),
+                            int(best[k])) for k in range(q_real)]
     _pending_path(client, job).unlink(missing_ok=True)
     return Collected(job, kind, record, preds, pending.get("info"))
 

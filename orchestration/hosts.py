@@ -1,8 +1,9 @@
 """The servers' hosts file, in MP-SPDZ's format: line i is ``host[:port]`` of party i.
 
 MP-SPDZ reads every line (a blank one counts as a party) and, for a line without a port,
-uses its default port base 5000 + i. We accept exactly two lines, resolve each host to an
-IPv4 address once, and name the line at fault when something is wrong.
+uses its default port base 5000 + i. We accept two lines (the servers) or three (the servers,
+then the client that deals preprocessing in the dealer mode), resolve each host to an IPv4
+address once, and name the line at fault when something is wrong.
 """
 from __future__ import annotations
 
@@ -38,10 +39,13 @@ class Endpoint:
 @dataclass(frozen=True)
 class Hosts:
     path: Path
-    parties: tuple[Endpoint, Endpoint]
+    parties: tuple[Endpoint, ...]
 
     def __getitem__(self, i: int) -> Endpoint:
         return self.parties[i]
+
+    def __len__(self) -> int:
+        return len(self.parties)
 
 
 def parse_line(text: str, i: int, where: str) -> tuple[str, int]:
@@ -63,8 +67,8 @@ def parse_line(text: str, i: int, where: str) -> tuple[str, int]:
     return host, port
 
 
-def load_hosts(path: str | Path) -> Hosts:
-    """Read and check a two-party hosts file; host names are resolved to IPv4 addresses."""
+def load_hosts(path: str | Path, n_parties: int | None = None) -> Hosts:
+    """Read and check a hosts file of 2 or 3 parties (exactly ``n_parties`` if given); names resolved to IPv4."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -73,9 +77,12 @@ def load_hosts(path: str | Path) -> Hosts:
     except (OSError, UnicodeDecodeError) as exc:
         raise HostsError(f"hosts file {path} unreadable: {exc}") from None
     lines = text.splitlines()
-    if len(lines) != 2 or any(not ln.strip() for ln in lines):
-        raise HostsError(f"hosts file {path}: expected exactly two non-empty lines (host[:port] of server 0, then "
-                         f"server 1), got {len(lines)} line(s); MP-SPDZ counts every line, blank ones too")
+    allowed = (n_parties,) if n_parties else (2, 3)
+    if len(lines) not in allowed or any(not ln.strip() for ln in lines):
+        want = {2: "two non-empty lines (host[:port] of server 0, then server 1)",
+                3: "three non-empty lines (host[:port] of server 0, server 1, then the client that deals)"}
+        raise HostsError(f"hosts file {path}: expected {' or '.join(want[n] for n in allowed)}, got {len(lines)} "
+                         "line(s); MP-SPDZ counts every line, blank ones too")
     parties = []
     for i, raw in enumerate(lines):
         if raw != raw.strip():
@@ -86,9 +93,13 @@ def load_hosts(path: str | Path) -> Hosts:
         except OSError as exc:
             raise HostsError(f"hosts file {path}, line {i + 1}: cannot resolve {host!r} ({exc})") from None
         parties.append(Endpoint(host, address, port))
-    if (parties[0].address, parties[0].port) == (parties[1].address, parties[1].port):
-        raise HostsError(f"hosts file {path}: both servers at {parties[0].address}:{parties[0].port}")
-    return Hosts(path, (parties[0], parties[1]))
+    seen: dict[tuple[str, int], int] = {}
+    for i, p in enumerate(parties):
+        if (p.address, p.port) in seen:
+            raise HostsError(f"hosts file {path}: lines {seen[p.address, p.port] + 1} and {i + 1} are both "
+                             f"{p.address}:{p.port}")
+        seen[p.address, p.port] = i
+    return Hosts(path, tuple(parties))
 
 
 def write_hosts(path: Path, endpoints: list[tuple[str, int]]) -> Hosts:

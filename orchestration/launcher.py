@@ -19,13 +19,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .mpspdz import MPSPDZ, MPSPDZError
+from .mpspdz import MPSPDZ, MPSPDZError, Protocol, protocol
 
 logger = logging.getLogger(__name__)
 
 #: SoftSpoken OT with k=4 instead of MP-SPDZ's default 2: measured here on private training
 #: (N=80, C=10, one epoch) it sends 25 % less data and runs faster; k=8 saves more data but is CPU-bound.
 DEFAULT_PARTY_ARGS: tuple[str, ...] = ("-o", "softspoken=4")
+
+
+def party_args(proto: Protocol) -> tuple[str, ...]:
+    """Run-time options per protocol: the dealer mode has no OT to tune."""
+    return DEFAULT_PARTY_ARGS if proto.name == "semi2k" else ()
+
+
+def party_name(party: int, proto: Protocol | None = None) -> str:
+    """How errors name a party: the servers by number, the dealer as what it is, the client."""
+    if proto is not None and party == proto.dealer:
+        return "the client (dealer)"
+    return f"server {party}"
 
 _DATA_SENT = re.compile(r"^Data sent = ([0-9.e+]+) MB in ~(\d+) rounds")
 _GLOBAL_DATA = re.compile(r"^Global data sent = ([0-9.e+]+) MB")
@@ -67,23 +79,27 @@ class RunResult:
         return sum(p.data_sent_mb or 0.0 for p in self.parties)
 
 
-def free_port_pair(host: str) -> int:
-    """A base port such that base and base+1 are free on ``host`` right now."""
+def free_ports(host: str, count: int) -> int:
+    """A base port such that base .. base+count-1 are free on ``host`` right now."""
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((host, 0))
             base = s.getsockname()[1]
-        if base >= 65535:
+        if base + count - 1 > 65535:
             continue
         try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s2:
-                s2.bind((host, base + 1))
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s1:
-                s1.bind((host, base))
+            for k in range(count):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
+                    sk.bind((host, base + k))
             return base
         except OSError:
             continue
-    raise MPSPDZError(f"could not find two consecutive free ports on {host}")
+    raise MPSPDZError(f"could not find {count} consecutive free ports on {host}")
+
+
+def free_port_pair(host: str) -> int:
+    """A base port such that base and base+1 are free on ``host`` right now."""
+    return free_ports(host, 2)
 
 
 def bind_shim(build_dir: Path) -> Path:
@@ -124,11 +140,13 @@ class PartySpec:
 
 
 def party_command(mp: MPSPDZ, party: int, program: str, hosts_file: Path, *, encrypted: bool,
-                  extra_args: Sequence[str] = DEFAULT_PARTY_ARGS) -> list[str]:
-    cmd = [str(mp.party_binary), "-p", str(party), "-N", "2", "-ip", str(Path(hosts_file).resolve()), "-v"]
-    if encrypted:
-        cmd.append("-e")  # TLS with the per-party certificates in Player-Data/
-    return [*cmd, *extra_args, program]
+                  extra_args: Sequence[str] | None = None, proto: Protocol | None = None) -> list[str]:
+    proto = proto or protocol("semi2k")
+    cmd = [str(mp.binary(proto)), "-p", str(party), "-N", str(proto.n_parties), "-ip",
+           str(Path(hosts_file).resolve()), "-v"]
+    if encrypted and not proto.always_tls:
+        cmd.append("-e")  # TLS with the per-party certificates in Player-Data/ (the dealer's binary always uses it)
+    return [*cmd, *(party_args(proto) if extra_args is None else extra_args), program]
 
 
 def _parse(line: str, res: PartyResult) -> None:
@@ -170,9 +188,10 @@ def run_parties(
     encrypted: bool = True,
     shim: Path | None = None,
     timeout: float = 1800.0,
-    extra_args: Sequence[str] = DEFAULT_PARTY_ARGS,
+    extra_args: Sequence[str] | None = None,
     on_line: Callable[[int, str], None] | None = None,
     on_spawn: Callable[[list[subprocess.Popen[str]]], None] | None = None,
+    proto: Protocol | None = None,
 ) -> RunResult:
     """Run ``program`` for the parties in ``specs`` (one or both); raise :class:`PartyFailed` on any failure.
 
@@ -186,7 +205,7 @@ def run_parties(
     start = time.monotonic()
     for s in specs:
         Path(s.log).parent.mkdir(parents=True, exist_ok=True)
-        cmd = party_command(mp, s.party, program, hosts_file, encrypted=encrypted, extra_args=extra_args)
+        cmd = party_command(mp, s.party, program, hosts_file, encrypted=encrypted, extra_args=extra_args, proto=proto)
         env = dict(os.environ)
         if shim is not None:
             env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD", "")]))

@@ -24,7 +24,45 @@ REPO = Path(__file__).resolve().parents[1]
 PROGRAMS_SRC = REPO / "mpc_programs"
 DEFAULT_HOME = Path("/opt/mp-spdz")
 PARTY_BINARY = "semi2k-party.x"
-COMPILE_FLAGS = ["-E", "semi2k"]  # ring 2^64, two-party split for comparisons
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How the servers compute: which MP-SPDZ binary, compiler flags and number of parties.
+
+    ``dealer``: the client, trusted data owner, runs as a third party (the last one) that only deals
+    correlated randomness (multiplication and matrix triples, random bits and edaBits, drawn from its
+    CSPRNG for this run alone) and receives nothing secret; the two servers run the semi-honest
+    online phase on Z_2^64. ``semi2k``: the two servers make that randomness themselves with
+    oblivious transfer, for deployments where the client cannot stay online or deal.
+    """
+
+    name: str
+    binary: str
+    compile_flags: tuple[str, ...]
+    n_parties: int
+    always_tls: bool  # dealer-ring-party.x is an honest-majority binary: TLS by default, no -e option
+
+    @property
+    def dealer(self) -> int | None:
+        """The dealer's party number (the client), or None."""
+        return self.n_parties - 1 if self.n_parties > 2 else None
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "dealer": Protocol("dealer", "dealer-ring-party.x", ("-E", "dealer-ring"), 3, True),
+    "semi2k": Protocol("semi2k", PARTY_BINARY, ("-E", "semi2k"), 2, False),
+}
+DEFAULT_PROTOCOL = "dealer"
+COMPILE_FLAGS = list(PROTOCOLS["semi2k"].compile_flags)  # ring 2^64, two-party split for comparisons
+
+
+def protocol(name: str | None) -> Protocol:
+    """The protocol called ``name`` (None: the default); the error lists the allowed names."""
+    key = DEFAULT_PROTOCOL if name in (None, "") else str(name)
+    if key not in PROTOCOLS:
+        raise MPSPDZError(f"protocol {name!r} is not one of: {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[key]
 
 INSTALL_HELP = (
     "Install MP-SPDZ (https://github.com/data61/MP-SPDZ): either unpack the official binary release "
@@ -45,6 +83,9 @@ class MPSPDZ:
     @property
     def party_binary(self) -> Path:
         return self.home / PARTY_BINARY
+
+    def binary(self, proto: Protocol) -> Path:
+        return self.home / proto.binary
 
     @property
     def compiler(self) -> Path:
@@ -98,18 +139,26 @@ def compiled_name(name: str, args: list[str]) -> str:
     return "-".join([name, *args])
 
 
-def compile_program(mp: MPSPDZ, name: str, args: list[str], build_dir: Path, force: bool = False) -> str:
-    """Compile ``mpc_programs/<name>.mpc`` with ``args``; returns the compiled program name.
+def programs_dir(build_dir: Path, proto: Protocol) -> Path:
+    """Where programs compiled for ``proto`` live (bytecode differs between protocols)."""
+    return Path(build_dir) / proto.name / "Programs"
 
-    Skips compilation when the cached result was made from the same source, arguments and
-    MP-SPDZ installation.
+
+def compile_program(mp: MPSPDZ, name: str, args: list[str], build_dir: Path, force: bool = False,
+                    proto: Protocol | None = None) -> str:
+    """Compile ``mpc_programs/<name>.mpc`` with ``args`` for ``proto``; returns the compiled program name.
+
+    The result goes to :func:`programs_dir`. Skips compilation when the cached result was made from
+    the same source, arguments, protocol and MP-SPDZ installation.
     """
+    proto = proto or protocol(None)
     src = program_source(name)
-    build_dir = Path(build_dir)
+    build_dir = Path(build_dir) / proto.name
     build_dir.mkdir(parents=True, exist_ok=True)
     full = compiled_name(name, args)
     stamp_path = build_dir / "stamps" / f"{full}.json"
-    stamp = {"source": program_version(name), "args": args, "mpspdz": mp.version(), "flags": COMPILE_FLAGS}
+    flags = list(proto.compile_flags)
+    stamp = {"source": program_version(name), "args": args, "mpspdz": mp.version(), "flags": flags}
     schedule = build_dir / "Programs" / "Schedules" / f"{full}.sch"
     if not force and schedule.exists() and stamp_path.exists():
         try:
@@ -119,7 +168,7 @@ def compile_program(mp: MPSPDZ, name: str, args: list[str], build_dir: Path, for
         except json.JSONDecodeError:
             pass
     logger.info("compiling %s %s", name, " ".join(args))
-    cmd = [sys.executable, str(mp.compiler), *COMPILE_FLAGS, str(src), *args]
+    cmd = [sys.executable, str(mp.compiler), *flags, str(src), *args]
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")  # no __pycache__ inside the MP-SPDZ folder
     proc = subprocess.run(cmd, cwd=build_dir, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not schedule.exists():

@@ -24,10 +24,11 @@ import numpy as np
 from preprocessing.fileio import atomic_write_json
 
 from . import certs, client, reference
+from .dealer import DealerRun, cleanup_dealer, prepare_dealer
 from .client import UNKNOWN, Prediction  # noqa: F401  (re-exported)
 from .hosts import write_hosts
-from .launcher import RunResult, PartySpec, bind_shim, free_port_pair, run_parties
-from .mpspdz import MPSPDZ, compile_program
+from .launcher import RunResult, PartySpec, bind_shim, free_ports, run_parties
+from .mpspdz import DEFAULT_PROTOCOL, MPSPDZ, compile_program, protocol as get_protocol
 from .server import (  # noqa: F401  (re-exported)
     PREDICT_PROGRAM,
     REFRESH_PROGRAM,
@@ -95,16 +96,27 @@ class PredictReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def ensure_local_certs(layout: Layout) -> None:
-    """Local mode: make both servers' keys and exchange certificates on first use.
+def ensure_local_certs(layout: Layout, n_parties: int = 2) -> None:
+    """Local mode: make the parties' keys and exchange certificates on first use.
 
-    Only when neither server has a certs folder yet; a half-configured pair is an error that
-    the run reports (see :func:`certs.check_party_certs`).
+    The servers' pair only when neither server has a certs folder yet; a half-configured pair is an
+    error that the run reports (see :func:`certs.check_party_certs`). With ``n_parties=3`` (dealer
+    mode) the client's key too, on first use of that mode, and its certificate goes to both servers.
     """
-    if any(certs.cert_dir(layout.server(i)).exists() for i in range(2)):
+    dirs = [layout.server(0), layout.server(1)] + ([layout.client] if n_parties == 3 else [])
+    if not any(certs.cert_dir(layout.server(i)).exists() for i in range(2)):
+        certs.make_local_pair(dirs)
+        logger.info("made TLS keys and certificates for the local parties in %s", layout.root)
         return
-    certs.make_local_pair((layout.server(0), layout.server(1)))
-    logger.info("made TLS keys and certificates for both local servers in %s/server*/certs", layout.root)
+    if n_parties == 3 and not certs.cert_dir(layout.client).exists():
+        mine = certs.make_party_cert(layout.client, 2)
+        for i in range(2):
+            theirs = certs.cert_dir(layout.server(i)) / f"P{i}.pem"
+            if theirs.is_file():
+                certs.import_peer_cert(layout.client, 2, theirs)
+            if certs.cert_dir(layout.server(i)).is_dir():
+                certs.import_peer_cert(layout.server(i), i, mine.path)
+        logger.info("made the client's dealer key and certificate in %s", certs.cert_dir(layout.client))
 
 
 def run_local(
@@ -118,20 +130,27 @@ def run_local(
     on_line: Callable[[int, str], None] | None = None,
     on_spawn: Callable[[list], None] | None = None,
 ) -> tuple[RunResult, list[Path]]:
-    """Both servers run the job ``out`` here; returns the run and each server's output folder."""
+    """Both servers (and in the dealer mode the client's dealer) run the job ``out`` here.
+
+    Returns the run and each server's output folder."""
     servers = layout.servers()
-    if encrypted:
-        ensure_local_certs(layout)
+    proto = get_protocol(out.protocol)
+    if encrypted or proto.always_tls:
+        ensure_local_certs(layout, proto.n_parties)
     preps = []
+    deal: DealerRun | None = None
     try:
         for i in range(2):
             preps.append(prepare_job(mp, servers[i], out.bundles[i], encrypted=encrypted))
-        base = free_port_pair(host)
-        hosts_file = write_hosts(preps[0].rundir / "hosts", [(host, base), (host, base + 1)])
+        if proto.dealer is not None:
+            deal = prepare_dealer(mp, layout.client, layout.build, out.job)
+        base = free_ports(host, proto.n_parties)
+        hosts_file = write_hosts(preps[0].rundir / "hosts", [(host, base + k) for k in range(proto.n_parties)])
         shim = bind_shim(layout.build)
-        specs = [PartySpec(i, preps[i].rundir, preps[i].log, hosts_file[i].address, hosts_file[i].port) for i in range(2)]
+        dirs = [(p.rundir, p.log) for p in preps] + ([(deal.rundir, deal.log)] if deal else [])
+        specs = [PartySpec(i, d, log, hosts_file[i].address, hosts_file[i].port) for i, (d, log) in enumerate(dirs)]
         result = run_parties(mp, preps[0].program, specs, hosts_file.path, encrypted=encrypted, shim=shim,
-                             timeout=timeout, on_line=on_line, on_spawn=on_spawn)
+                             timeout=timeout, on_line=on_line, on_spawn=on_spawn, proto=proto)
         outs = [finish_job(preps[i], result.parties[i]) for i in range(2)]
     except BaseException:
         client.discard(layout.client, out.job)
@@ -139,6 +158,8 @@ def run_local(
     finally:
         for p in preps:
             cleanup_job(p)
+        if deal is not None:
+            cleanup_dealer(deal)
         for b in out.bundles:
             shutil.rmtree(b, ignore_errors=True)
     return result, outs
@@ -157,6 +178,7 @@ def train_private(
     on_line: Callable[[int, str], None] | None = None,
     on_spawn: Callable[[list], None] | None = None,
     meta: dict[str, Any] | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> TrainReport:
     """Share ``embeddings``/``labels``, train under MPC, keep model shares per server.
 
@@ -164,10 +186,10 @@ def train_private(
     """
     t0 = time.monotonic()
     out = client.share_train(layout.client, embeddings, labels, params,
-                             _inputs(layout), meta=meta)
+                             _inputs(layout), meta=meta, protocol=protocol)
     share_seconds = time.monotonic() - t0
     t0 = time.monotonic()
-    compile_program(mp, TRAIN_PROGRAM, out.program_args, layout.build)
+    compile_program(mp, TRAIN_PROGRAM, out.program_args, layout.build, proto=get_protocol(protocol))
     compile_seconds = time.monotonic() - t0
     result, outs = run_local(mp, layout, out, host=host, timeout=timeout, encrypted=encrypted, on_line=on_line,
                              on_spawn=on_spawn)
@@ -211,12 +233,13 @@ def predict_private(
     encrypted: bool = True,
     on_line: Callable[[int, str], None] | None = None,
     on_spawn: Callable[[list], None] | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> PredictReport:
     """Recognise a batch of embeddings under MPC; returns class index (or UNKNOWN) and confidence."""
     out = client.share_predict(layout.client, embeddings, threshold,
-                               _inputs(layout))
+                               _inputs(layout), protocol=protocol)
     t0 = time.monotonic()
-    compile_program(mp, PREDICT_PROGRAM, out.program_args, layout.build)
+    compile_program(mp, PREDICT_PROGRAM, out.program_args, layout.build, proto=get_protocol(protocol))
     compile_seconds = time.monotonic() - t0
     result, outs = run_local(mp, layout, out, host=host, timeout=timeout, encrypted=encrypted, on_line=on_line,
                              on_spawn=on_spawn)
@@ -234,9 +257,10 @@ def refresh_private(
     timeout: float = 600.0,
     encrypted: bool = True,
     on_spawn: Callable[[list], None] | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> tuple[str, RunResult]:
     """Re-randomise both servers' model shares (a fresh sharing of zero); returns the new generation."""
-    out = client.share_refresh(layout.client, _inputs(layout))
+    out = client.share_refresh(layout.client, _inputs(layout), protocol=protocol)
     result, outs = run_local(mp, layout, out, host=host, timeout=timeout, encrypted=encrypted, on_spawn=on_spawn)
     done = client.collect(layout.client, out.job, outs)
     _drop_outputs(outs)

@@ -24,8 +24,11 @@ class TrainParams:
     seed: int = 0  # the client shuffles the training rows with this seed before sharing
 
     def program_args(self, n: int, d1: int, c: int) -> list[str]:
+        """face_train's compile-time arguments: sizes and settings the same for every embedder.
+
+        ``alpha`` is not among them: it differs per embedder, so it travels as a secret input."""
         return [str(n), str(d1), str(c), str(self.epochs), str(min(self.batch, n)),
-                repr(float(self.lr)), repr(float(self.alpha)), str(self.exp_bits)]
+                repr(float(self.lr)), str(self.exp_bits)]
 
 
 def training_order(n: int, seed: int) -> np.ndarray:

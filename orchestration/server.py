@@ -35,7 +35,7 @@ from preprocessing.sharing import FRAC_BITS, RING_BITS, ShareManifest, SharingEr
 
 from . import certs as certs_mod
 from .launcher import PartyResult
-from .mpspdz import MPSPDZ, MPSPDZError, compile_program, program_version
+from .mpspdz import PROTOCOLS, MPSPDZ, MPSPDZError, Protocol, compile_program, program_version, programs_dir
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,8 @@ def check_bundle(bundle: Path, party: int, expect: dict[str, Any] | None = None)
     if m.kind not in PROGRAMS or m.program != PROGRAMS[m.kind]:
         raise SharingError(f"{bundle / 'manifest.json'}: kind {m.kind!r} / program {m.program!r}; expected one of "
                            + ", ".join(f"{k} ({v})" for k, v in PROGRAMS.items()))
+    if m.protocol not in PROTOCOLS:
+        raise SharingError(f"{bundle / 'manifest.json'}: protocol {m.protocol!r} is not one of: {', '.join(PROTOCOLS)}")
     if m.frac_bits != FRAC_BITS or m.ring_bits != RING_BITS:
         raise SharingError(f"{bundle / 'manifest.json'}: fixed point f={m.frac_bits} in Z_2^{m.ring_bits}, "
                            f"this server uses f={FRAC_BITS} in Z_2^{RING_BITS}")
@@ -148,7 +150,7 @@ def check_bundle(bundle: Path, party: int, expect: dict[str, Any] | None = None)
 
 def _check_args(m: ShareManifest, bundle: Path) -> list[str]:
     args = [str(a) for a in m.program_args]
-    want = {"train": ([m.n, m.d, m.n_classes], 8), "predict": ([m.n, m.d, m.n_classes], 4),
+    want = {"train": ([m.n, m.d, m.n_classes], 7), "predict": ([m.n, m.d, m.n_classes], 4),
             "refresh": ([m.d, m.n_classes], 2)}[m.kind]
     sizes, count = want
     if len(args) != count or args[:len(sizes)] != [str(v) for v in sizes]:
@@ -214,6 +216,7 @@ class PreparedJob:
     program: str  # compiled program name
     rundir: Path
     log: Path
+    proto: Protocol
     model_meta: dict[str, Any] | None = None
     mask: np.ndarray | None = field(default=None, repr=False)  # refresh, server 0: its random input
 
@@ -240,15 +243,17 @@ def prepare_job(mp: MPSPDZ, server: Server, bundle: Path, *, encrypted: bool = T
     model_path, model_meta = None, None
     if m.kind in ("predict", "refresh"):
         model_path, model_meta = find_model(server, m.model_gen, m.run_id, m.d, m.n_classes)
-    party_certs = certs_mod.check_party_certs(server.root, i) if encrypted else None
-    full = compile_program(mp, m.program, args, server.build_dir)
+    proto = PROTOCOLS[m.protocol]
+    tls = encrypted or proto.always_tls
+    party_certs = certs_mod.check_party_certs(server.root, i, proto.n_parties) if tls else None
+    full = compile_program(mp, m.program, args, server.build_dir, proto=proto)
 
     run = server.root / f"run-{m.job}"
     if run.exists():
         shutil.rmtree(run)
     (run / "Player-Data").mkdir(parents=True)
     (run / "Persistence").mkdir()
-    os.symlink(server.build_dir.resolve() / "Programs", run / "Programs")
+    os.symlink(programs_dir(server.build_dir.resolve(), proto), run / "Programs")
     if m.n_values:
         shutil.copyfile(Path(bundle) / m.file, run / "Player-Data" / f"Input-Binary-P{i}-0")
     mask = None
@@ -261,7 +266,7 @@ def prepare_job(mp: MPSPDZ, server: Server, bundle: Path, *, encrypted: bool = T
     if party_certs is not None:
         certs_mod.install_for_run(party_certs, run / "Player-Data")
     log = server.logs / f"{m.job}.log"
-    return PreparedJob(server, m, full, run, log, model_meta, mask)
+    return PreparedJob(server, m, full, run, log, proto, model_meta, mask)
 
 
 def _install_generation(server: Server, gen: str, shares_file: Path, meta: dict[str, Any]) -> None:
@@ -323,10 +328,10 @@ def finish_job(prep: PreparedJob, result: PartyResult | None) -> Path:
         receipt["gen"] = m.job
     else:  # predict
         q = m.n
-        shares = read_shares(pers, d1 * c, 3 * q)
+        shares = read_shares(pers, d1 * c, 2 * q)
         blob = shares.astype("<u8").tobytes()
         (tmp_out / "shares.bin").write_bytes(blob)
-        receipt.update(gen=m.model_gen, q=q, values=["best", "known", "confidence"], frac_bits=FRAC_BITS,
+        receipt.update(gen=m.model_gen, q=q, values=["best", "softmax_denominator"], frac_bits=FRAC_BITS,
                        sha256=sharing.sha256_bytes(blob))
     atomic_write_json(tmp_out / "receipt.json", receipt)
     if out.exists():

@@ -116,6 +116,7 @@ class ShareManifest:
     job: str = ""  # the client's job id; names the server's output folder
     program_args: list[str] = field(default_factory=list)  # compile-time arguments the servers must use
     model_gen: str = ""  # predict/refresh: the generation of model shares the client expects
+    protocol: str = "semi2k"  # "dealer": the client deals preprocessing as a third party; "semi2k": OT
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,6 +159,7 @@ def write_share_bundle(
     job: str = "",
     program_args: list[str] | None = None,
     model_gen: str = "",
+    protocol: str = "semi2k",
 ) -> list[ShareManifest]:
     """Share ``arrays`` and write ``Input-Binary-P<i>-0`` plus ``manifest.json`` into each dest dir.
 
@@ -174,7 +176,7 @@ def write_share_bundle(
             program=program, program_version=program_version, kind=kind, n=n, d=d,
             n_classes=n_classes, frac_bits=FRAC_BITS, ring_bits=RING_BITS, run_id=run_id,
             party=party, file=fname, sha256=sha256_bytes(blob), n_values=n_values, extra=dict(extra or {}),
-            job=job, program_args=list(program_args or []), model_gen=model_gen,
+            job=job, program_args=list(program_args or []), model_gen=model_gen, protocol=protocol,
         )
         atomic_write_json(Path(dest) / "manifest.json", m.to_json())
         manifests.append(m)

@@ -265,12 +265,12 @@ def test_certificate_checks(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("text,match", [
-    ("127.0.0.1:5000\n", "exactly two non-empty lines"),
-    ("127.0.0.1:5000\n\n127.0.0.1:5001\n", "exactly two"),
+    ("127.0.0.1:5000\n", "two non-empty lines .* or three"),
+    ("127.0.0.1:5000\n\n127.0.0.1:5001\n", "three non-empty lines"),
     ("127.0.0.1:50x\n127.0.0.1:5001\n", "line 1: port '50x' is not a number"),
     ("127.0.0.1:5000\n127.0.0.1:70000\n", "line 2: port 70000 out of range"),
     ("127.0.0.1:5000\nbad host!:5001\n", "line 2: 'bad host!' is neither"),
-    ("127.0.0.1:5000\n127.0.0.1:5000\n", "both servers at"),
+    ("127.0.0.1:5000\n127.0.0.1:5000\n", "lines 1 and 2 are both"),
     (" 127.0.0.1:5000\n127.0.0.1:5001\n", "remove the spaces"),
 ])
 def test_hosts_file_errors_name_the_line(tmp_path, text, match):

@@ -1,0 +1,68 @@
+"""The client's dealer party (dealer mode): correlated randomness for one job, nothing else.
+
+In the dealer mode the client, trusted data owner, joins each protocol run as the third party
+(MP-SPDZ's ``dealer-ring-party.x``, party 2). It draws multiplication and matrix triples, random
+bits and edaBits from its own CSPRNG for this run only and sends each server its shares of them;
+the servers use them once and only ever open values masked by them. The dealer holds no data
+input and receives nothing secret (MP-SPDZ's dealer only sends preprocessing and PRNG seeds).
+
+Its run folder, under the client's folder::
+
+    run-<job>/Programs -> the compiled program (the same bytecode the servers run)
+    run-<job>/Player-Data/  P2.key, P2.pem and the servers' P0.pem, P1.pem (pinned)
+    logs/<job>.log          MP-SPDZ's output of the dealer
+
+Nothing of a run is kept: randomness lives in the dealer's memory for the run and is gone
+with the process, so no triple can be dealt twice.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import certs as certs_mod
+from .client import CollectError, _load_pending
+from .mpspdz import MPSPDZ, MPSPDZError, Protocol, compile_program, programs_dir, protocol
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DealerRun:
+    job: str
+    proto: Protocol
+    program: str  # compiled program name
+    rundir: Path
+    log: Path
+
+    @property
+    def party(self) -> int:
+        assert self.proto.dealer is not None
+        return self.proto.dealer
+
+
+def prepare_dealer(mp: MPSPDZ, client: Path, build: Path, job: str) -> DealerRun:
+    """The dealer's run folder for the pending job ``job`` of the client in ``client``."""
+    pending = _load_pending(client, job)
+    proto = protocol(pending.get("protocol", "semi2k"))
+    if proto.dealer is None:
+        raise CollectError(f"job {job} runs protocol {proto.name}, which has no dealer: nothing for the client to run")
+    party_certs = certs_mod.check_party_certs(client, proto.dealer, proto.n_parties)
+    program = compile_program(mp, pending["program"], [str(a) for a in pending["program_args"]], build, proto=proto)
+    run = Path(client) / f"run-{job}"
+    if run.exists():
+        shutil.rmtree(run)
+    (run / "Player-Data").mkdir(parents=True)
+    (run / "Persistence").mkdir()
+    programs = programs_dir(Path(build).resolve(), proto)
+    if not (programs / "Schedules" / f"{program}.sch").is_file():
+        raise MPSPDZError(f"compiled program {program} missing under {programs}")
+    (run / "Programs").symlink_to(programs)
+    certs_mod.install_for_run(party_certs, run / "Player-Data")
+    return DealerRun(job, proto, program, run, Path(client) / "logs" / f"{job}.log")
+
+
+def cleanup_dealer(run: DealerRun) -> None:
+    shutil.rmtree(run.rundir, ignore_errors=True)
