@@ -37,9 +37,23 @@ def _cfg(c, section: str, key: str, flag=None):
 
 
 def _layout(c):
+    """Run state under paths.var, computing with mpspdz.protocol (dealer | semi2k)."""
+    from orchestration.mpspdz import MPSPDZError, protocol
     from orchestration.private import Layout
 
-    return Layout((REPO / _cfg(c, "paths", "var", None)).resolve())
+    try:
+        proto = protocol(c.config.get("mpspdz", {}).get("protocol"))
+    except MPSPDZError as exc:
+        raise Exit(f"mpspdz.protocol in invoke.yaml: {exc}", code=1)
+    return Layout((REPO / _cfg(c, "paths", "var", None)).resolve(), proto.name)
+
+
+def _say_protocol(layout) -> None:
+    """Every task that runs the servers says how they compute (on stderr: stdout may be CSV)."""
+    from orchestration.mpspdz import protocol
+
+    print(f"protocol: {layout.protocol} ({protocol(layout.protocol).summary}; mpspdz.protocol in invoke.yaml)",
+          file=sys.stderr)
 
 
 def _gallery(c, flag=None) -> Path:
@@ -58,10 +72,15 @@ def _mp(c, home=None):
 
 
 def _tls(c) -> bool:
-    """TLS between the servers (MP-SPDZ -e), on unless mpspdz.encrypted is false in invoke.yaml."""
+    """TLS between the parties, on unless mpspdz.encrypted is false in invoke.yaml (semi2k only: the
+    dealer mode's binary always encrypts)."""
     value = c.config.get("mpspdz", {}).get("encrypted", True)
     if not value:
-        logger.warning("mpspdz.encrypted is off: the servers talk in the clear (shares only, but unauthenticated)")
+        if c.config.get("mpspdz", {}).get("protocol", "dealer") == "dealer":
+            logger.warning("mpspdz.encrypted is off, but the dealer mode always uses TLS (MP-SPDZ's dealer binary "
+                           "has no plaintext mode); it applies to mpspdz.protocol semi2k only")
+        else:
+            logger.warning("mpspdz.encrypted is off: the servers talk in the clear (shares only, but unauthenticated)")
     return bool(value)
 
 
@@ -125,12 +144,14 @@ def fetch_models(c, force=False):
 def build_mpc(c, n=0, classes=0, batches="", force=False, mpspdz_home=None):
     """Compile the MPC programs (cached; rebuilt when a program, size or MP-SPDZ changes)."""
     _logging()
-    from orchestration.mpspdz import MPSPDZError, compile_program
+    from orchestration.mpspdz import MPSPDZError, compile_program, protocol
     from orchestration.private import PREDICT_PROGRAM, TRAIN_PROGRAM
     from orchestration.reference import TrainParams
 
     mp = _mp(c, mpspdz_home)
     layout = _layout(c)
+    proto = protocol(layout.protocol)
+    print(f"compiling for protocol {proto.name} (mpspdz.protocol in invoke.yaml)")
     params = _train_params(c)
     d1 = 129
     try:
@@ -142,7 +163,7 @@ def build_mpc(c, n=0, classes=0, batches="", force=False, mpspdz_home=None):
             params = TrainParams(**rec["params"])
         if n and classes:
             name = compile_program(mp, TRAIN_PROGRAM, params.program_args(int(n), d1, int(classes)), layout.build,
-                                   force=force)
+                                   force=force, proto=proto)
             print(f"compiled {name}")
         else:
             print("training program: no sizes yet (pass --n and --classes, or train once)")
@@ -150,7 +171,7 @@ def build_mpc(c, n=0, classes=0, batches="", force=False, mpspdz_home=None):
             sizes = [int(b) for b in batches.split(",")] if batches else [1, 2, 4, 8, 16, 32, 64]
             for q in sizes:
                 name = compile_program(mp, PREDICT_PROGRAM, [str(q), str(d1), str(classes), str(params.exp_bits)],
-                                       layout.build, force=force)
+                                       layout.build, force=force, proto=proto)
                 print(f"compiled {name}")
     except (MPSPDZError, ValueError) as exc:
         raise Exit(str(exc), code=1)
@@ -217,6 +238,7 @@ def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None,
 
     mp = _mp(c, mpspdz_home)
     layout = _layout(c)
+    _say_protocol(layout)
     face = _face(c, backend, detector)
     params = _train_params(c, epochs, batch, lr, alpha, face.backend)
     gallery = _embedded_gallery(layout, face, _gallery(c, dataset))
@@ -252,6 +274,7 @@ def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, det
 
     mp = _mp(c, mpspdz_home)
     layout = _layout(c)
+    _say_protocol(layout)
     face = _face(c, backend, detector)
     paths = _query_paths(image, dir)
     try:
@@ -380,6 +403,7 @@ def demo(c, dataset=None, people=10, held_out=2, backend=None, detector=None, se
     mp = _mp(c, mpspdz_home)
     face = _face(c, backend, detector)
     layout = _layout(c)
+    _say_protocol(layout)
     work = layout.root / "demo"
     if dataset is None:
         try:
@@ -442,6 +466,7 @@ def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, b
     mp = _mp(c, mpspdz_home)
     face = _face(c, backend, detector)
     layout = _layout(c)
+    _say_protocol(layout)
     for name, folder in (("--dataset", dataset), ("--unknown", unknown)):
         if folder is not None and not Path(folder).is_dir():
             raise Exit(f"{name} {folder}: not a folder", code=1)
@@ -511,6 +536,7 @@ def recognize(c, video=None, camera=None, output=None, frames=None, every=1, thr
     if every < 1:
         raise Exit(f"--every {every}: must be 1 or more", code=1)
     layout = _layout(c)
+    _say_protocol(layout)
     out = Path(output) if output else layout.root / "recognize" / f"{stem}-annotated.mp4"
     try:
         codec_for(out)
@@ -548,27 +574,44 @@ def recognize(c, video=None, camera=None, output=None, frames=None, every=1, thr
 # ---- two hosts: certificates, one server per host, client bundles -------------------------------
 
 def _server_dir(c, party: int, server_dir=None) -> Path:
-    return Path(server_dir) if server_dir else _layout(c).server(party)
+    """Party ``party``'s folder: a server's, or for party 2 the client's (the dealer)."""
+    if server_dir:
+        return Path(server_dir)
+    return _layout(c).client if party == 2 else _layout(c).server(party)
 
 
-def _party_id(value) -> int:
-    if str(value) not in ("0", "1"):
-        raise Exit(f"--id must be 0 or 1 (which server this is), got {value!r}", code=1)
+def _say_dealer(sent) -> None:
+    """After share-*: in the dealer mode the client must deal while the servers run the job."""
+    from orchestration.mpspdz import protocol
+
+    if protocol(sent.protocol).dealer is not None:
+        print(f"then, while both servers run it, on this client: invoke deal --job {sent.job} --hosts HOSTS "
+              "(HOSTS: the servers' two lines and this client's address as the third)")
+
+
+def _party_id(value, allow_client: bool = False) -> int:
+    allowed = ("0", "1", "2") if allow_client else ("0", "1")
+    if str(value) not in allowed:
+        what = "0 or 1 (which server this is), or 2 (the client)" if allow_client else "0 or 1 (which server this is)"
+        raise Exit(f"--id must be {what}, got {value!r}", code=1)
     return int(value)
 
 
 @task(help={
-    "id": "make/import for this server only (0 or 1); without it, both local servers get keys and swap certificates",
-    "peer_cert": "the other server's certificate file (P0.pem or P1.pem) to install on server --id",
+    "id": "make/import for this party only: server 0 or 1, or 2 for the client (the dealer in the dealer mode); "
+          "without it, both local servers and the client get keys and swap certificates",
+    "peer_cert": "another party's certificate file (P0.pem, P1.pem, or the client's P2.pem) to install on --id",
     "server_dir": "the server's folder (default <var>/server<id>)",
     "days": "validity of a new certificate in days",
     "force": "replace an existing key and certificate",
 })
 def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False):
-    """Make TLS keys and certificates for the servers' encrypted channel, or install the peer's certificate.
+    """Make TLS keys and certificates for the parties' encrypted channels, or install another party's certificate.
 
     Two hosts: on each server `invoke certs --id I` (keeps certs/P<I>.key, prints where P<I>.pem is), send
-    P<I>.pem to the other server, which runs `invoke certs --id J --peer-cert P<I>.pem`.
+    P<I>.pem to the other server, which runs `invoke certs --id J --peer-cert P<I>.pem`. Dealer mode: the
+    client runs `invoke certs --id 2`, installs both servers' certificates with --peer-cert, and each
+    server installs the client's P2.pem the same way.
     """
     _logging()
     from orchestration import certs as certs_mod
@@ -578,24 +621,27 @@ def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False):
             if peer_cert:
                 raise Exit("--peer-cert needs --id (which server receives it)", code=1)
             layout = _layout(c)
-            made = certs_mod.make_local_pair((layout.server(0), layout.server(1)), days=int(days), force=force)
+            made = certs_mod.make_local_pair((layout.server(0), layout.server(1), layout.client), days=int(days),
+                                             force=force)
             for i, info in enumerate(made):
-                print(f"server {i}: {info.path} (sha256 {info.fingerprint})")
-            print("both local servers hold their own key and the other's certificate")
+                print(f"{certs_mod.party_label(i)}: {info.path} (sha256 {info.fingerprint})")
+            print("both local servers and the client hold their own key and every other party's certificate")
             return
-        party = _party_id(id)
+        party = _party_id(id, allow_client=True)
+        me = certs_mod.party_label(party)
         sdir = _server_dir(c, party, server_dir)
         own = certs_mod.cert_dir(sdir) / f"P{party}.pem"
         if peer_cert:
             info = certs_mod.import_peer_cert(sdir, party, Path(peer_cert))
-            print(f"server {party}: installed server {1 - party}'s certificate {info.path} (sha256 {info.fingerprint})")
+            print(f"{me}: installed {info.common_name}'s certificate {info.path} (sha256 {info.fingerprint})")
         if not peer_cert or force or not own.exists():
             if own.exists() and not force:
-                print(f"server {party}: {own} exists (sha256 {certs_mod.inspect(own).fingerprint}); --force replaces it")
+                print(f"{me}: {own} exists (sha256 {certs_mod.inspect(own).fingerprint}); --force replaces it")
             else:
                 info = certs_mod.make_party_cert(sdir, party, days=int(days), force=force)
-                print(f"server {party}: key {certs_mod.cert_dir(sdir) / f'P{party}.key'} stays here; send {info.path} "
-                      f"(sha256 {info.fingerprint}) to server {1 - party}")
+                to = "both servers" if party == 2 else f"server {1 - party} (and, in the dealer mode, the client)"
+                print(f"{me}: key {certs_mod.cert_dir(sdir) / f'P{party}.key'} stays here; send {info.path} "
+                      f"(sha256 {info.fingerprint}) to {to}")
     except certs_mod.CertError as exc:
         raise Exit(str(exc), code=1)
 
@@ -638,6 +684,44 @@ def party(c, id, hosts, job, server_dir=None, timeout=None, mpspdz_home=None, ve
     print(f"server {party_no}: job done; send {out} to the client")
 
 
+@task(help={
+    "job": "the job id printed by share-train/share-predict/share-refresh",
+    "hosts": "hosts file with three lines: server 0, server 1, then this client's address (its listener)",
+    "timeout": "seconds the protocol may run",
+    "mpspdz_home": "MP-SPDZ folder",
+    "verbose": "debug logging",
+})
+def deal(c, job, hosts, timeout=None, mpspdz_home=None, verbose=False):
+    """Client, two hosts, dealer mode: deal the preprocessing of a job while both servers run `invoke party`.
+
+    The client joins the run as party 2 and sends each server fresh correlated randomness for this
+    run only; it sends no data and receives nothing secret. Then `invoke collect` as usual.
+    """
+    _logging(verbose)
+    import signal
+
+    from orchestration import dealer, remote
+
+    mp = _mp(c, mpspdz_home)
+    layout = _layout(c)
+    _say_protocol(layout)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        run = dealer.run_dealer(mp, layout.client, layout.build, Path(hosts), job,
+                                timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), encrypted=_tls(c))
+    except remote.ERRORS as exc:
+        raise Exit(f"client (dealer): {exc}", code=1)
+    except KeyboardInterrupt as exc:
+        raise Exit(f"client (dealer): stopped ({exc or 'interrupted'})", code=1)
+    p = run.parties[0]
+    print(f"client: dealt job {job} in {run.wall_seconds:.1f} s ({p.data_sent_mb or 0:.1f} MB sent); "
+          "collect both servers' results with invoke collect")
+
+
 def _out_folder(out) -> Path:
     if not out:
         raise Exit("--out FOLDER is required (the bundles for both servers go to FOLDER/server0 and FOLDER/server1)",
@@ -655,6 +739,7 @@ def share_train(c, out, dataset=None, backend=None, detector=None, epochs=None, 
     from orchestration import client
 
     layout = _layout(c)
+    _say_protocol(layout)
     face = _face(c, backend, detector)
     params = _train_params(c, epochs, batch, lr, alpha, face.backend)
     out_dir = _out_folder(out)
@@ -662,13 +747,14 @@ def share_train(c, out, dataset=None, backend=None, detector=None, epochs=None, 
     gallery = _embedded_gallery(layout, face, dataset)
     try:
         sent = client.share_train(layout.client, gallery.embeddings, gallery.labels, params, out_dir,
-                                  meta={"backend": face.backend, "detector": face.detector})
+                                  meta={"backend": face.backend, "detector": face.detector}, protocol=layout.protocol)
     except (OSError, ValueError) as exc:
         raise Exit(f"cannot share {dataset}: {exc}", code=1)
     gallery.save(layout.client / "gallery.npz")
     print(f"job {sent.job}: {len(gallery.labels)} faces of {len(gallery.classes)} people")
     for i, b in enumerate(sent.bundles):
         print(f"send {b} to server {i}; there: invoke party --id {i} --hosts HOSTS --job <that folder>")
+    _say_dealer(sent)
 
 
 @task(iterable=["image"], help={
@@ -688,6 +774,7 @@ def share_predict(c, out, image=None, dir=None, threshold=None, backend=None, de
     from orchestration.mpspdz import MPSPDZError
 
     layout = _layout(c)
+    _say_protocol(layout)
     face = _face(c, backend, detector)
     paths = _query_paths(image, dir)
     try:
@@ -699,12 +786,13 @@ def share_predict(c, out, image=None, dir=None, threshold=None, backend=None, de
             raise Exit("no face found in any of the images: nothing to send", code=1)
         rows = [[str(q.path), q.embedding is not None] for q in queries]
         sent = client.share_predict(layout.client, np.stack([q.embedding for q in faces]), thr, _out_folder(out),
-                                    info={"rows": rows})
+                                    info={"rows": rows}, protocol=layout.protocol)
     except (MPSPDZError, ValueError) as exc:
         raise Exit(f"cannot share the queries: {exc}", code=1)
     print(f"job {sent.job}: {len(faces)} faces")
     for i, b in enumerate(sent.bundles):
         print(f"send {b} to server {i}")
+    _say_dealer(sent)
 
 
 @task(help={"out": "folder for the two job tickets: OUT/server0 and OUT/server1"})
@@ -715,7 +803,9 @@ def share_refresh(c, out):
     from orchestration.mpspdz import MPSPDZError
 
     try:
-        sent = client.share_refresh(_layout(c).client, _out_folder(out))
+        layout = _layout(c)
+        _say_protocol(layout)
+        sent = client.share_refresh(layout.client, _out_folder(out), protocol=layout.protocol)
     except (MPSPDZError, ValueError) as exc:
         raise Exit(str(exc), code=1)
     print(f"job {sent.job}")
@@ -771,7 +861,9 @@ def refresh_shares(c, timeout=None, mpspdz_home=None):
 
     mp = _mp(c, mpspdz_home)
     try:
-        gen, run = refresh_private(mp, _layout(c), host=_cfg(c, "mpspdz", "host", None),
+        layout = _layout(c)
+        _say_protocol(layout)
+        gen, run = refresh_private(mp, layout, host=_cfg(c, "mpspdz", "host", None),
                                    timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), encrypted=_tls(c))
     except MPSPDZError as exc:
         raise Exit(f"share refresh failed: {exc}", code=1)

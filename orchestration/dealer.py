@@ -24,6 +24,8 @@ from pathlib import Path
 
 from . import certs as certs_mod
 from .client import CollectError, _load_pending
+from .hosts import check_can_listen, check_hosts_for, load_hosts
+from .launcher import PartySpec, RunResult, bind_shim, run_parties
 from .mpspdz import MPSPDZ, MPSPDZError, Protocol, compile_program, programs_dir, protocol
 
 logger = logging.getLogger(__name__)
@@ -43,13 +45,14 @@ class DealerRun:
         return self.proto.dealer
 
 
-def prepare_dealer(mp: MPSPDZ, client: Path, build: Path, job: str) -> DealerRun:
+def prepare_dealer(mp: MPSPDZ, client: Path, build: Path, job: str, *, encrypted: bool = True) -> DealerRun:
     """The dealer's run folder for the pending job ``job`` of the client in ``client``."""
     pending = _load_pending(client, job)
     proto = protocol(pending.get("protocol", "semi2k"))
     if proto.dealer is None:
         raise CollectError(f"job {job} runs protocol {proto.name}, which has no dealer: nothing for the client to run")
-    party_certs = certs_mod.check_party_certs(client, proto.dealer, proto.n_parties)
+    party_certs = certs_mod.check_party_certs(client, proto.dealer, proto.n_parties) if encrypted or proto.always_tls \
+        else None
     program = compile_program(mp, pending["program"], [str(a) for a in pending["program_args"]], build, proto=proto)
     run = Path(client) / f"run-{job}"
     if run.exists():
@@ -60,9 +63,29 @@ def prepare_dealer(mp: MPSPDZ, client: Path, build: Path, job: str) -> DealerRun
     if not (programs / "Schedules" / f"{program}.sch").is_file():
         raise MPSPDZError(f"compiled program {program} missing under {programs}")
     (run / "Programs").symlink_to(programs)
-    certs_mod.install_for_run(party_certs, run / "Player-Data")
+    if party_certs is not None:
+        certs_mod.install_for_run(party_certs, run / "Player-Data")
     return DealerRun(job, proto, program, run, Path(client) / "logs" / f"{job}.log")
 
 
 def cleanup_dealer(run: DealerRun) -> None:
     shutil.rmtree(run.rundir, ignore_errors=True)
+
+
+def run_dealer(mp: MPSPDZ, client: Path, build: Path, hosts_file: Path, job: str, *, timeout: float = 1800.0,
+               encrypted: bool = True, on_spawn=None) -> RunResult:
+    """Two hosts: the client's dealer party of job ``job``, run while both servers run ``invoke party``.
+
+    The hosts file is the servers' one with a third line for the client's address."""
+    run = prepare_dealer(mp, client, build, job, encrypted=encrypted)
+    try:
+        hosts = load_hosts(hosts_file)
+        check_hosts_for(hosts, run.proto, job)
+        me = hosts[run.party]
+        check_can_listen(me, run.party)
+        logger.info("client: dealing for job %s, servers at %s and %s", job, hosts[0], hosts[1])
+        return run_parties(mp, run.program, [PartySpec(run.party, run.rundir, run.log, me.address, me.port)],
+                           hosts.path, encrypted=encrypted, shim=bind_shim(build), timeout=timeout, on_spawn=on_spawn,
+                           proto=run.proto)
+    finally:
+        cleanup_dealer(run)

@@ -126,3 +126,11 @@ def check_can_listen(ep: Endpoint, party: int) -> None:
                 raise HostsError(f"server {party}: address {ep.address} ({ep.host}) from the hosts file is not an "
                                  f"address of this machine; run party {party} on that host or fix the file") from None
             raise HostsError(f"server {party}: cannot listen at {ep}: {exc}") from None
+
+
+def check_hosts_for(hosts: Hosts, proto, job: str) -> None:
+    """The hosts file must list exactly the parties of the job's protocol (a ``mpspdz.Protocol``)."""
+    if len(hosts) != proto.n_parties:
+        who = "server 0, server 1 and the client that deals" if proto.n_parties == 3 else "server 0 and server 1"
+        raise HostsError(f"hosts file {hosts.path}: job {job} runs protocol {proto.name}, which needs {proto.n_parties} "
+                         f"lines ({who}); the file has {len(hosts)}")

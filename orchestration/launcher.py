@@ -145,7 +145,7 @@ def party_command(mp: MPSPDZ, party: int, program: str, hosts_file: Path, *, enc
     cmd = [str(mp.binary(proto)), "-p", str(party), "-N", str(proto.n_parties), "-ip",
            str(Path(hosts_file).resolve()), "-v"]
     if encrypted and not proto.always_tls:
-        cmd.append("-e")  # TLS with the per-party certificates in Player-Data/ (the dealer's binary always uses it)
+        cmd.append("-e")  # semi2k-party.x: TLS with the per-party certificates in Player-Data/ only with -e
     return [*cmd, *(party_args(proto) if extra_args is None else extra_args), program]
 
 

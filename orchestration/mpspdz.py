@@ -41,7 +41,13 @@ class Protocol:
     binary: str
     compile_flags: tuple[str, ...]
     n_parties: int
-    always_tls: bool  # dealer-ring-party.x is an honest-majority binary: TLS by default, no -e option
+    always_tls: bool  # dealer-ring-party.x always encrypts (its -u needs a build with -DINSECURE); semi2k needs -e
+
+    @property
+    def summary(self) -> str:
+        if self.dealer is not None:
+            return "the client deals the servers' preprocessing as party 2"
+        return "the servers make their own preprocessing by oblivious transfer"
 
     @property
     def dealer(self) -> int | None:
@@ -50,8 +56,8 @@ class Protocol:
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    "dealer": Protocol("dealer", "dealer-ring-party.x", ("-E", "dealer-ring"), 3, True),
-    "semi2k": Protocol("semi2k", PARTY_BINARY, ("-E", "semi2k"), 2, False),
+    "dealer": Protocol("dealer", "dealer-ring-party.x", ("-E", "dealer-ring"), 3, always_tls=True),
+    "semi2k": Protocol("semi2k", PARTY_BINARY, ("-E", "semi2k"), 2, always_tls=False),
 }
 DEFAULT_PROTOCOL = "dealer"
 COMPILE_FLAGS = list(PROTOCOLS["semi2k"].compile_flags)  # ring 2^64, two-party split for comparisons

@@ -52,6 +52,7 @@ __all__ = ["Layout", "ModelError", "Prediction", "PredictReport", "TrainReport",
 @dataclass(frozen=True)
 class Layout:
     root: Path
+    protocol: str = DEFAULT_PROTOCOL  # how the servers compute unless a call says otherwise (mpspdz.protocol)
 
     @property
     def client(self) -> Path:
@@ -135,6 +136,7 @@ def run_local(
     Returns the run and each server's output folder."""
     servers = layout.servers()
     proto = get_protocol(out.protocol)
+    logger.info("job %s: protocol %s (%s)", out.job, proto.name, proto.summary)
     if encrypted or proto.always_tls:
         ensure_local_certs(layout, proto.n_parties)
     preps = []
@@ -143,7 +145,7 @@ def run_local(
         for i in range(2):
             preps.append(prepare_job(mp, servers[i], out.bundles[i], encrypted=encrypted))
         if proto.dealer is not None:
-            deal = prepare_dealer(mp, layout.client, layout.build, out.job)
+            deal = prepare_dealer(mp, layout.client, layout.build, out.job, encrypted=encrypted)
         base = free_ports(host, proto.n_parties)
         hosts_file = write_hosts(preps[0].rundir / "hosts", [(host, base + k) for k in range(proto.n_parties)])
         shim = bind_shim(layout.build)
@@ -178,12 +180,13 @@ def train_private(
     on_line: Callable[[int, str], None] | None = None,
     on_spawn: Callable[[list], None] | None = None,
     meta: dict[str, Any] | None = None,
-    protocol: str = DEFAULT_PROTOCOL,
+    protocol: str | None = None,
 ) -> TrainReport:
     """Share ``embeddings``/``labels``, train under MPC, keep model shares per server.
 
     ``meta`` (e.g. the embedder used) is kept in the client's model record.
     """
+    protocol = protocol or layout.protocol
     t0 = time.monotonic()
     out = client.share_train(layout.client, embeddings, labels, params,
                              _inputs(layout), meta=meta, protocol=protocol)
@@ -233,9 +236,10 @@ def predict_private(
     encrypted: bool = True,
     on_line: Callable[[int, str], None] | None = None,
     on_spawn: Callable[[list], None] | None = None,
-    protocol: str = DEFAULT_PROTOCOL,
+    protocol: str | None = None,
 ) -> PredictReport:
     """Recognise a batch of embeddings under MPC; returns class index (or UNKNOWN) and confidence."""
+    protocol = protocol or layout.protocol
     out = client.share_predict(layout.client, embeddings, threshold,
                                _inputs(layout), protocol=protocol)
     t0 = time.monotonic()
@@ -257,9 +261,10 @@ def refresh_private(
     timeout: float = 600.0,
     encrypted: bool = True,
     on_spawn: Callable[[list], None] | None = None,
-    protocol: str = DEFAULT_PROTOCOL,
+    protocol: str | None = None,
 ) -> tuple[str, RunResult]:
     """Re-randomise both servers' model shares (a fresh sharing of zero); returns the new generation."""
+    protocol = protocol or layout.protocol
     out = client.share_refresh(layout.client, _inputs(layout), protocol=protocol)
     result, outs = run_local(mp, layout, out, host=host, timeout=timeout, encrypted=encrypted, on_spawn=on_spawn)
     done = client.collect(layout.client, out.job, outs)

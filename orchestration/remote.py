@@ -11,7 +11,7 @@ from pathlib import Path
 from preprocessing.sharing import SharingError
 
 from .certs import CertError
-from .hosts import HostsError, check_can_listen, load_hosts
+from .hosts import HostsError, check_can_listen, check_hosts_for, load_hosts
 from .launcher import PartySpec, bind_shim, run_parties
 from .mpspdz import MPSPDZ, MPSPDZError
 from .server import Server, cleanup_job, finish_job, prepare_job
@@ -31,11 +31,12 @@ def run_party_job(mp: MPSPDZ, server_dir: Path, party: int, hosts_file: Path, bu
     server = Server(Path(server_dir), party)
     prep = prepare_job(mp, server, bundle, encrypted=encrypted)
     try:
+        check_hosts_for(hosts, prep.proto, prep.job)
         shim = bind_shim(server.build_dir)
         logger.info("server %d: job %s (%s), listening on %s, peer at %s", party, prep.job, prep.kind, me,
                     hosts[1 - party])
         result = run_parties(mp, prep.program, [PartySpec(party, prep.rundir, prep.log, me.address, me.port)], hosts.path,
-                             encrypted=encrypted, shim=shim, timeout=timeout, on_spawn=on_spawn)
+                             encrypted=encrypted, shim=shim, timeout=timeout, on_spawn=on_spawn, proto=prep.proto)
         return finish_job(prep, result.parties[0])
     finally:
         cleanup_job(prep)

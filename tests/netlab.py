@@ -94,9 +94,14 @@ class TwoHosts:
         for ns in self.ns:
             _ip("netns", "del", ns, check=False)  # removes the veth pair too
 
-    def hosts_text(self, i: int, ports: tuple[int, int]) -> str:
-        """The hosts file for server i. Without netem, server 1 reaches server 0 through a delaying relay
-        in its own namespace (MP-SPDZ's connections all go from server 1 to server 0)."""
+    def hosts_text(self, i: int, ports: tuple[int, ...]) -> str:
+        """The hosts file for party i. Without netem, server 1 reaches server 0 through a delaying relay
+        in its own namespace (MP-SPDZ's connections all go from higher to lower party numbers).
+
+        With three ports (dealer mode) a third line places the client: it runs in server 1's namespace,
+        at server 1's address on ports[2], and reaches server 0 the way server 1 does."""
+        if len(ports) == 3:
+            return self.hosts_text(1 if i == 2 else i, ports[:2]) + f"{self.addr[1]}:{ports[2]}\n"
         if i == 1 and self.delay == "relay":
             if self.relay is None:
                 self.relay_port = ports[0] + 1000

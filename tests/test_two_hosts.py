@@ -8,6 +8,7 @@ Skipped, with the reason, only where the kernel forbids namespaces.
 """
 from __future__ import annotations
 
+import json
 import re
 import os
 import shutil
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.mpc, pytest.mark.protocol]
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = reference.TrainParams(epochs=1, batch=16, lr=1.0, alpha=16.0, exp_bits=8, seed=1)
-PORTS = (7100, 7101)
+PORTS = (7100, 7101, 7102)  # server 0, server 1, the client (dealer mode)
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +52,27 @@ def invoke(*args: str, ns: netlab.TwoHosts | None = None, i: int = 0, check: boo
 
 
 class Deployment:
-    """A client folder and two server folders, certificates made and exchanged with `invoke certs`."""
+    """A client folder and two server folders, certificates made and exchanged with `invoke certs`.
 
-    def __init__(self, root: Path, net: netlab.TwoHosts):
-        self.root, self.net = root, net
+    ``protocol="dealer"`` (the default) adds the client as party 2: it deals from server 1's
+    namespace, at its own port, and every party pins the other two's certificates."""
+
+    def __init__(self, root: Path, net: netlab.TwoHosts, protocol: str = "dealer"):
+        self.root, self.net, self.protocol = root, net, protocol
         self.client = root / "client"
         self.servers = [root / "server0", root / "server1"]
-        for i in range(2):
-            invoke("certs", "--id", str(i), "--server-dir", str(self.servers[i]))
-        for i in range(2):
-            invoke("certs", "--id", str(i), "--server-dir", str(self.servers[i]), "--peer-cert",
-                   str(self.servers[1 - i] / "certs" / f"P{1 - i}.pem"))
-        self.hosts_files = [root / "hosts0", root / "hosts1"]
-        for i in range(2):
-            self.hosts_files[i].write_text(net.hosts_text(i, PORTS))
+        self.dirs = self.servers + ([self.client] if protocol == "dealer" else [])
+        n = len(self.dirs)
+        for i in range(n):
+            invoke("certs", "--id", str(i), "--server-dir", str(self.dirs[i]))
+        for i in range(n):
+            for j in range(n):
+                if j != i:
+                    invoke("certs", "--id", str(i), "--server-dir", str(self.dirs[i]), "--peer-cert",
+                           str(self.dirs[j] / "certs" / f"P{j}.pem"))
+        self.hosts_files = [root / f"hosts{i}" for i in range(n)]
+        for i in range(n):
+            self.hosts_files[i].write_text(net.hosts_text(i, PORTS[:n]))
 
     def start(self, i: int, job_dir: Path, timeout: int = 120, env: dict | None = None) -> subprocess.Popen:
         argv = [sys.executable, "-m", "invoke", "party", "--id", str(i), "--hosts", str(self.hosts_files[i]), "--job",
@@ -72,21 +80,35 @@ class Deployment:
         return self.net.popen(i, argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=dict(os.environ, **(env or {})))
 
+    def start_dealer(self, job_dir: Path, timeout: int = 120) -> subprocess.Popen | None:
+        """Dealer mode: the client's `invoke deal` for the job in ``job_dir``, from server 1's namespace."""
+        if self.protocol != "dealer":
+            return None
+        job = json.loads((job_dir / "server0" / "manifest.json").read_text())["job"]
+        argv = [sys.executable, "-m", "invoke", "deal", "--job", job, "--hosts", str(self.hosts_files[2]),
+                "--timeout", str(timeout)]
+        env = dict(os.environ, INVOKE_PATHS_VAR=str(self.root))  # <var>/client is the deployment's client folder
+        return self.net.popen(1, argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
     def run(self, job_dir: Path, **kw) -> list[tuple[int, str]]:
         procs = [self.start(i, job_dir, **kw) for i in range(2)]
-        return [(p.wait(timeout=300), p.stdout.read()) for p in procs]  # type: ignore[union-attr]
+        dealer = self.start_dealer(job_dir, kw.get("timeout", 120))
+        res = [(p.wait(timeout=300), p.stdout.read()) for p in procs]  # type: ignore[union-attr]
+        if dealer is not None:
+            dealer.wait(timeout=300)
+        return res
 
     def outputs(self, job: str) -> list[Path]:
         return [self.servers[i] / "outputs" / job for i in range(2)]
 
     def train(self, x, labels) -> client.Collected:
-        sent = client.share_train(self.client, x, labels, PARAMS, self.root / "jobs" / "train")
+        sent = client.share_train(self.client, x, labels, PARAMS, self.root / "jobs" / "train", protocol=self.protocol)
         res = self.run(self.root / "jobs" / "train")
         assert all(rc == 0 for rc, _ in res), res
         return client.collect(self.client, sent.job, self.outputs(sent.job))
 
     def predict(self, x, threshold: float = 0.0) -> client.Collected:
-        sent = client.share_predict(self.client, x, threshold, self.root / "jobs" / "predict")
+        sent = client.share_predict(self.client, x, threshold, self.root / "jobs" / "predict", protocol=self.protocol)
         res = self.run(self.root / "jobs" / "predict")
         assert all(rc == 0 for rc, _ in res), res
         return client.collect(self.client, sent.job, self.outputs(sent.job))
@@ -121,7 +143,7 @@ def test_training_and_recognition_across_two_namespaces(lan, data):
     # each server holds only its own key
     for i in range(2):
         names = sorted(p.name for p in (dep.servers[i] / "certs").iterdir())
-        assert names == sorted([f"P{i}.key", f"P{i}.pem", f"P{1 - i}.pem"])
+        assert names == sorted([f"P{i}.key", f"P{i}.pem", f"P{1 - i}.pem", "P2.pem"])
 
 
 def test_servers_listen_only_on_their_hosts_file_address(lan, data):
@@ -139,7 +161,9 @@ def test_servers_listen_only_on_their_hosts_file_address(lan, data):
             time.sleep(0.1)
         assert seen == [(dep.net.addr[0], PORTS[0])], f"server 0 listens at {seen}, not only {dep.net.addr[0]}"
         p1 = dep.start(1, dep.root / "jobs" / "listen")
+        dealer = dep.start_dealer(dep.root / "jobs" / "listen")
         assert p1.wait(timeout=120) == 0 and p0.wait(timeout=120) == 0
+        assert dealer is None or dealer.wait(timeout=60) == 0
     finally:
         for p in (p0,):
             if p.poll() is None:
@@ -148,7 +172,7 @@ def test_servers_listen_only_on_their_hosts_file_address(lan, data):
 
 
 def _run_captured(dep: Deployment, x, tmp: Path, env: dict | None = None) -> dict:
-    sent = client.share_predict(dep.client, x, 0.0, tmp / "jobs")
+    sent = client.share_predict(dep.client, x, 0.0, tmp / "jobs", protocol=dep.protocol)
     cap = dep.net.capture(0, tmp / "veth.cap")
     try:
         res = dep.run(tmp / "jobs", env=env)
@@ -166,24 +190,29 @@ def _run_captured(dep: Deployment, x, tmp: Path, env: dict | None = None) -> dic
 def test_traffic_between_servers_is_tls(lan, data, tmp_path):
     dep, _ = lan
     x, _, _, te = data
-    streams = _run_captured(dep, x[te[:1]], tmp_path / "tls")
+    streams = _run_captured(dep, x[te], tmp_path / "tls")
     total = app_data = 0
     for key, stream in streams.items():
         ident, stream = netlab.split_preamble(stream)
-        assert re.fullmatch(rb"((machine|thread)[0-9]*(send|recv)?P[01])?", ident), f"{key}: cleartext {ident!r} before TLS"
+        assert re.fullmatch(rb"((machine|thread)[0-9]*(send|recv)?P[012])?", ident), f"{key}: cleartext {ident!r} before TLS"
         records = netlab.tls_records(stream)  # raises if any further byte is not inside a TLS record
         assert records[0][0] == 22, f"{key}: does not start with a TLS handshake"
         app_data += sum(n for t, n in records if t == 23)
         total += len(stream)
-    assert app_data > 100_000 and app_data > 0.9 * total  # the protocol's traffic, all inside TLS records
+    # the protocol's traffic (about 140 kB for 12 queries), all inside TLS records; the rest is the handshakes
+    assert app_data > 50_000 and app_data > 0.8 * total
 
 
-def test_plaintext_control_is_not_tls(lan, data, tmp_path):
-    """The capture check can fail: with encryption switched off the same traffic is no TLS."""
-    dep, _ = lan
-    x, _, _, te = data
-    streams = _run_captured(dep, x[te[:1]], tmp_path / "plain", env={"INVOKE_MPSPDZ_ENCRYPTED": "0"})
-    assert sum(map(len, streams.values())) > 100_000
+def test_plaintext_control_is_not_tls(net_ok, data, tmp_path):
+    """The capture check can fail: with encryption switched off the same traffic is no TLS.
+
+    semi2k, because MP-SPDZ's dealer binary has no plaintext mode to compare with."""
+    x, labels, tr, te = data
+    with netlab.TwoHosts() as net:
+        dep = Deployment(tmp_path, net, protocol="semi2k")
+        dep.train(x[tr], [labels[k] for k in tr])
+        streams = _run_captured(dep, x[te], tmp_path / "plain", env={"INVOKE_MPSPDZ_ENCRYPTED": "0"})
+    assert sum(map(len, streams.values())) > 10_000
     for key, stream in streams.items():
         _, stream = netlab.split_preamble(stream)
         with pytest.raises(ValueError):
@@ -221,7 +250,7 @@ def test_server_missing_certificate_fails_before_the_protocol(lan, data, tmp_pat
 
 
 def _protocol_pid(server_dir: Path, timeout: float = 60) -> int:
-    """The semi2k-party.x process working in ``server_dir`` once it is connected to its peer."""
+    """The MP-SPDZ party process working in ``server_dir`` once it is connected to its peer."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for proc in Path("/proc").iterdir():
@@ -232,7 +261,7 @@ def _protocol_pid(server_dir: Path, timeout: float = 60) -> int:
                 exe = os.readlink(proc / "exe")
             except OSError:
                 continue
-            if exe.endswith("semi2k-party.x") and Path(cwd).parent == server_dir.resolve():
+            if exe.endswith(("semi2k-party.x", "dealer-ring-party.x")) and Path(cwd).parent == server_dir.resolve():
                 return int(proc.name)
         time.sleep(0.05)
     raise AssertionError(f"no protocol process in {server_dir}")
@@ -261,12 +290,16 @@ def test_killing_a_server_mid_run_keeps_the_model_and_a_rerun_succeeds(wan, data
     else:
         sent = client.share_predict(dep.client, x[te], 0.0, jobs)
     procs = [dep.start(i, jobs, timeout=90) for i in range(2)]
+    dealer = dep.start_dealer(jobs, timeout=90)
     pid = _protocol_pid(dep.servers[victim])
     time.sleep(1.0)  # connected and computing
     assert procs[victim].poll() is None and procs[1 - victim].poll() is None, "the run ended before the kill"
     os.kill(pid, signal.SIGKILL)
     start = time.monotonic()
     outs = [p.communicate(timeout=120)[0] for p in procs]
+    if dealer is not None:
+        dealer_out = dealer.communicate(timeout=120)[0]
+        assert dealer.returncode == 1 and "client (dealer)" in dealer_out, dealer_out
     assert time.monotonic() - start < 90
     survivor = 1 - victim
     assert procs[survivor].returncode == 1 and procs[victim].returncode == 1
