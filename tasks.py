@@ -140,11 +140,17 @@ def setup(c, home=None, archive=None, sha256=None, from_source=None, force=False
 
     configured = _cfg(c, "mpspdz", "home", None)
     target = Path(home).expanduser().absolute() if home else mpspdz_home(configured)[0]
-    if not from_source:
-        archive = _cfg(c, "mpspdz", "archive", archive)
+    if not (archive or from_source):
+        archive = c.config.get("mpspdz", {}).get("archive")
+        if archive and not Path(archive).expanduser().is_absolute():
+            archive = str(REPO / archive)  # relative to the project, like invoke.yaml itself
+    try:
+        jobs = int(jobs) if jobs else None
+    except ValueError:
+        raise Exit(f"--jobs {jobs!r}: expected a whole number of parallel make jobs", code=1)
     try:
         done = install.install_mpspdz(target, archive=archive, sha256=sha256, from_source=from_source,
-                                      force=bool(force), jobs=int(jobs) if jobs else None)
+                                      force=bool(force), jobs=jobs)
         if done.changed:
             print(f"MP-SPDZ installed at {done.home} from {done.source} ({done.detail})")
         else:

@@ -205,6 +205,25 @@ def test_setup_refuses_a_bad_archive(tmp_path):
     assert not home.exists() and not list(home.parent.iterdir())
 
 
+def test_setup_takes_the_archive_from_invoke_yaml_and_the_flag_wins(tmp_path):
+    (tmp_path / "from-config.tar.xz").write_bytes(b"garbage")
+    (tmp_path / "from-flag.tar.xz").write_bytes(b"garbage")
+    env = dict(os.environ, INVOKE_MPSPDZ_ARCHIVE=str(tmp_path / "from-config.tar.xz"))
+    home = str(tmp_path / "opt" / "mp-spdz")
+    run = [sys.executable, "-m", "invoke", "setup", "--home", home]
+    r = subprocess.run(run, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and f"setup failed: {tmp_path / 'from-config.tar.xz'}: cannot unpack it" in r.stderr
+    r = subprocess.run([*run, "--archive", str(tmp_path / "from-flag.tar.xz")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and f"setup failed: {tmp_path / 'from-flag.tar.xz'}: cannot unpack it" in r.stderr
+    r = subprocess.run([*run, "--from-source", str(tmp_path / "nowhere"), "--jobs", "x"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "--jobs 'x': expected a whole number" in r.stderr
+    r = subprocess.run([*run, "--from-source", str(tmp_path / "nowhere")], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and f"--from-source {tmp_path / 'nowhere'}: no such folder" in r.stderr
+
+
 def test_setup_online_without_a_pinned_checksum_says_what_to_do(tmp_path):
     home = tmp_path / "opt" / "mp-spdz"
     r = invoke(tmp_path / "var", "setup", "--home", str(home), check=False)
