@@ -154,7 +154,8 @@ def setup(c, home=None, archive=None, sha256=None, from_source=None, force=False
         if done.changed:
             print(f"MP-SPDZ installed at {done.home} from {done.source} ({done.detail})")
         else:
-            print(f"MP-SPDZ at {done.home} is complete: nothing to install ({done.source})")
+            again = "; --force installs it again" if (archive or from_source or sha256) else ""
+            print(f"MP-SPDZ at {done.home} is complete: nothing to install ({done.source}{again})")
         libs = install.ensure_runtime_libraries(done.home)
         if libs.installed:
             print(f"runtime libraries: installed {' '.join(libs.installed)}")
