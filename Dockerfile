@@ -9,14 +9,15 @@
 #   base            Debian bookworm + what semi2k-party.x, the TLS tooling and the project need at run time
 #   python-build    the Python stack in /opt/venv (dependencies only, cached on pyproject.toml)
 #   mpspdz-release  downloads MP-SPDZ's official binary release and verifies its sha256
-#   mpspdz-dist     the files the image keeps from MP-SPDZ (semi2k-party.x, compile.py, Compiler/)
+#   mpspdz-dist     the files the image keeps from MP-SPDZ (semi2k-party.x, dealer-ring-party.x, compile.py,
+#                   Compiler/)
 #   runtime         non-root user, MP-SPDZ at /opt/mp-spdz, the project at /src
 #   test            runtime + the protocol tests, run during the build
 #
 # Where MP-SPDZ comes from: by default the official release (stage mpspdz-release). To use a
 # local build instead, supply a build context with the same name as the stage; the stage is then
 # replaced and never runs, so nothing is downloaded (BuildKit and buildah both do this):
-#   --build-context mpspdz-dist=/path/to/dir   # dir holds semi2k-party.x [libSPDZ.so] compile.py Compiler/
+#   --build-context mpspdz-dist=/path/to/dir   # semi2k-party.x dealer-ring-party.x [libSPDZ.so] compile.py Compiler/
 #
 # Optional extra CA for TLS-intercepting proxies (used only while downloading, never stored in the image):
 #   --secret id=extra_ca,src=/path/to/ca.pem
@@ -139,15 +140,17 @@ RUN --mount=type=secret,id=extra_ca \
         if grep -qw adx /proc/cpuinfo; then cpu=adx; else cpu=amd64; fi; \
     fi; \
     bin="/tmp/mp-spdz/bin/Linux-$cpu"; \
-    test -x "$bin/semi2k-party.x" || { echo "ERROR: $bin/semi2k-party.x is not in the release" >&2; exit 1; }; \
+    for x in semi2k-party.x dealer-ring-party.x; do \
+        test -x "$bin/$x" || { echo "ERROR: $bin/$x is not in the release" >&2; exit 1; }; \
+    done; \
     mkdir /out; \
-    cp "$bin/semi2k-party.x" /out/; \
+    cp "$bin/semi2k-party.x" "$bin/dealer-ring-party.x" /out/; \
     if [ -e "$bin/libSPDZ.so" ]; then cp "$bin/libSPDZ.so" /out/; fi; \
     cp /tmp/mp-spdz/compile.py /out/; \
     cp -r /tmp/mp-spdz/Compiler /out/Compiler; \
     if [ -e /tmp/mp-spdz/License.txt ]; then cp /tmp/mp-spdz/License.txt /out/; fi; \
     chmod -R u=rwX,go=rX /out; \
-    chmod 0755 /out/semi2k-party.x /out/compile.py; \
+    chmod 0755 /out/semi2k-party.x /out/dealer-ring-party.x /out/compile.py; \
     echo "MP-SPDZ ${MPSPDZ_VERSION} ($cpu): $(ls /out | tr '\n' ' ')"; \
     rm -rf /tmp/mp-spdz /tmp/mp-spdz.tar.xz /tmp/ca-bundle.pem
 
@@ -176,16 +179,18 @@ RUN groupadd --gid "${APP_UID}" "${APP_USER}" \
 COPY --from=mpspdz-dist --chown=0:0 / /opt/mp-spdz/
 RUN set -eu; \
     cd /opt/mp-spdz; \
-    for f in semi2k-party.x compile.py Compiler/__init__.py; do \
+    for f in semi2k-party.x dealer-ring-party.x compile.py Compiler/__init__.py; do \
         test -e "$f" || { echo "ERROR: MP-SPDZ supply lacks $f" >&2; exit 1; }; \
     done; \
     find . \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf {} +; \
     find . \( -type d -o -name '*.x' -o -name '*.so' -o -name compile.py \) ! -perm 0755 -exec chmod 0755 {} +; \
     find . -type f \( ! -perm -0444 -o -perm /0022 \) ! -name '*.x' ! -name '*.so' ! -name compile.py -exec chmod 0644 {} +; \
     mkdir -p Player-Data; \
-    if ldd semi2k-party.x 2>&1 | grep 'not found'; then \
-        echo "ERROR: semi2k-party.x misses the shared libraries above" >&2; exit 1; \
-    fi
+    for x in semi2k-party.x dealer-ring-party.x; do \
+        if ldd "$x" 2>&1 | grep 'not found'; then \
+            echo "ERROR: $x misses the shared libraries above" >&2; exit 1; \
+        fi; \
+    done
 ENV MP_SPDZ_HOME=/opt/mp-spdz
 
 COPY --from=python-build /opt/venv /opt/venv

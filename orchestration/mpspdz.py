@@ -55,8 +55,9 @@ class Protocol:
         return self.n_parties - 1 if self.n_parties > 2 else None
 
 
+DEALER_BINARY = "dealer-ring-party.x"  # two computing parties plus a dealer (-N 3)
 PROTOCOLS: dict[str, Protocol] = {
-    "dealer": Protocol("dealer", "dealer-ring-party.x", ("-E", "dealer-ring"), 3, always_tls=True),
+    "dealer": Protocol("dealer", DEALER_BINARY, ("-E", "dealer-ring"), 3, always_tls=True),
     "semi2k": Protocol("semi2k", PARTY_BINARY, ("-E", "semi2k"), 2, always_tls=False),
 }
 DEFAULT_PROTOCOL = "dealer"
@@ -71,10 +72,10 @@ def protocol(name: str | None) -> Protocol:
     return PROTOCOLS[key]
 
 INSTALL_HELP = (
-    "Install MP-SPDZ (https://github.com/data61/MP-SPDZ): either unpack the official binary release "
-    "(mp-spdz-<version>.tar.xz from the project's GitHub releases page; it ships semi2k-party.x and "
-    "compile.py) or build from source with `make semi2k-party.x`. Then set MP_SPDZ_HOME to that folder, "
-    "or `mpspdz.home` in invoke.yaml, or install it at /opt/mp-spdz."
+    "Run `invoke setup`: it installs MP-SPDZ there (the official binary release, checksum verified; offline "
+    "`invoke setup --archive FILE.tar.xz`; or a build of your own MP-SPDZ source tree with "
+    "`invoke setup --from-source DIR`) and checks that semi2k-party.x and dealer-ring-party.x run. "
+    "Or point MP_SPDZ_HOME (or `mpspdz.home` in invoke.yaml) at an MP-SPDZ folder that has them."
 )
 
 
@@ -103,8 +104,8 @@ class MPSPDZ:
         return f"{st.st_size}-{int(st.st_mtime)}"
 
 
-def find_mpspdz(configured: str | os.PathLike[str] | None = None) -> MPSPDZ:
-    """Locate MP-SPDZ: $MP_SPDZ_HOME, else ``configured`` (invoke.yaml), else /opt/mp-spdz."""
+def mpspdz_home(configured: str | os.PathLike[str] | None = None) -> tuple[Path, str]:
+    """Where MP-SPDZ is looked for, and why: $MP_SPDZ_HOME, else ``configured`` (invoke.yaml), else /opt/mp-spdz."""
     env = os.environ.get("MP_SPDZ_HOME")
     if env:
         home, source = Path(env), "MP_SPDZ_HOME"
@@ -112,17 +113,23 @@ def find_mpspdz(configured: str | os.PathLike[str] | None = None) -> MPSPDZ:
         home, source = Path(configured), "mpspdz.home in invoke.yaml"
     else:
         home, source = DEFAULT_HOME, "the default location"
-    home = home.expanduser().resolve()
+    return home.expanduser().resolve(), source
+
+
+def find_mpspdz(configured: str | os.PathLike[str] | None = None) -> MPSPDZ:
+    """Locate MP-SPDZ (see :func:`mpspdz_home`) and check it has both party binaries and the compiler."""
+    home, source = mpspdz_home(configured)
     missing = []
     if not home.is_dir():
         missing.append(f"folder {home}")
     else:
-        for rel in (PARTY_BINARY, "compile.py", "Compiler"):
+        for rel in (PARTY_BINARY, DEALER_BINARY, "compile.py", "Compiler"):
             if not (home / rel).exists():
                 missing.append(str(home / rel))
-        binary = home / PARTY_BINARY
-        if binary.exists() and not os.access(binary, os.X_OK):
-            missing.append(f"{binary} is not executable")
+        for name in (PARTY_BINARY, DEALER_BINARY):
+            binary = home / name
+            if binary.exists() and not os.access(binary, os.X_OK):
+                missing.append(f"{binary} is not executable")
     if missing:
         raise MPSPDZError(f"MP-SPDZ not usable at {home} (from {source}): missing {', '.join(missing)}. {INSTALL_HELP}")
     return MPSPDZ(home)

@@ -183,3 +183,65 @@ def test_two_host_tasks_share_party_collect(workspace, tmp_path):
     assert again.returncode == 1 and f"no job {job!r} waiting" in again.stderr
     bad = invoke(var, "party", "--id", "2", "--hosts", str(hosts), "--job", str(out / "server0"), check=False)
     assert bad.returncode == 1 and "--id must be 0 or 1" in bad.stderr
+
+
+# ---- invoke setup -------------------------------------------------------------------------------
+
+def _shared_archive() -> Path:
+    found = sorted((REPO.parent / "shared" / "mp-spdz").glob("mp-spdz-*.tar.xz"))
+    if len(found) != 1:
+        pytest.fail(f"expected one MP-SPDZ archive in {REPO.parent / 'shared' / 'mp-spdz'}, found {found}")
+    return found[0]
+
+
+def test_setup_refuses_a_bad_archive(tmp_path):
+    bad = tmp_path / "mp-spdz-bad.tar.xz"
+    bad.write_bytes(b"not an archive at all")
+    home = tmp_path / "opt" / "mp-spdz"
+    r = invoke(tmp_path / "var", "setup", "--home", str(home), "--archive", str(bad), check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"setup failed: {bad}: cannot unpack it, it is truncated, corrupt or not a .tar.xz" in r.stderr
+    assert "nothing was installed" in r.stderr
+    assert not home.exists() and not list(home.parent.iterdir())
+
+
+def test_setup_takes_the_archive_from_invoke_yaml_and_the_flag_wins(tmp_path):
+    (tmp_path / "from-config.tar.xz").write_bytes(b"garbage")
+    (tmp_path / "from-flag.tar.xz").write_bytes(b"garbage")
+    env = dict(os.environ, INVOKE_MPSPDZ_ARCHIVE=str(tmp_path / "from-config.tar.xz"))
+    home = str(tmp_path / "opt" / "mp-spdz")
+    run = [sys.executable, "-m", "invoke", "setup", "--home", home]
+    r = subprocess.run(run, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and f"setup failed: {tmp_path / 'from-config.tar.xz'}: cannot unpack it" in r.stderr
+    r = subprocess.run([*run, "--archive", str(tmp_path / "from-flag.tar.xz")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and f"setup failed: {tmp_path / 'from-flag.tar.xz'}: cannot unpack it" in r.stderr
+    r = subprocess.run([*run, "--from-source", str(tmp_path / "nowhere"), "--jobs", "x"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "--jobs 'x': expected a whole number" in r.stderr
+    r = subprocess.run([*run, "--from-source", str(tmp_path / "nowhere")], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and f"--from-source {tmp_path / 'nowhere'}: no such folder" in r.stderr
+
+
+def test_setup_online_without_a_pinned_checksum_says_what_to_do(tmp_path):
+    home = tmp_path / "opt" / "mp-spdz"
+    r = invoke(tmp_path / "var", "setup", "--home", str(home), check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "mp-spdz-0.4.2.tar.xz online: its sha256 (64 hex digits) is not pinned" in r.stderr
+    assert "invoke setup --archive FILE" in r.stderr and "--sha256 <hex>" in r.stderr
+    assert not home.parent.exists()
+
+
+def test_setup_installs_checks_and_then_only_checks(tmp_path):
+    archive = _shared_archive()
+    home = tmp_path / "opt" / "mp-spdz"
+    args = ["setup", "--home", str(home), "--archive", str(archive), "--no-models"]
+    r = invoke(tmp_path / "var", *args)
+    assert f"MP-SPDZ installed at {home} from {archive}" in r.stdout
+    assert "check passed: semi2k-party.x, two parties over TLS" in r.stdout
+    assert "check passed: dealer-ring-party.x, two parties and a dealer (-N 3) over TLS" in r.stdout
+    again = invoke(tmp_path / "var", *args)
+    assert f"MP-SPDZ at {home} is complete: nothing to install" in again.stdout
+    assert "check passed: dealer-ring-party.x" in again.stdout
+    assert "everything was in place already; only the check ran" in again.stdout
