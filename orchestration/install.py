@@ -29,8 +29,6 @@ import platform
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import tarfile
 import tempfile
@@ -42,8 +40,8 @@ from typing import Callable, Sequence
 
 from preprocessing.fileio import atomic_write_json
 
-from .launcher import PartySpec, free_port_pair, run_parties
-from .mpspdz import DEALER_BINARY, MPSPDZ, PARTY_BINARY, MPSPDZError, compile_program
+from .launcher import PartySpec, free_ports, run_parties
+from .mpspdz import DEALER_BINARY, MPSPDZ, PARTY_BINARY, PROTOCOLS, MPSPDZError, compile_program, programs_dir
 
 logger = logging.getLogger(__name__)
 
@@ -603,34 +601,32 @@ def check_installation(home: Path, *, timeout: float = CHECK_TIMEOUT, host: str 
     results = []
     with tempfile.TemporaryDirectory(prefix="mpspdz-setup-check-") as tmp:
         work = Path(tmp)
-        try:
-            program = compile_program(mp, CHECK_PROGRAM, [], work / "build")
-        except MPSPDZError as exc:
-            raise SetupError(f"the check program does not compile with {mp.compiler}: {exc}")
-        run = work / "run"
-        (run / "Player-Data").mkdir(parents=True)
-        os.symlink(work / "build" / "Programs", run / "Programs")
-        (run / "Player-Data" / "Input-P0-0").write_text(f"{a}\n")
-        (run / "Player-Data" / "Input-P1-0").write_text(f"{b}\n")
-        make_test_certs(run / "Player-Data", 3)
-
-        start = time.monotonic()
-        base = free_port_pair(host)
-        hosts = run / "hosts-2"
-        hosts.write_text(f"{host}:{base}\n{host}:{base + 1}\n")
-        specs = [PartySpec(i, run, run / f"semi2k-P{i}.log", host, base + i) for i in range(2)]
-        try:
-            run_parties(mp, program, specs, hosts, encrypted=True, timeout=timeout)
-        except MPSPDZError as exc:
-            raise SetupError(f"two-party check with {mp.party_binary} failed: {exc}")
-        _expect(run / "semi2k-P0.log", a, b, f"two-party check with {PARTY_BINARY}")
-        results.append(CheckResult("two parties over TLS", PARTY_BINARY, a, b, time.monotonic() - start))
-
-        start = time.monotonic()
-        _run_dealer(mp.home / DEALER_BINARY, program, run, host, timeout)
-        _expect(run / "dealer-P0.log", a, b, f"dealer check with {DEALER_BINARY}")
-        results.append(CheckResult("two parties and a dealer (-N 3) over TLS", DEALER_BINARY, a, b,
-                                   time.monotonic() - start))
+        for proto in (PROTOCOLS["semi2k"], PROTOCOLS["dealer"]):
+            binary = mp.binary(proto)
+            what = "two-party" if proto.dealer is None else "dealer"
+            try:
+                program = compile_program(mp, CHECK_PROGRAM, [], work / "build", proto=proto)
+            except MPSPDZError as exc:
+                raise SetupError(f"the check program does not compile with {mp.compiler} for {proto.name}: {exc}")
+            run = work / proto.name
+            (run / "Player-Data").mkdir(parents=True)
+            os.symlink(programs_dir(work / "build", proto), run / "Programs")
+            (run / "Player-Data" / "Input-P0-0").write_text(f"{a}\n")
+            (run / "Player-Data" / "Input-P1-0").write_text(f"{b}\n")
+            make_test_certs(run / "Player-Data", proto.n_parties)
+            start = time.monotonic()
+            base = free_ports(host, proto.n_parties)
+            hosts = run / "hosts"
+            hosts.write_text("".join(f"{host}:{base + i}\n" for i in range(proto.n_parties)))
+            specs = [PartySpec(i, run, run / f"P{i}.log", host, base + i) for i in range(proto.n_parties)]
+            try:
+                run_parties(mp, program, specs, hosts, encrypted=True, timeout=timeout, proto=proto)
+            except MPSPDZError as exc:
+                raise SetupError(f"{what} check with {binary} failed: {exc}")
+            _expect(run / "P0.log", a, b, f"{what} check with {proto.binary}")
+            label = ("two parties over TLS" if proto.dealer is None
+                     else f"two parties and a dealer (-N {proto.n_parties}) over TLS")
+            results.append(CheckResult(label, proto.binary, a, b, time.monotonic() - start))
     return results
 
 
@@ -664,54 +660,3 @@ def make_test_certs(player_data: Path, n: int) -> None:
             k += 1
         os.symlink(pem.name, player_data / f"{proc.stdout.strip()}.{k}")
 
-
-def _free_ports(host: str, n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _run_dealer(binary: Path, program: str, run: Path, host: str, timeout: float) -> None:
-    """Run ``program`` with dealer-ring-party.x: parties 0 and 1 compute, party 2 is the dealer."""
-    ports = _free_ports(host, 3)
-    hosts = run / "hosts-3"
-    hosts.write_text("".join(f"{host}:{p}\n" for p in ports))
-    procs: list[subprocess.Popen] = []
-    logs = [run / f"dealer-P{i}.log" for i in range(3)]
-    try:
-        for i in range(3):
-            with open(logs[i], "w") as log:
-                procs.append(subprocess.Popen([str(binary), "-p", str(i), "-N", "3", "-ip", str(hosts), program],
-                                              cwd=run, stdout=log, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL, start_new_session=True))
-        deadline = time.monotonic() + timeout
-        while True:
-            codes = [p.poll() for p in procs]
-            bad = [i for i, c in enumerate(codes) if c not in (None, 0)]
-            if bad:
-                i = bad[0]
-                tail = "\n".join(logs[i].read_text(errors="replace").strip().splitlines()[-8:])
-                raise SetupError(f"dealer check with {binary} failed: party {i} "
-                                 f"{'(the dealer) ' if i == 2 else ''}exited with code {codes[i]}. Last lines:\n{tail}")
-            if all(c == 0 for c in codes):
-                return
-            if time.monotonic() > deadline:
-                hung = [i for i, c in enumerate(codes) if c is None]
-                raise SetupError(f"dealer check with {binary} timed out after {timeout:.0f} s (still running: party "
-                                 f"{', '.join(map(str, hung))})")
-            time.sleep(0.05)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                p.wait()

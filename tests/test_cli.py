@@ -140,7 +140,7 @@ def test_build_mpc_compiles_for_the_trained_sizes(workspace):
 
 
 def test_two_host_tasks_share_party_collect(workspace, tmp_path):
-    """The client's share-predict and collect around two `invoke party` runs (here both on localhost)."""
+    """The client's share-predict, `invoke deal` and collect around two `invoke party` runs (all on localhost)."""
     import socket
     import threading
 
@@ -156,14 +156,18 @@ def test_two_host_tasks_share_party_collect(workspace, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     hosts = tmp_path / "hosts"
-    hosts.write_text(f"127.0.0.1:{port}\n127.0.0.1:{port + 1}\n")
+    hosts.write_text(f"127.0.0.1:{port}\n127.0.0.1:{port + 1}\n127.0.0.1:{port + 2}\n")
+    assert "invoke deal --job" in r.stdout  # share-predict tells the client to deal (the default dealer mode)
     results: dict[int, subprocess.CompletedProcess[str]] = {}
 
     def party(i: int) -> None:
+        if i == 2:
+            results[i] = invoke(var, "deal", "--job", job, "--hosts", str(hosts), check=False)
+            return
         results[i] = invoke(var, "party", "--id", str(i), "--hosts", str(hosts), "--job", str(out / f"server{i}"),
                             check=False)
 
-    threads = [threading.Thread(target=party, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=party, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
@@ -171,6 +175,7 @@ def test_two_host_tasks_share_party_collect(workspace, tmp_path):
     for i in range(2):
         assert results[i].returncode == 0, results[i].stderr
         assert f"send {var / f'server{i}' / 'outputs' / job}" in results[i].stdout
+    assert results[2].returncode == 0 and f"client: dealt job {job}" in results[2].stdout, results[2].stderr
     r = invoke(var, "collect", "--job", job, "--result", str(var / "server0" / "outputs" / job), "--result",
                str(var / "server1" / "outputs" / job))
     rows = list(csv.reader(io.StringIO(r.stdout)))
