@@ -484,7 +484,7 @@ def demo(c, dataset=None, people=10, held_out=2, backend=None, detector=None, se
         rows, report, preds = run_demo(mp, dataset, work, _train_params(c, backend=face.backend), backend=face.backend,
                                        detector=face.detector, held_out=int(held_out), people=int(people),
                                        seed=int(seed), host=_cfg(c, "mpspdz", "host", None),
-                                       timeout=float(_cfg(c, "mpspdz", "timeout", None)))
+                                       timeout=float(_cfg(c, "mpspdz", "timeout", None)), protocol=layout.protocol)
     except (MPSPDZError, PreprocessingError, ValueError, OSError) as exc:
         raise Exit(f"demo failed: {exc}", code=1)
     print(f"\nprivately trained on {report.n} faces of {len(report.classes)} people: "
@@ -542,7 +542,7 @@ def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, b
                       _train_params(c, epochs, backend=face.backend),
                       backend=face.backend, detector=face.detector, cache_dir=layout.client / "cache",
                       work=layout.root / "evaluate", test_fraction=float(test_fraction), seed=int(seed),
-                      batch=int(batch), host=_cfg(c, "mpspdz", "host", None))
+                      batch=int(batch), host=_cfg(c, "mpspdz", "host", None), protocol=layout.protocol)
     except (MPSPDZError, PreprocessingError, ValueError, OSError) as exc:
         raise Exit(f"evaluation failed: {exc}", code=1)
     print(f"closed-set accuracy {ev.closed_set_accuracy:.4f} (plaintext {ev.plaintext_accuracy:.4f}, "

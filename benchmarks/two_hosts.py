@@ -1,12 +1,17 @@
-"""Two servers in two network namespaces, at 0 ms and 20 ms round trip: time and data of training
-and recognition, each server run by `invoke party` over TLS, as on two real hosts.
+"""Two servers in two network namespaces, at 0 ms and 20 ms round trip: time, data and rounds of
+training and recognition, each server run by `invoke party` over TLS, as on two real hosts; in the
+dealer mode the client's `invoke deal` runs beside them (in server 1's namespace, reaching server 0
+over the same delayed path as server 1).
 
-    python benchmarks/two_hosts.py [--rtt 0 --rtt 20] [--people 10 --per 8] [--queries 1 --queries 64]
+    python benchmarks/two_hosts.py [--rtt 0 --rtt 20] [--protocol dealer --protocol semi2k]
+                                   [--people 10 --per 8] [--queries 1 --queries 64]
 
 Needs root (network namespaces). Latency comes from tc netem where the kernel has it, else from
 tests/delay_relay.py, a TCP relay in server 1's namespace that holds every byte for half the
-round trip each way (all of MP-SPDZ's connections go from server 1 to server 0). The measured
-round trip of the path the servers use is printed beside the figures.
+round trip each way (all of MP-SPDZ's connections go from higher to lower party numbers). The
+measured round trip of the path is printed beside the figures, and `round_trips` is the protocol
+time divided by it. `mpspdz_rounds` is what MP-SPDZ prints for server 0 (it counts every send and
+every receive, the dealer's deliveries included, so it is about twice the round trips).
 """
 from __future__ import annotations
 
@@ -25,10 +30,10 @@ sys.path.insert(0, str(REPO))
 
 import netlab  # noqa: E402
 from synthetic import clusters  # noqa: E402
+from test_two_hosts import PORTS, Deployment  # noqa: E402
 
 from orchestration import client, reference  # noqa: E402
-
-PORTS = (7300, 7301)
+from orchestration.mpspdz import compile_program, find_mpspdz, protocol  # noqa: E402
 
 
 def path_rtt_ms(net: netlab.TwoHosts, hosts1: str) -> float:
@@ -53,35 +58,26 @@ def path_rtt_ms(net: netlab.TwoHosts, hosts1: str) -> float:
         echo.wait()
 
 
-def run_job(net: netlab.TwoHosts, root: Path, hosts: list[Path], job_dir: Path) -> tuple[float, list[dict]]:
-    t0 = time.monotonic()
-    procs = []
-    for i in range(2):
-        argv = [sys.executable, "-m", "invoke", "party", "--id", str(i), "--hosts", str(hosts[i]), "--job",
-                str(job_dir / f"server{i}"), "--server-dir", str(root / f"server{i}"), "--timeout", "3000"]
-        procs.append(net.popen(i, argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate()[0] for p in procs]
-    wall = time.monotonic() - t0
-    for p, out in zip(procs, outs):
-        if p.returncode != 0:
-            raise SystemExit(f"a server failed:\n{out}")
-    job = json.loads((job_dir / "server0" / "manifest.json").read_text())["job"]
-    receipts = [json.loads((root / f"server{i}" / "outputs" / job / "receipt.json").read_text()) for i in range(2)]
-    return wall, receipts
-
-
-def compile_all(root: Path, hosts: list[Path], job_dir: Path) -> None:
-    """Compile outside the timed runs (each server compiles for itself on first use)."""
-    from orchestration.mpspdz import compile_program, find_mpspdz
-
+def run_job(dep: Deployment, job_dir: Path) -> tuple[float, list[dict]]:
+    """Both servers (and the dealer) on the job; wall time and both receipts."""
     m = json.loads((job_dir / "server0" / "manifest.json").read_text())
-    for i in range(2):
-        compile_program(find_mpspdz(), m["program"], m["program_args"], root / f"server{i}" / "build")
+    proto = protocol(m["protocol"])
+    for d in (dep.servers + [dep.root]):  # compile outside the timing (each server compiles for itself)
+        compile_program(find_mpspdz(), m["program"], m["program_args"], d / "build", proto=proto)
+    t0 = time.monotonic()
+    res = dep.run(job_dir, timeout=3000)
+    wall = time.monotonic() - t0
+    for rc, out in res:
+        if rc != 0:
+            raise SystemExit(f"a server failed:\n{out}")
+    receipts = [json.loads((dep.servers[i] / "outputs" / m["job"] / "receipt.json").read_text()) for i in range(2)]
+    return wall, receipts
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rtt", type=float, action="append", help="round trip(s) in ms (default 0 and 20)")
+    ap.add_argument("--protocol", action="append", choices=["dealer", "semi2k"], help="default: both")
     ap.add_argument("--people", type=int, default=10)
     ap.add_argument("--per", type=int, default=8, help="training faces per person")
     ap.add_argument("--queries", type=int, action="append", help="query batch sizes (default 1 and 64)")
@@ -96,38 +92,31 @@ def main() -> None:
     params = reference.TrainParams(epochs=args.epochs, batch=32, lr=1.0, alpha=16.0, exp_bits=8, seed=0)
     print(f"two namespaces, one `invoke party` each, TLS on; N={len(x)} faces, C={args.people} people, d=128, "
           f"{args.epochs} SGD epoch(s)")
-    print("rtt_target_ms,rtt_measured_ms,delay,job,queries,wall_s,protocol_s,data_total_mb")
-    for rtt in rtts:
-        with tempfile.TemporaryDirectory(prefix="two-hosts-") as tmp, netlab.TwoHosts(rtt_ms=rtt) as net:
-            root = Path(tmp)
-            for i in range(2):
-                subprocess.run([sys.executable, "-m", "invoke", "certs", "--id", str(i), "--server-dir",
-                                str(root / f"server{i}")], cwd=REPO, check=True, capture_output=True)
-            for i in range(2):
-                subprocess.run([sys.executable, "-m", "invoke", "certs", "--id", str(i), "--server-dir",
-                                str(root / f"server{i}"), "--peer-cert",
-                                str(root / f"server{1 - i}" / "certs" / f"P{1 - i}.pem")],
-                               cwd=REPO, check=True, capture_output=True)
-            hosts = [root / "hosts0", root / "hosts1"]
-            for i in range(2):
-                hosts[i].write_text(net.hosts_text(i, PORTS))
-            measured = path_rtt_ms(net, hosts[1].read_text())
-            sent = client.share_train(root / "client", x, labels, params, root / "train")
-            compile_all(root, hosts, root / "train")
-            wall, rc = run_job(net, root, hosts, root / "train")
-            client.collect(root / "client", sent.job, [root / f"server{i}" / "outputs" / sent.job for i in range(2)])
-            print(f"{rtt:g},{measured:.2f},{net.delay},train,,{wall:.2f},{rc[0]['seconds']:.2f},"
-                  f"{rc[0]['global_data_mb']:.1f}", flush=True)
-            for q in batches:
-                sent = client.share_predict(root / "client", x[:q] if q <= len(x) else
-                                            x[[k % len(x) for k in range(q)]], 0.0, root / f"predict{q}")
-                compile_all(root, hosts, root / f"predict{q}")
-                wall, rc = run_job(net, root, hosts, root / f"predict{q}")
-                done = client.collect(root / "client", sent.job,
-                                      [root / f"server{i}" / "outputs" / sent.job for i in range(2)])
-                assert done.predictions is not None and len(done.predictions) == q
-                print(f"{rtt:g},{measured:.2f},{net.delay},predict,{q},{wall:.2f},{rc[0]['seconds']:.2f},"
-                      f"{rc[0]['global_data_mb']:.1f}", flush=True)
+    print("protocol,rtt_target_ms,rtt_measured_ms,delay,job,queries,wall_s,protocol_s,round_trips,mpspdz_rounds,"
+          "data_total_mb")
+    for proto in args.protocol or ["dealer", "semi2k"]:
+        for rtt in rtts:
+            with tempfile.TemporaryDirectory(prefix="two-hosts-") as tmp, netlab.TwoHosts(rtt_ms=rtt) as net:
+                dep = Deployment(Path(tmp), net, protocol=proto)
+                measured = path_rtt_ms(net, dep.hosts_files[1].read_text())
+
+                def row(job: str, q, wall: float, rc: list[dict]) -> None:
+                    secs = rc[0]["seconds"]
+                    trips = f"{secs * 1000 / measured:.0f}" if rtt else ""
+                    print(f"{proto},{rtt:g},{measured:.2f},{net.delay},{job},{q},{wall:.2f},{secs:.3f},{trips},"
+                          f"{rc[0].get('rounds')},{rc[0]['global_data_mb']:.1f}", flush=True)
+
+                sent = client.share_train(dep.client, x, labels, params, dep.root / "train", protocol=proto)
+                wall, rc = run_job(dep, dep.root / "train")
+                client.collect(dep.client, sent.job, dep.outputs(sent.job))
+                row("train", "", wall, rc)
+                for q in batches:
+                    sent = client.share_predict(dep.client, x[[k % len(x) for k in range(q)]], 0.0,
+                                                dep.root / f"predict{q}", protocol=proto)
+                    wall, rc = run_job(dep, dep.root / f"predict{q}")
+                    done = client.collect(dep.client, sent.job, dep.outputs(sent.job))
+                    assert done.predictions is not None and len(done.predictions) == q
+                    row("predict", q, wall, rc)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import reference
-from .mpspdz import MPSPDZ
+from .mpspdz import DEFAULT_PROTOCOL, MPSPDZ
 from .private import Layout, train_private
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def _images(folder: Path) -> list[Path]:
 
 def run_demo(mp: MPSPDZ, dataset: Path, work: Path, params: reference.TrainParams, *, backend: str,
              detector: str, held_out: int = 2, people: int = 10, seed: int = 0, host: str = "127.0.0.1",
-             timeout: float = 1800.0):
+             timeout: float = 1800.0, protocol: str = DEFAULT_PROTOCOL):
     """Enrol, train and recognise; returns (rows, train report, threshold)."""
     from preprocessing.dataset import embed_gallery
     from preprocessing.enroll import enroll
@@ -90,7 +90,7 @@ def run_demo(mp: MPSPDZ, dataset: Path, work: Path, params: reference.TrainParam
         logger.info("enrolled %s: %s", person.name, res)
     queries.append((rng.choice(_images(unknown_person)), "unknown_person"))
 
-    layout = Layout(work / "var")
+    layout = Layout(work / "var", protocol)
     g = embed_gallery(gallery, backend=backend, detector=detector, cache_dir=work / "cache", progress=False)
     report = train_private(mp, layout, g.embeddings, g.labels, params, host=host, timeout=timeout,
                            meta={"backend": backend, "detector": detector})

@@ -16,7 +16,7 @@ import numpy as np
 from preprocessing.fileio import atomic_write_json, atomic_write_text
 
 from . import reference
-from .mpspdz import MPSPDZ
+from .mpspdz import DEFAULT_PROTOCOL, MPSPDZ
 from .private import Layout, Prediction, predict_private, train_private
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class Evaluation:
     seconds: dict[str, float] = field(default_factory=dict)
     data_mb: dict[str, float] = field(default_factory=dict)
     skipped: int = 0
+    protocol: str = DEFAULT_PROTOCOL
 
 
 def split_gallery(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +75,8 @@ def _predict_batches(mp: MPSPDZ, layout: Layout, x: np.ndarray, threshold: float
 
 def evaluate(mp: MPSPDZ, dataset: Path, unknown: Path | None, out_dir: Path, params: reference.TrainParams, *,
              backend: str, detector: str, cache_dir: Path, work: Path, test_fraction: float = 0.3, seed: int = 0,
-             batch: int = 64, host: str = "127.0.0.1", timeout: float = 7200.0) -> Evaluation:
+             batch: int = 64, host: str = "127.0.0.1", timeout: float = 7200.0,
+             protocol: str = DEFAULT_PROTOCOL) -> Evaluation:
     from preprocessing.dataset import embed_gallery
 
     seconds: dict[str, float] = {}
@@ -89,7 +91,7 @@ def evaluate(mp: MPSPDZ, dataset: Path, unknown: Path | None, out_dir: Path, par
     seconds["embedding (client)"] = time.monotonic() - t0
     labels = np.array(g.labels)
     tr, te = split_gallery(labels, test_fraction, seed)
-    layout = Layout(work)
+    layout = Layout(work, protocol)
     t0 = time.monotonic()
     report = train_private(mp, layout, g.embeddings[tr], list(labels[tr]), params, host=host, timeout=timeout,
                            meta={"backend": backend, "detector": detector})
@@ -131,7 +133,7 @@ def evaluate(mp: MPSPDZ, dataset: Path, unknown: Path | None, out_dir: Path, par
         known_correct_accept=float(np.mean(accepted & (best == truth))),
         unknown_reject=float(np.mean([p.label == -1 for p in unk_preds])) if unk_preds else float("nan"),
         decision_agreement=float(np.mean(np.concatenate(mpc_decisions) == np.concatenate(ref_decisions))),
-        seconds=seconds, data_mb=data, skipped=n_skipped)
+        seconds=seconds, data_mb=data, skipped=n_skipped, protocol=protocol)
     write_report(ev, out_dir, truth, best, conf, u_conf, classes)
     return ev
 
@@ -206,7 +208,7 @@ def write_report(ev: Evaluation, out_dir: Path, truth: np.ndarray, best: np.ndar
     lines = [
         "# Private face recognition: evaluation",
         "",
-        f"Dataset `{ev.dataset}`" + (f", unknown faces `{ev.unknown}`" if ev.unknown else "") + f", backend {ev.backend}.",
+        f"Dataset `{ev.dataset}`" + (f", unknown faces `{ev.unknown}`" if ev.unknown else "") + f", backend {ev.backend}, protocol {ev.protocol}.",
         f"{ev.n_people} people, {ev.n_enrolled_faces} enrolled faces, {ev.n_test_faces} known test faces, "
         f"{ev.n_unknown_faces} unknown faces ({ev.skipped} images skipped: no usable face).",
         "",

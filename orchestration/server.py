@@ -8,6 +8,7 @@ A server only ever holds shares, sizes and its own key. Its folder::
     model -> models/<gen>  the current generation (symlink, swapped atomically)
     outputs/<job>/       receipt.json (+ shares.bin for recognition): all that goes back to the client
     logs/<job>.log       MP-SPDZ's output
+    jobs-done            ids of the jobs this server completed: a bundle runs once, a replay is refused
     run-<job>/           scratch working directory of one protocol run (removed afterwards)
     build/               compiled programs (when the server compiles for itself)
 
@@ -177,6 +178,14 @@ def model_generations(server: Server) -> dict[str, dict[str, Any]]:
     return out
 
 
+def jobs_done(server: Server) -> set[str]:
+    """The jobs this server has completed (a bundle is refused a second time)."""
+    try:
+        return set((server.root / "jobs-done").read_text().split())
+    except FileNotFoundError:
+        return set()
+
+
 def current_generation(server: Server) -> str | None:
     link = server.current
     return Path(os.readlink(link)).name if link.is_symlink() else None
@@ -239,6 +248,9 @@ def prepare_job(mp: MPSPDZ, server: Server, bundle: Path, *, encrypted: bool = T
                            f"server has {program_version(m.program)}); client and servers must run the same release")
     if not m.job or "/" in m.job or m.job.startswith("."):
         raise SharingError(f"{bundle / 'manifest.json'}: invalid job id {m.job!r}")
+    if m.job in jobs_done(server):
+        raise SharingError(f"{bundle}: job {m.job} already ran on server {i} ({server.root / 'jobs-done'}); a bundle "
+                           "is used once: the client makes a new job for a new run")
     args = _check_args(m, bundle)
     model_path, model_meta = None, None
     if m.kind in ("predict", "refresh"):
@@ -304,7 +316,7 @@ def finish_job(prep: PreparedJob, result: PartyResult | None) -> Path:
                                "finished": time.time()}
     if result is not None:
         receipt.update(seconds=result.seconds, data_sent_mb=result.data_sent_mb,
-                       global_data_mb=result.global_data_mb)
+                       global_data_mb=result.global_data_mb, rounds=result.rounds, protocol=m.protocol)
     out = server.outputs / m.job
     tmp_out = server.outputs / f".{m.job}.tmp"
     if tmp_out.exists():
@@ -337,6 +349,8 @@ def finish_job(prep: PreparedJob, result: PartyResult | None) -> Path:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp_out, out)
+    with open(server.root / "jobs-done", "a") as fh:  # appended after the results are in place
+        fh.write(m.job + "\n")
     return out
 
 

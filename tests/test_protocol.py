@@ -5,6 +5,7 @@ over TLS, share refresh, and the faults that must be caught before the protocol 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -324,3 +325,111 @@ def test_stopping_invoke_party_stops_its_protocol_process(trained, data, tmp_pat
     time.sleep(0.2)
     assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
     assert not list(layout.server(0).glob("run-*"))
+
+
+# ---- both protocols, what the servers receive, the dealer -------------------------------------------
+
+@pytest.mark.parametrize("protocol", ["dealer", "semi2k"])
+def test_both_protocols_agree_with_the_reference(mp, data, tmp_path, protocol):
+    x, labels, tr, te = data
+    layout = Layout(tmp_path / "var", protocol)
+    report = train_private(mp, layout, x[tr], [labels[k] for k in tr], PARAMS, timeout=300)
+    idx = {n: k for k, n in enumerate(report.classes)}
+    w = reference.train(x[tr], np.array([idx[labels[k]] for k in tr]), len(report.classes), PARAMS)
+    got_w = sharing.decode_fixed(sharing.reconstruct(*_model(layout))).reshape(w.shape)
+    assert np.max(np.abs(got_w - w)) < 0.05
+    rep = predict_private(mp, layout, x[te], 0.5)
+    best, conf = reference.predict(w, x[te], PARAMS.exp_bits)
+    assert [p.best for p in rep.predictions] == list(best)
+    assert np.allclose([p.confidence for p in rep.predictions], conf, atol=2e-3)
+    assert [p.label for p in rep.predictions] == [b if c >= 0.5 else client.UNKNOWN for b, c in zip(best, conf)]
+
+
+def _bits_uniform(values: np.ndarray) -> None:
+    """Every one of the 64 bit positions is set in about half of the values (5 sigma)."""
+    bits = np.unpackbits(values.astype("<u8").view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+    freq = bits.mean(axis=0)
+    sigma = 0.5 / np.sqrt(len(values))
+    assert np.all(np.abs(freq - 0.5) < 5 * sigma + 1e-12), freq
+
+
+@pytest.mark.parametrize("protocol", ["dealer", "semi2k"])
+def test_what_each_server_receives_is_uniform_and_uncorrelated(data, tmp_path, protocol):
+    """The share bundles, by value: each bit uniform, no correlation with the embeddings or labels, fresh
+    randomness for the same data; and no argument or manifest field that tells the embedder or threshold."""
+    x, labels, tr, _ = data
+    x = np.tile(x, (20, 1))  # enough values for the statistics
+    labels = labels * 20
+    secret = np.concatenate([[16.0], reference.with_bias(x[reference.training_order(len(x), PARAMS.seed)]).ravel()])
+    enc = sharing.encode_fixed(secret).view(np.int64).astype(np.float64)
+    layout = Layout(tmp_path / "var", protocol)
+    bundles = {}
+    for alpha in (16.0, 96.0):  # FaceNet's and dlib's warm-start scales
+        params = reference.TrainParams(**{**PARAMS.__dict__, "alpha": alpha})
+        sent = client.share_train(layout.client, x, labels, params, tmp_path / f"a{alpha:g}", protocol=protocol)
+        bundles[alpha] = sent
+    for i in range(2):
+        blobs = [np.frombuffer((bundles[a].bundles[i] / f"Input-Binary-P{i}-0").read_bytes(), "<u8")
+                 for a in (16.0, 96.0)]
+        _bits_uniform(blobs[0])
+        share = blobs[0][:len(secret)].view(np.int64).astype(np.float64)
+        r = np.corrcoef(share, enc)[0, 1]
+        assert abs(r) < 5 / np.sqrt(len(secret)), r
+        assert np.mean(blobs[0] == blobs[1]) < 1e-3  # the same data, shared twice: unrelated shares
+        manifests = [json.loads((bundles[a].bundles[i] / "manifest.json").read_text()) for a in (16.0, 96.0)]
+        # all a server reads besides shares: identical whichever embedder (alpha) the client uses
+        for key in ("program", "program_args", "n", "d", "n_classes", "frac_bits", "ring_bits", "kind", "protocol",
+                    "n_values", "party", "file", "extra", "program_version"):
+            assert manifests[0][key] == manifests[1][key], key
+        assert manifests[0]["program_args"] == [str(len(x)), "129", "5", "1", "16", "1.0", "8"]
+    # recognition: the threshold never goes to the servers; their bundle is the queries alone
+    rec = json.loads(_fake_record(layout, x).read_text())
+    outs = [client.share_predict(layout.client, x[:3], t, tmp_path / f"q{t}", protocol=protocol) for t in (0.2, 0.9)]
+    for i in range(2):
+        ms = [json.loads((o.bundles[i] / "manifest.json").read_text()) for o in outs]
+        assert ms[0]["program_args"] == ms[1]["program_args"] == ["4", "129", str(len(rec["classes"])), "8"]
+        assert ms[0]["n_values"] == 4 * 129  # the padded queries, nothing else
+
+
+def _fake_record(layout: Layout, x) -> Path:
+    """A client model record (no training needed to make recognition bundles)."""
+    from preprocessing.fileio import atomic_write_json
+
+    atomic_write_json(layout.client_model, {"run_id": "r", "gen": "r", "classes": [f"p{k}" for k in range(5)],
+                                            "d": x.shape[1], "n": len(x), "params": PARAMS.__dict__})
+    return layout.client_model
+
+
+def test_a_bundle_runs_once_and_a_replay_is_refused(mp, trained, data, tmp_path):
+    layout = _copy(trained[0], tmp_path / "var")
+    x, _, _, te = data
+    sent = client.share_predict(layout.client, x[te[:2]], 0.0, tmp_path / "jobs")
+    keep = tmp_path / "copy"
+    shutil.copytree(tmp_path / "jobs", keep)
+    from orchestration.private import run_local
+
+    run_local(mp, layout, sent)
+    replay = client.Outgoing(sent.job, sent.kind, (keep / "server0", keep / "server1"), sent.program_args,
+                             sent.protocol, sent.program)
+    with pytest.raises(sharing.SharingError, match=f"job {sent.job} already ran on server 0"):
+        run_local(mp, layout, replay)
+
+
+def test_killed_dealer_mid_training_is_named_and_changes_nothing(mp, trained, data, tmp_path):
+    layout = _copy(trained[0], tmp_path / "var")
+    x, labels, tr, _ = data
+    before = [current_generation(Server(layout.server(i), i)) for i in range(2)]
+    files = [(layout.model_dir(i) / f"Transactions-P{i}.data").read_bytes() for i in range(2)]
+
+    def kill_dealer(procs):
+        assert len(procs) == 3
+        os.killpg(procs[2].pid, signal.SIGSTOP)  # cannot finish before it is killed
+        threading.Timer(0.5, _kill, args=(procs[2],)).start()
+
+    start = time.monotonic()
+    with pytest.raises(PartyFailed, match=r"the client \(dealer\) was killed") as err:
+        train_private(mp, layout, x[tr], [labels[k] for k in tr], PARAMS, timeout=60, on_spawn=kill_dealer)
+    assert err.value.party == 2 and time.monotonic() - start < 60
+    assert [current_generation(Server(layout.server(i), i)) for i in range(2)] == before
+    assert [(layout.model_dir(i) / f"Transactions-P{i}.data").read_bytes() for i in range(2)] == files
+    assert not list(layout.client.glob("run-*")) and not list((layout.client / "jobs").glob("*.json"))
