@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -117,12 +118,50 @@ def write_model_file(path: Path, header_from: Path, shares: np.ndarray) -> None:
 
 # ---- checks before any protocol run ------------------------------------------------------------
 
+#: what an id from a manifest may look like where it becomes a file or folder name on the server
+#: (``outputs/<job>``, ``logs/<job>.log``, ``run-<job>``, ``models/<run_id>``, ``models/<model_gen>``)
+_PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def plain_id(value: Any, key: str, where: Path) -> str:
+    """``value`` if it is a plain name (no path, not ``.``/``..``); else a :class:`SharingError` naming ``where``."""
+    if not isinstance(value, str) or not _PLAIN_ID.fullmatch(value):
+        raise SharingError(f"{where}: {key} {value!r} must be a plain name: 1-128 letters, digits, '.', '_' or '-', "
+                           "starting with a letter or digit (no '/', not '.' or '..')")
+    return value
+
+
+def bundle_file(bundle: Path, name: Any, where: Path) -> Path:
+    """The file ``name`` of a manifest, which must be a plain file name inside ``bundle``.
+
+    Checked on the name alone, before anything is opened: no absolute path, no separator, not
+    ``.``/``..``; and a symlink must stay inside the bundle folder."""
+    what = (f"{where}: file {name!r} must be the plain name of a file in the bundle folder {bundle} "
+            "(no absolute path, no '/', not '.' or '..')")
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or os.path.isabs(name)):
+        raise SharingError(what)
+    path = bundle / name
+    if path.is_symlink() and path.resolve().parent != bundle.resolve():
+        raise SharingError(f"{what}; it is a symlink to {os.readlink(path)}")
+    return path
+
+
 def check_bundle(bundle: Path, party: int, expect: dict[str, Any] | None = None) -> ShareManifest:
-    """This server's check of a client's bundle: integrity, sizes, and that it is for us."""
+    """This server's check of a client's bundle: integrity, sizes, and that it is for us.
+
+    Every name the manifest gives is checked before any file it names is opened: the share file
+    must be a file of the bundle folder, and the ids that become folder names are plain names."""
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise SharingError(f"{bundle}: no such job folder (expected manifest.json and Input-Binary-P{party}-0)")
-    m = ShareManifest.load(bundle / "manifest.json")
+    mf = bundle / "manifest.json"
+    m = ShareManifest.load(mf)
+    plain_id(m.job, "job", mf)
+    plain_id(m.run_id, "run_id", mf)
+    if m.model_gen or m.kind != "train":  # a training job starts a model: it names no generation
+        plain_id(m.model_gen, "model_gen", mf)
+    data = bundle_file(bundle, m.file, mf) if m.n_values else None
     if m.party != party:
         raise SharingError(f"{bundle}: bundle is for server {m.party}, not server {party}")
     if m.kind not in PROGRAMS or m.program != PROGRAMS[m.kind]:
@@ -131,8 +170,7 @@ def check_bundle(bundle: Path, party: int, expect: dict[str, Any] | None = None)
     if m.frac_bits != FRAC_BITS or m.ring_bits != RING_BITS:
         raise SharingError(f"{bundle / 'manifest.json'}: fixed point f={m.frac_bits} in Z_2^{m.ring_bits}, "
                            f"this server uses f={FRAC_BITS} in Z_2^{RING_BITS}")
-    if m.n_values:
-        data = bundle / m.file
+    if data is not None:
         if not data.is_file():
             raise SharingError(f"{data}: share file missing")
         size = data.stat().st_size
@@ -234,8 +272,6 @@ def prepare_job(mp: MPSPDZ, server: Server, bundle: Path, *, encrypted: bool = T
     if m.program_version != program_version(m.program):
         raise SharingError(f"{bundle}: made for another version of {m.program}.mpc ({m.program_version}, this "
                            f"server has {program_version(m.program)}); client and servers must run the same release")
-    if not m.job or "/" in m.job or m.job.startswith("."):
-        raise SharingError(f"{bundle / 'manifest.json'}: invalid job id {m.job!r}")
     args = _check_args(m, bundle)
     model_path, model_meta = None, None
     if m.kind in ("predict", "refresh"):
@@ -250,7 +286,8 @@ def prepare_job(mp: MPSPDZ, server: Server, bundle: Path, *, encrypted: bool = T
     (run / "Persistence").mkdir()
     os.symlink(server.build_dir.resolve() / "Programs", run / "Programs")
     if m.n_values:
-        shutil.copyfile(Path(bundle) / m.file, run / "Player-Data" / f"Input-Binary-P{i}-0")
+        shutil.copyfile(bundle_file(Path(bundle), m.file, Path(bundle) / "manifest.json"),
+                        run / "Player-Data" / f"Input-Binary-P{i}-0")
     mask = None
     if m.kind == "refresh" and i == 0:
         # server 0's secret input: fresh randomness, removed from its own share after the run
