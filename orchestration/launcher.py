@@ -144,6 +144,8 @@ _HANDSHAKE = re.compile(r"(Client|Server)-side handshake with (P\d+) failed")
 _PEER_LOST = re.compile(r"(Connection reset|Broken pipe|End of file|connection closed|Received 0 bytes|"
                         r"receiving error|sending error|stream truncated|Connection refused)", re.I)
 _BIND_FAILED = re.compile(r"^Binding to socket on .*:(\d+) failed \((.*)\)")
+_SURVIVOR_WAIT = 0.5  # seconds to let the other party end after one failed, to see who went first
+_LOG_DRAIN_WAIT = 2.0  # seconds to let an ended party's last output reach its log
 
 
 def diagnose(log_text: str, party: int) -> tuple[str, int | None]:
@@ -219,9 +221,16 @@ def run_parties(
 
     failed: int | None = None
     reason = ""
+    exited: list[int] = []  # indices into specs, in the order the loop saw the processes end
+
+    def poll_all() -> list[int | None]:
+        codes = [p.poll() for p in procs]
+        exited.extend(k for k, c in enumerate(codes) if c is not None and k not in exited)
+        return codes
+
     try:
         while True:
-            codes = [p.poll() for p in procs]
+            codes = poll_all()
             if bind_errors:  # MP-SPDZ would retry for ten minutes
                 party_s, _, line = bind_errors[0].partition(": ")
                 failed = int(party_s.split()[1])
@@ -229,10 +238,16 @@ def run_parties(
                 break
             bad = [k for k, c in enumerate(codes) if c not in (None, 0)]
             if bad:
-                if len(procs) > 1 and any(c is None for c in codes):
-                    time.sleep(0.5)  # the survivor usually follows; then blame the one that went first
-                    codes = [p.poll() for p in procs]
-                failed, reason = _blame(specs, codes)
+                # the survivor usually follows within moments: see in which order they end
+                until = time.monotonic() + _SURVIVOR_WAIT
+                while any(c is None for c in codes) and time.monotonic() < until:
+                    time.sleep(0.02)
+                    codes = poll_all()
+                # what an ended party printed last must be in its log before anyone reads it
+                until = time.monotonic() + _LOG_DRAIN_WAIT
+                for k in exited:
+                    readers[k].join(timeout=max(0.0, until - time.monotonic()))
+                failed, reason = _blame(specs, codes, order=exited)
                 break
             if all(c == 0 for c in codes):
                 break
@@ -265,24 +280,61 @@ def run_parties(
     return RunResult(program, wall, results)
 
 
-def _blame(specs: Sequence[PartySpec], codes: list[int | None]) -> tuple[int | None, str]:
-    """Which party caused the failure, and why, from exit codes and logs."""
+#: signals sent from outside the party (an operator, a service manager, the OOM killer, a test): a party
+#: that died of one of these is where the failure started, whatever its peer printed afterwards
+_OUTSIDE_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT})
+
+
+def _blame(specs: Sequence[PartySpec], codes: list[int | None], order: Sequence[int] | None = None
+           ) -> tuple[int | None, str]:
+    """Which party caused the failure, and why, from the evidence: signals, messages, and exit order.
+
+    ``order`` lists indices into ``specs`` in the order their processes were seen to end. Among the
+    parties that failed, the first of these explains the failure:
+
+    1. a party stopped by a signal from outside (SIGKILL, SIGTERM, ...);
+    2. a party that failed by itself (an exit code, or a signal such as SIGSEGV) without saying it
+       lost its peer;
+    3. only if every failed party says it lost its peer (or died of SIGPIPE), the peer is at fault:
+       the peer of the one that ended first.
+
+    Within a rank the one that ended first wins. A survivor often aborts (SIGABRT, an uncaught
+    boost::system::system_error) right after its peer dies, and its last line may not be in its log
+    yet, so rank 1 never beats rank 0 and exit order breaks ties, whichever party index is lower.
+    """
     texts = [_read(s.log) for s in specs]
     diag = [diagnose(t, s.party) for t, s in zip(texts, specs)]
     for (why, _), s in zip(diag, specs):
         if why.startswith("TLS"):
             return None, why
-    # the one that went first: failed without its output blaming the peer (a killed party writes nothing)
-    first = [k for k, c in enumerate(codes) if c not in (None, 0) and diag[k][1] != 1 - specs[k].party]
-    for k in first:
+    bad = [k for k, c in enumerate(codes) if c not in (None, 0)]
+    seen = list(dict.fromkeys([k for k in (order or ()) if k in bad] + bad))  # exit order, then the rest
+
+    def rank(k: int) -> int:
         c = codes[k]
         assert c is not None
-        what = f"was killed (signal {-c})" if c < 0 else f"exited with code {c}"
-        extra = f": {diag[k][0]}" if diag[k][0] else ""
-        return specs[k].party, f"server {specs[k].party} {what}{extra}"
-    k = next(k for k, c in enumerate(codes) if c not in (None, 0))
-    why, blame = diag[k]
-    return (blame if blame is not None else specs[k].party), f"server {specs[k].party} stopped: {why}"
+        if c < 0 and -c in _OUTSIDE_SIGNALS:
+            return 0
+        if diag[k][1] == 1 - specs[k].party or c == -signal.SIGPIPE:
+            return 2
+        return 1
+
+    k = min(seen, key=lambda j: (rank(j), seen.index(j)))
+    party, c = specs[k].party, codes[k]
+    assert c is not None
+    if rank(k) == 2:
+        why = diag[k][0] or f"lost the connection to server {1 - party} (it stopped or its host went away)"
+        return 1 - party, f"server {party} stopped: {why}"
+    what = f"was killed (signal {-c})" if c < 0 else f"exited with code {c}"
+    extra = f": {diag[k][0]}" if diag[k][0] else ""
+    msg = f"server {party} {what}{extra}"
+    for j in seen:
+        if j != k:
+            cj = codes[j]
+            assert cj is not None
+            then = diag[j][0] or (f"killed (signal {-cj})" if cj < 0 else f"exit code {cj}")
+            msg += f"; server {specs[j].party} then stopped too ({then})"
+    return party, msg
 
 
 def _read(path: Path) -> str:

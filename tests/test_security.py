@@ -125,3 +125,81 @@ def test_bundle_ids_that_name_server_folders_are_plain_names(tmp_path, key, valu
 
 def test_a_well_formed_bundle_still_passes(tmp_path):
     assert check_bundle(_bundle(tmp_path), 0).file == "Input-Binary-P0-0"
+
+
+# ---- finding 6: the server that failed first is named, not the one that lost its peer -----------
+
+def _specs(tmp_path: Path, texts: list[str]) -> list[PartySpec]:
+    specs = []
+    for i, text in enumerate(texts):
+        log = tmp_path / f"p{i}.log"
+        log.write_text(text)
+        specs.append(PartySpec(i, tmp_path, log, "127.0.0.1", 5000 + i))
+    return specs
+
+
+SETUP = "Truncation error probability 2^-40\nTrying to run 64-bit computation\nSetup took 0.05 seconds.\n"
+ABORT = ("terminate called after throwing an instance of 'boost::wrapexcept<boost::system::system_error>'\n"
+         "  what():  read_some: stream truncated [asio.ssl.stream:1]\n")
+
+
+def test_blame_names_the_killed_server_when_the_survivors_abort_message_is_not_in_its_log_yet(tmp_path):
+    """The failure seen in a full run: server 1 SIGKILLed, server 0 aborted (SIGABRT) after losing it, and
+    server 0's last lines had not reached its log when the launcher looked."""
+    specs = _specs(tmp_path, [SETUP, SETUP])
+    party, why = _blame(specs, [-signal.SIGABRT, -signal.SIGKILL])
+    assert party == 1 and why.startswith("server 1 was killed (signal 9)"), why
+
+
+@pytest.mark.parametrize("codes,texts,order,expect", [
+    # the survivor's abort message made it to its log
+    ([-signal.SIGABRT, -signal.SIGKILL], [SETUP + ABORT, SETUP], [1, 0], 1),
+    # server 0 stopped from outside (SIGTERM), server 1 then exits 1 having lost it
+    ([-signal.SIGTERM, 1], [SETUP, SETUP + "Fatal error in communication: End of file\n"], [0, 1], 0),
+    # a real crash of server 0 (SIGSEGV): server 1 only lost its peer
+    ([-signal.SIGSEGV, -signal.SIGABRT], [SETUP, SETUP + ABORT], [0, 1], 0),
+    # no message either side: the one that exited first
+    ([1, 1], [SETUP, SETUP], [1, 0], 1),
+    ([1, 1], [SETUP, SETUP], [0, 1], 0),
+    # both killed from outside: the first
+    ([-signal.SIGKILL, -signal.SIGKILL], [SETUP, SETUP], [1, 0], 1),
+    # server 1 still running, server 0 lost it: server 1 is at fault
+    ([-signal.SIGABRT, None], [SETUP + ABORT, SETUP], [0], 1),
+])
+def test_blame_uses_signals_messages_and_exit_order(tmp_path, codes, texts, order, expect):
+    party, why = _blame(_specs(tmp_path, texts), codes, order=order)
+    assert party == expect and f"server {expect} " in why, why
+
+
+@pytest.mark.parametrize("code,text,expect,words", [
+    (-signal.SIGKILL, SETUP, 0, "server 0 was killed (signal 9)"),
+    (-signal.SIGABRT, SETUP + ABORT, 1, "lost the connection to server 1"),
+    (1, SETUP + "Fatal error in communication: write_some: Connection reset by peer\n", 1, "lost the connection"),
+    (-signal.SIGSEGV, SETUP, 0, "server 0 was killed (signal 11)"),
+])
+def test_blame_with_one_server_on_this_host(tmp_path, code, text, expect, words):
+    party, why = _blame(_specs(tmp_path, [text]), [code], order=[0])
+    assert party == expect and words in why, why
+
+
+def test_killed_server_is_named_even_when_the_survivors_output_lags(mp, trained, data, tmp_path):
+    """Real runs: server 1 is SIGKILLed at several moments while server 0's output reaches its log late (its
+    reader thread starved, as on a loaded machine). Every time server 1 must be named, never server 0."""
+    x, _, _, te = data
+    layout = _copy(trained, tmp_path / "var")
+    seen = []
+    queries = np.tile(x[te], (256 // len(te), 1))  # a run of about two seconds here
+    for delay in (0.15, 0.4, 0.8, 1.2):
+        def slow_reader(party: int, line: str) -> None:
+            if party == 0:
+                threading.Event().wait(0.7)
+
+        def kill_server_1(procs, delay=delay) -> None:
+            threading.Timer(delay, os.killpg, args=(procs[1].pid, signal.SIGKILL)).start()
+
+        with pytest.raises(PartyFailed) as err:
+            predict_private(mp, layout, queries, 0.0, timeout=60, on_spawn=kill_server_1, on_line=slow_reader)
+        first = str(err.value).splitlines()[0]
+        seen.append((delay, err.value.party, first))
+    wrong = [s for s in seen if s[1] != 1 or "server 1 was killed (signal 9)" not in s[2]]
+    assert not wrong, wrong
