@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from preprocessing.fileio import copy_private, owner_only, private_dir
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_DAYS = 365
@@ -80,6 +82,7 @@ def inspect(pem: Path) -> CertInfo:
     return CertInfo(pem, cn, not_after, hash_line.strip(), fp)
 
 
+@owner_only()
 def make_party_cert(server_dir: Path, party: int, *, days: int = DEFAULT_DAYS, force: bool = False) -> CertInfo:
     """Create server ``party``'s key and self-signed certificate in ``<server_dir>/certs``."""
     d = cert_dir(server_dir)
@@ -87,8 +90,8 @@ def make_party_cert(server_dir: Path, party: int, *, days: int = DEFAULT_DAYS, f
     if (key.exists() or pem.exists()) and not force:
         raise CertError(f"{key if key.exists() else pem} exists; use --force to replace server {party}'s key "
                         "(the other server must then receive the new certificate)")
-    d.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=d, prefix=".new-") as tmp:
+    private_dir(d)
+    with tempfile.TemporaryDirectory(dir=d, prefix=".new-") as tmp:  # 0700; openssl runs under umask 077
         tkey, tpem = Path(tmp) / "key", Path(tmp) / "pem"
         _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                  "-days", str(days), "-subj", f"/CN=P{party}", "-keyout", str(tkey), "-out", str(tpem))
@@ -99,6 +102,7 @@ def make_party_cert(server_dir: Path, party: int, *, days: int = DEFAULT_DAYS, f
     return inspect(pem)
 
 
+@owner_only()
 def import_peer_cert(server_dir: Path, party: int, pem: Path) -> CertInfo:
     """Install the other server's certificate into server ``party``'s folder."""
     peer = 1 - party
@@ -107,13 +111,14 @@ def import_peer_cert(server_dir: Path, party: int, pem: Path) -> CertInfo:
         raise CertError(f"{pem}: certificate is for {info.common_name or 'no name'!r}, server {party} needs the one "
                         f"of server {peer} (common name P{peer})")
     dest = cert_dir(server_dir) / f"P{peer}.pem"
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(dest.parent)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(pem, tmp)
+    copy_private(pem, tmp)
     os.replace(tmp, dest)
     return inspect(dest)
 
 
+@owner_only()
 def make_local_pair(server_dirs: tuple[Path, Path], *, days: int = DEFAULT_DAYS, force: bool = False
                     ) -> list[CertInfo]:
     """Both servers on one machine: a key and certificate each, and each holds the other's certificate."""
@@ -157,14 +162,14 @@ def check_party_certs(server_dir: Path, party: int) -> PartyCerts:
     return PartyCerts(party, own, key, other)
 
 
+@owner_only()
 def install_for_run(certs: PartyCerts, player_data: Path) -> None:
     """Put the key, both certificates and their hash links where MP-SPDZ reads them."""
-    player_data.mkdir(parents=True, exist_ok=True)
+    private_dir(player_data)
     me, peer = certs.party, 1 - certs.party
-    shutil.copyfile(certs.key, player_data / f"P{me}.key")
-    os.chmod(player_data / f"P{me}.key", 0o600)
-    shutil.copyfile(certs.own.path, player_data / f"P{me}.pem")
-    shutil.copyfile(certs.peer.path, player_data / f"P{peer}.pem")
+    copy_private(certs.key, player_data / f"P{me}.key")  # 0600 from its first byte
+    copy_private(certs.own.path, player_data / f"P{me}.pem")
+    copy_private(certs.peer.path, player_data / f"P{peer}.pem")
     used: set[str] = set()
     for info, name in ((certs.own, f"P{me}.pem"), (certs.peer, f"P{peer}.pem")):
         k = 0

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from preprocessing import sharing
-from preprocessing.fileio import atomic_write_json
+from preprocessing.fileio import atomic_write_json, owner_only, private_dir
 from preprocessing.sharing import FRAC_BITS
 
 from . import reference
@@ -85,6 +85,7 @@ def _bundle_dirs(out: Path | Sequence[Path], job: str) -> tuple[Path, Path]:
     return a, b
 
 
+@owner_only()
 def share_train(client: Path, embeddings: np.ndarray, labels: Sequence[str], params: reference.TrainParams,
                 out: Path | Sequence[Path], *, meta: dict[str, Any] | None = None) -> Outgoing:
     """Share a labelled gallery for private training; keeps classes and threshold at the client."""
@@ -93,6 +94,7 @@ def share_train(client: Path, embeddings: np.ndarray, labels: Sequence[str], par
         raise ValueError(f"embeddings must be a non-empty (n, d) array, got shape {x.shape}")
     if len(labels) != x.shape[0]:
         raise ValueError(f"{len(labels)} labels for {x.shape[0]} embeddings")
+    private_dir(client)
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise ValueError(f"need at least 2 people to train a classifier, got {len(classes)}: {classes}")
@@ -119,9 +121,11 @@ def share_train(client: Path, embeddings: np.ndarray, labels: Sequence[str], par
     return Outgoing(job, "train", dirs, args)
 
 
+@owner_only()
 def share_predict(client: Path, embeddings: np.ndarray, threshold: float, out: Path | Sequence[Path], *,
                   info: dict[str, Any] | None = None) -> Outgoing:
     """Share a batch of query embeddings (padded to a power of two) and the decision threshold."""
+    private_dir(client)
     record = load_model_record(client)
     x = np.asarray(embeddings, dtype=np.float64)
     q_real = len(x)
@@ -148,8 +152,10 @@ def share_predict(client: Path, embeddings: np.ndarray, threshold: float, out: P
     return Outgoing(job, "predict", dirs, args)
 
 
+@owner_only()
 def share_refresh(client: Path, out: Path | Sequence[Path]) -> Outgoing:
     """A job with no data: both servers re-randomise their shares of the current model."""
+    private_dir(client)
     record = load_model_record(client)
     d1, c = record["d"] + 1, len(record["classes"])
     job = f"refresh-{sharing.new_run_id()}"
@@ -192,12 +198,14 @@ class Collected:
     info: dict[str, Any] | None = None
 
 
+@owner_only()
 def collect(client: Path, job: str, results: Sequence[Path]) -> Collected:
     """Read both servers' ``outputs/<job>/`` and finish the job at the client.
 
     train: the new model becomes current. refresh: the new share generation becomes current.
     predict: the output shares are reconstructed into predictions.
     """
+    private_dir(client)
     pending = _load_pending(client, job)
     kind = pending["kind"]
     receipts = [_receipt(results[i], i, job) for i in range(2)]
@@ -243,6 +251,7 @@ def collect(client: Path, job: str, results: Sequence[Path]) -> Collected:
     return Collected(job, kind, record, preds, pending.get("info"))
 
 
+@owner_only()
 def discard(client: Path, job: str, bundles: Sequence[Path] = ()) -> None:
     """Forget a job that failed (the current model record is untouched)."""
     _pending_path(client, job).unlink(missing_ok=True)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from preprocessing.fileio import PRIVATE_UMASK, open_private, owner_only, private_dir
+
 from .mpspdz import MPSPDZ, MPSPDZError
 
 logger = logging.getLogger(__name__)
@@ -163,6 +165,7 @@ def diagnose(log_text: str, party: int) -> tuple[str, int | None]:
     return "", None
 
 
+@owner_only()
 def run_parties(
     mp: MPSPDZ,
     program: str,
@@ -187,7 +190,7 @@ def run_parties(
     bind_errors: list[str] = []
     start = time.monotonic()
     for s in specs:
-        Path(s.log).parent.mkdir(parents=True, exist_ok=True)
+        private_dir(Path(s.log).parent)
         cmd = party_command(mp, s.party, program, hosts_file, encrypted=encrypted, extra_args=extra_args)
         env = dict(os.environ)
         if shim is not None:
@@ -197,13 +200,13 @@ def run_parties(
         logger.debug("party %d: %s (cwd %s)", s.party, " ".join(cmd), s.workdir)
         procs.append(subprocess.Popen(cmd, cwd=s.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, bufsize=1, start_new_session=True, env=env,
-                                      preexec_fn=_die_with_parent))
+                                      preexec_fn=_child_setup))
 
     if on_spawn:  # fault-injection hook for tests
         on_spawn(procs)
 
     def reader(k: int) -> None:
-        with open(specs[k].log, "w") as log:
+        with open_private(specs[k].log, "w") as log:
             assert procs[k].stdout is not None
             for line in procs[k].stdout:
                 log.write(line)
@@ -342,6 +345,12 @@ def _read(path: Path) -> str:
         return Path(path).read_text(errors="replace")
     except OSError:
         return ""
+
+
+def _child_setup() -> None:
+    """In the child, before MP-SPDZ starts: owner-only files (umask 077), and die with the launcher."""
+    os.umask(PRIVATE_UMASK)
+    _die_with_parent()
 
 
 def _die_with_parent() -> None:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from preprocessing.fileio import atomic_write_json
+from preprocessing.fileio import atomic_write_json, owner_only
 
 from . import certs, client, reference
 from .client import UNKNOWN, Prediction  # noqa: F401  (re-exported)
@@ -107,6 +107,7 @@ def ensure_local_certs(layout: Layout) -> None:
     logger.info("made TLS keys and certificates for both local servers in %s/server*/certs", layout.root)
 
 
+@owner_only()
 def run_local(
     mp: MPSPDZ,
     layout: Layout,
@@ -144,6 +145,7 @@ def run_local(
     return result, outs
 
 
+@owner_only()
 def train_private(
     mp: MPSPDZ,
     layout: Layout,
@@ -200,6 +202,7 @@ def load_client_model(layout: Layout) -> dict[str, Any]:
 bucket_size = client.bucket_size
 
 
+@owner_only()
 def predict_private(
     mp: MPSPDZ,
     layout: Layout,
@@ -226,6 +229,7 @@ def predict_private(
     return PredictReport(done.predictions, result, compile_seconds, int(out.program_args[0]))
 
 
+@owner_only()
 def refresh_private(
     mp: MPSPDZ,
     layout: Layout,

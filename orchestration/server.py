@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from preprocessing import sharing
-from preprocessing.fileio import atomic_write_bytes, atomic_write_json
+from preprocessing.fileio import atomic_write_bytes, atomic_write_json, copy_private, open_private, owner_only, private_dir
 from preprocessing.sharing import FRAC_BITS, RING_BITS, ShareManifest, SharingError
 
 from . import certs as certs_mod
@@ -264,10 +264,12 @@ class PreparedJob:
         return self.manifest.kind
 
 
+@owner_only()
 def prepare_job(mp: MPSPDZ, server: Server, bundle: Path, *, encrypted: bool = True,
                 expect: dict[str, Any] | None = None) -> PreparedJob:
     """Every check that can fail before the protocol starts, then the run's working directory."""
     i = server.party
+    private_dir(server.root)
     m = check_bundle(bundle, i, expect)
     if m.program_version != program_version(m.program):
         raise SharingError(f"{bundle}: made for another version of {m.program}.mpc ({m.program_version}, this "
@@ -286,15 +288,16 @@ def prepare_job(mp: MPSPDZ, server: Server, bundle: Path, *, encrypted: bool = T
     (run / "Persistence").mkdir()
     os.symlink(server.build_dir.resolve() / "Programs", run / "Programs")
     if m.n_values:
-        shutil.copyfile(bundle_file(Path(bundle), m.file, Path(bundle) / "manifest.json"),
-                        run / "Player-Data" / f"Input-Binary-P{i}-0")
+        copy_private(bundle_file(Path(bundle), m.file, Path(bundle) / "manifest.json"),
+                     run / "Player-Data" / f"Input-Binary-P{i}-0")
     mask = None
     if m.kind == "refresh" and i == 0:
         # server 0's secret input: fresh randomness, removed from its own share after the run
         mask = sharing.random_ring(m.d * m.n_classes)
-        (run / "Player-Data" / "Input-Binary-P0-0").write_bytes(mask.astype("<u8").tobytes())
+        with open_private(run / "Player-Data" / "Input-Binary-P0-0", "wb") as fh:
+            fh.write(mask.astype("<u8").tobytes())
     if model_path is not None:
-        shutil.copyfile(model_path, run / "Persistence" / f"Transactions-P{i}.data")
+        copy_private(model_path, run / "Persistence" / f"Transactions-P{i}.data")
     if party_certs is not None:
         certs_mod.install_for_run(party_certs, run / "Player-Data")
     log = server.logs / f"{m.job}.log"
@@ -310,7 +313,7 @@ def _install_generation(server: Server, gen: str, shares_file: Path, meta: dict[
         if d.exists():
             shutil.rmtree(d)
     tmp_dir.mkdir()
-    shutil.copyfile(shares_file, server.model_file(tmp_dir))
+    copy_private(shares_file, server.model_file(tmp_dir))
     atomic_write_json(tmp_dir / "manifest.json", meta)
     os.replace(tmp_dir, new_dir)
     tmp_link = server.root / ".model.link"
@@ -324,6 +327,7 @@ def _install_generation(server: Server, gen: str, shares_file: Path, meta: dict[
             shutil.rmtree(server.models / old, ignore_errors=True)
 
 
+@owner_only()
 def finish_job(prep: PreparedJob, result: PartyResult | None) -> Path:
     """After a successful run: install the model or write the output shares, then the receipt.
 
@@ -362,7 +366,8 @@ def finish_job(prep: PreparedJob, result: PartyResult | None) -> Path:
         q = m.n
         shares = read_shares(pers, d1 * c, 3 * q)
         blob = shares.astype("<u8").tobytes()
-        (tmp_out / "shares.bin").write_bytes(blob)
+        with open_private(tmp_out / "shares.bin", "wb") as fh:
+            fh.write(blob)
         receipt.update(gen=m.model_gen, q=q, values=["best", "known", "confidence"], frac_bits=FRAC_BITS,
                        sha256=sharing.sha256_bytes(blob))
     atomic_write_json(tmp_out / "receipt.json", receipt)
@@ -372,6 +377,7 @@ def finish_job(prep: PreparedJob, result: PartyResult | None) -> Path:
     return out
 
 
+@owner_only()
 def cleanup_job(prep: PreparedJob) -> None:
     shutil.rmtree(prep.rundir, ignore_errors=True)
     if prep.mask is not None:

@@ -80,6 +80,121 @@ def _leaks(old_share: np.ndarray, later_disk: Path, model: np.ndarray) -> list[P
             if np.array_equal(sharing.reconstruct(old_share, cand), model)]
 
 
+# ---- finding 2: every file a server or the client writes is owner-only --------------------------
+
+def _tree(*roots: Path) -> list[Path]:
+    out = []
+    for root in roots:
+        out.append(root)
+        out += sorted(root.rglob("*"))
+    return out
+
+
+def _group_or_other_bits(paths: list[Path]) -> list[str]:
+    bad = []
+    for p in paths:
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            continue  # a symlink's own mode means nothing; its target is checked
+        if st.st_mode & 0o077:
+            bad.append(f"{p} {stat.filemode(st.st_mode)}")
+    return bad
+
+
+_PROBE = 'for p in "$@"; do if [ -d "$p" ]; then ls -- "$p" >/dev/null 2>&1 && echo "$p"; ' \
+         'else head -c1 -- "$p" >/dev/null 2>&1 && echo "$p"; fi; done; exit 0'
+
+
+def _readable_by_nobody(paths: list[Path]) -> list[str]:
+    """Which of ``paths`` an unprivileged uid (nobody, 65534) can read or list."""
+    def drop() -> None:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+
+    r = subprocess.run(["/bin/sh", "-c", _PROBE, "probe", *map(str, paths)], capture_output=True, text=True,
+                       preexec_fn=drop, timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a reader as an unprivileged uid (nobody)")
+def test_server_and_client_files_are_owner_only(mp, data):
+    x, labels, tr, te = data
+    base = Path(tempfile.mkdtemp(prefix="facerec-modes-", dir="/tmp"))
+    try:
+        base.chmod(0o755)  # reachable by anyone, like a deployment's var/ folder
+        control = base / "control"
+        control.write_text("readable")
+        control.chmod(0o644)
+        layout = Layout(base / "var")
+        layout.root.mkdir(mode=0o755)
+        during: list[str] = []
+
+        def look_during_the_run(procs) -> None:  # inputs, model copy and keys sit in run-<job>/ now
+            for p in procs:
+                umask = next(ln for ln in Path(f"/proc/{p.pid}/status").read_text().splitlines()
+                             if ln.startswith("Umask"))
+                if umask.split()[1] != "0077":
+                    during.append(f"party process {p.pid}: {umask}")
+            during.extend(_group_or_other_bits(_tree(layout.server(0), layout.server(1))))
+            during.extend(_readable_by_nobody(_tree(layout.server(0), layout.server(1))))
+
+        train_private(mp, layout, x[tr], [labels[k] for k in tr], PARAMS, timeout=300, on_spawn=look_during_the_run)
+        sent = client.share_predict(layout.client, x[te], 0.0, [layout.server(i) / "inputs" / "{job}" for i in range(2)])
+        _, outs = run_local(mp, layout, sent, on_spawn=look_during_the_run)
+        assert all((o / "receipt.json").is_file() for o in outs) and all((o / "shares.bin").is_file() for o in outs)
+        after = _tree(layout.server(0), layout.server(1), layout.client)  # outputs/<job>/ still there
+        client.collect(layout.client, sent.job, outs)
+        bundles = client.share_predict(layout.client, x[te[:1]], 0.0, base / "out").bundles  # two hosts: --out
+        after += _tree(*bundles, base / "out")
+        refresh_private(mp, layout)
+        after += _tree(layout.server(0), layout.server(1), layout.client)
+        after = [p for p in dict.fromkeys(after) if os.path.lexists(p)]
+        names = {p.name for p in after}
+        for expect in ("Transactions-P0.data", "Transactions-P1.data", "shares.bin", "receipt.json", "P0.key",
+                       "model.json", "Input-Binary-P0-0", "manifest.json"):
+            assert expect in names, f"{expect} not among the files checked"
+        assert any(p.suffix == ".log" for p in after)
+        assert not during, "during a run: " + "; ".join(during)
+        assert not _group_or_other_bits(after), "\n".join(_group_or_other_bits(after))
+        assert _readable_by_nobody([control]) == [str(control)]  # the probe can read what is readable
+        readable = _readable_by_nobody(after)
+        assert not readable, "an unprivileged user can read: " + ", ".join(readable)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_keys_are_never_readable_by_others_not_even_for_a_moment(tmp_path, monkeypatch):
+    """Under umask 0 (the worst case) the private key is 0600 from its first byte: checked whenever its mode is
+    changed, and at the end."""
+    seen: list[str] = []
+    real_chmod = os.chmod
+
+    def watching_chmod(path, mode, *a, **kw):
+        p = Path(path)
+        if p.name.endswith(".key") or p.name == "key":
+            seen.append(f"{p} was {oct(p.stat().st_mode & 0o777)} before chmod {oct(mode)}")
+        return real_chmod(path, mode, *a, **kw)
+
+    monkeypatch.setattr(os, "chmod", watching_chmod)
+    old = os.umask(0)
+    try:
+        made = certs.make_local_pair((tmp_path / "s0", tmp_path / "s1"))
+        pc = certs.check_party_certs(tmp_path / "s0", 0)
+        certs.install_for_run(pc, tmp_path / "run" / "Player-Data")
+    finally:
+        os.umask(old)
+    assert made
+    loose = [s for s in seen if not s.split(" was ")[1].startswith("0o600")]
+    assert not loose, loose
+    for key in (tmp_path / "s0" / "certs" / "P0.key", tmp_path / "s1" / "certs" / "P1.key",
+                tmp_path / "run" / "Player-Data" / "P0.key"):
+        assert key.stat().st_mode & 0o777 == 0o600, f"{key}: {oct(key.stat().st_mode & 0o777)}"
+    for d in (tmp_path / "s0", tmp_path / "s0" / "certs", tmp_path / "run" / "Player-Data"):
+        assert d.stat().st_mode & 0o777 == 0o700, f"{d}: {oct(d.stat().st_mode & 0o777)}"
+
+
 # ---- finding 3: a bundle's names stay inside the bundle ----------------------------------------
 
 def _bundle(tmp_path: Path) -> Path:
