@@ -7,7 +7,10 @@ read the results stay in the client's folder::
     client/jobs/<job>.json   a job sent out and not yet collected (what to do with its results)
 
 Bundles are folders ``<out>/server0`` and ``<out>/server1``; each server's operator runs
-``invoke party`` on its own folder, and sends back that server's ``outputs/<job>/``.
+``invoke party`` on its own folder, and sends back that server's ``outputs/<job>/``. After a
+training or a refresh is collected, :func:`share_confirm` writes a ticket per server the same way
+(``invoke confirm`` there), so that each destroys the generations the client no longer needs.
+Everything the client writes is owner-only.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from preprocessing.sharing import FRAC_BITS
 
 from . import reference
 from .mpspdz import program_version
-from .server import PREDICT_PROGRAM, REFRESH_PROGRAM, TRAIN_PROGRAM, ModelError
+from .server import CONFIRM_FILE, PREDICT_PROGRAM, REFRESH_PROGRAM, TRAIN_PROGRAM, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +168,25 @@ def share_refresh(client: Path, out: Path | Sequence[Path]) -> Outgoing:
                                program_args=[str(d1), str(c)], model_gen=record.get("gen", record["run_id"]))
     atomic_write_json(_pending_path(client, job), {"kind": "refresh", "job": job, "run_id": record["run_id"]})
     return Outgoing(job, "refresh", dirs, [str(d1), str(c)])
+
+
+@owner_only()
+def share_confirm(client: Path, out: Path | Sequence[Path]) -> Outgoing:
+    """A confirmation ticket per server: the client now holds its current model generation.
+
+    Each server, on its ticket, destroys every older generation of its model shares (see
+    :func:`orchestration.server.confirm`). Send it after :func:`collect` of a training or a refresh;
+    until a server gets it (or a job for the new generation) it keeps the previous generation too.
+    """
+    private_dir(client)
+    record = load_model_record(client)
+    gen = record.get("gen", record["run_id"])
+    job = f"confirm-{gen}"
+    dirs = _bundle_dirs(out, job)
+    for party, d in enumerate(dirs):
+        atomic_write_json(Path(d) / CONFIRM_FILE, {"kind": "confirm", "party": party, "job": job,
+                                                   "run_id": record["run_id"], "gen": gen})
+    return Outgoing(job, "confirm", dirs, [])
 
 
 def bucket_size(q: int) -> int:

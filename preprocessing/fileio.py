@@ -1,10 +1,13 @@
-"""File helpers: atomic writes and owner-only files.
+"""File helpers: atomic writes, owner-only files, and destroying files that held shares.
 
 * Atomic writes: a reader sees the old file or the new one, never half of one.
 * Owner-only: everything the client and the servers write (shares, models, keys, logs, scratch) is
   readable by the owner only. :func:`owner_only` sets the process umask to 077 while any such
   block runs (a process-wide setting, so it is counted, not nested blindly); folders made inside
   are 0700 and files 0600, and child processes started inside inherit it.
+* Destroying: :func:`destroy_file` overwrites a file's bytes in place and flushes them before it
+  unlinks the file. This is best effort: on journaling or copy-on-write file systems (btrfs, ZFS,
+  data=journal ext4), on SSDs (wear levelling) and in backups or snapshots old blocks can survive.
 """
 from __future__ import annotations
 
@@ -136,3 +139,51 @@ def copy_private(src: str | Path, dst: str | Path) -> Path:
     with open(src, "rb") as fin, os.fdopen(_open_private_fd(dst, os.O_WRONLY | os.O_TRUNC), "wb") as fout:
         shutil.copyfileobj(fin, fout, _CHUNK)
     return dst
+
+
+# ---- destroying ----------------------------------------------------------------------------------
+
+def destroy_file(path: str | Path) -> None:
+    """Overwrite ``path``'s bytes with zeros in place, fsync, then unlink it (a symlink is only unlinked).
+
+    Best effort: see the module docstring for where old blocks can survive."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError:  # a symlink (ELOOP) or a file we may not write: nothing to overwrite, unlink it
+        fd = -1
+    if fd >= 0:
+        try:
+            left = os.fstat(fd).st_size
+            zeros = bytes(min(left, _CHUNK))
+            while left > 0:
+                left -= os.write(fd, zeros[:min(left, len(zeros))])
+            os.fsync(fd)
+        except OSError as exc:
+            logger.warning("%s: could not overwrite before unlinking (%s)", path, exc)
+        finally:
+            os.close(fd)
+    path.unlink(missing_ok=True)
+
+
+def destroy_tree(root: str | Path) -> None:
+    """:func:`destroy_file` for every file under ``root``, then remove the folders (symlinks are not followed)."""
+    root = Path(root)
+    if root.is_symlink() or root.is_file():
+        destroy_file(root)
+        return
+    if not root.exists():
+        return
+    try:
+        for dirpath, dirs, files in os.walk(root, topdown=False):
+            for name in files:
+                destroy_file(Path(dirpath) / name)
+            for name in dirs:
+                d = Path(dirpath) / name
+                d.unlink() if d.is_symlink() else d.rmdir()
+        root.rmdir()
+    except OSError as exc:
+        logger.warning("%s: could not destroy every file (%s); removing the rest", root, exc)
+        shutil.rmtree(root, ignore_errors=True)

@@ -80,6 +80,85 @@ def _leaks(old_share: np.ndarray, later_disk: Path, model: np.ndarray) -> list[P
             if np.array_equal(sharing.reconstruct(old_share, cand), model)]
 
 
+# ---- finding 1: one refresh (or retraining) makes a leaked share useless ------------------------
+
+def test_refresh_then_confirmation_makes_an_old_share_useless(mp, trained, data, tmp_path):
+    """A leak of server i's disk from before a refresh plus server j's disk from after it (confirmed) gives
+    nothing: each server destroys the previous generation once the client confirms the new one."""
+    layout = _copy(trained, tmp_path / "var")
+    old = [_current_share(layout, i) for i in range(2)]
+    model = sharing.reconstruct(*old)
+    assert _leaks(old[0], layout.server(1), model)  # the attack works on the same generation
+    gen, _ = refresh_private(mp, layout)  # local mode: collect, then confirm at once
+    for i in range(2):
+        found = _leaks(old[i], layout.server(1 - i), model)
+        assert not found, (f"server {i}'s share from before the refresh + {found[0]} (server {1 - i}'s disk after "
+                           "the refresh) reconstructs the model")
+        assert set(model_generations(Server(layout.server(i), i))) == {gen}, f"server {i} kept an old generation"
+    # the model itself did not change
+    assert np.array_equal(sharing.reconstruct(*[_current_share(layout, i) for i in range(2)]), model)
+
+
+def test_retraining_destroys_the_previous_model_once_confirmed(mp, trained, data, tmp_path):
+    x, labels, tr, te = data
+    layout = _copy(trained, tmp_path / "var")
+    old_gen = client.load_model_record(layout.client)["gen"]
+    old = [_current_share(layout, i) for i in range(2)]
+    # a second name for each old share file: shows whether its bytes were overwritten before the unlink
+    links = []
+    for i in range(2):
+        f = layout.server(i) / "models" / old_gen / f"Transactions-P{i}.data"
+        links.append(tmp_path / f"old-P{i}.link")
+        os.link(f, links[-1])
+    rep = train_private(mp, layout, x[tr][::-1], [labels[k] for k in tr][::-1], PARAMS, timeout=300)
+    for i in range(2):
+        found = _leaks(old[i], layout.server(1 - i), sharing.reconstruct(*old))
+        assert not found, f"server {i}'s old share + {found[0]} (server {1 - i}'s disk after retraining) gives the old model"
+        assert set(model_generations(Server(layout.server(i), i))) == {rep.run_id}
+        blob = links[i].read_bytes()
+        assert len(blob) > 8 * _n(layout) and blob == bytes(len(blob)), f"{links[i]}: old shares not overwritten"
+
+
+def test_both_generations_stay_until_the_client_confirms(mp, trained, data, tmp_path):
+    """Two hosts: a refresh collected but not confirmed leaves both generations on both servers; the next job
+    naming the new generation, or `invoke share-confirm` + `invoke confirm` on each server, destroys the old."""
+    x, _, _, te = data
+    layout = _copy(trained, tmp_path / "var")
+    old_gen = client.load_model_record(layout.client)["gen"]
+    sent = client.share_refresh(layout.client, tmp_path / "jobs")
+    _, outs = run_local(mp, layout, sent)
+    done = client.collect(layout.client, sent.job, outs)
+    new_gen = done.record["gen"]
+    for i in range(2):
+        assert set(model_generations(Server(layout.server(i), i))) == {old_gen, new_gen}
+    # until then each server's disk alone gives the refresh's sharing of zero: S = new1 - old1 = old0 - new0
+    share = {(i, g): read_shares(layout.server(i) / "models" / g / f"Transactions-P{i}.data", 0, _n(layout))
+             for i in range(2) for g in (old_gen, new_gen)}
+    with np.errstate(over="ignore"):
+        s_from_1 = share[1, new_gen] - share[1, old_gen]
+        s_from_0 = share[0, old_gen] - share[0, new_gen]
+    assert np.array_equal(s_from_0, s_from_1) and np.all(s_from_1 != 0)
+    # the operators confirm with the tasks (a ticket per server, as with any bundle)
+    env = dict(os.environ, INVOKE_PATHS_VAR=str(layout.root))
+    r = subprocess.run([sys.executable, "-m", "invoke", "share-confirm", "--out", str(tmp_path / "confirm")],
+                       cwd=REPO, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "invoke", "confirm", "--id", "0", "--job", str(tmp_path / "confirm" / "server0")],
+                       cwd=REPO, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"destroyed generation {old_gen}" in r.stdout, r.stdout
+    assert set(model_generations(Server(layout.server(0), 0))) == {new_gen}
+    assert set(model_generations(Server(layout.server(1), 1))) == {old_gen, new_gen}
+    # server 1 never got its ticket: the next job names the new generation, which is confirmation enough
+    rep = predict_private(mp, layout, x[te[:2]], 0.0)
+    assert len(rep.predictions) == 2
+    assert set(model_generations(Server(layout.server(1), 1))) == {new_gen}
+    # a ticket for a generation a server does not hold changes nothing and says so
+    r = subprocess.run([sys.executable, "-m", "invoke", "confirm", "--id", "1", "--job", str(tmp_path / "confirm" / "server0")],
+                       cwd=REPO, capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "for server 0, not server 1" in r.stderr, r.stderr
+
+
 # ---- finding 2: every file a server or the client writes is owner-only --------------------------
 
 def _tree(*roots: Path) -> list[Path]:
