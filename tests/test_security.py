@@ -127,6 +127,8 @@ def test_both_generations_stay_until_the_client_confirms(mp, trained, data, tmp_
     old_gen = client.load_model_record(layout.client)["gen"]
     sent = client.share_refresh(layout.client, tmp_path / "jobs")
     _, outs = run_local(mp, layout, sent)
+    # as if one receipt never reached the client: it still holds the old generation, and both servers serve it
+    assert len(predict_private(mp, layout, x[te[:2]], 0.0).predictions) == 2
     done = client.collect(layout.client, sent.job, outs)
     new_gen = done.record["gen"]
     for i in range(2):
@@ -157,6 +159,24 @@ def test_both_generations_stay_until_the_client_confirms(mp, trained, data, tmp_
     r = subprocess.run([sys.executable, "-m", "invoke", "confirm", "--id", "1", "--job", str(tmp_path / "confirm" / "server0")],
                        cwd=REPO, capture_output=True, text=True, env=env)
     assert r.returncode == 1 and "for server 0, not server 1" in r.stderr, r.stderr
+
+
+def test_after_a_local_job_a_server_holds_only_its_certificates_model_shares_and_logs(mp, trained, data, tmp_path):
+    """README, *What a server holds*: a run's scratch folder, its input shares and (local mode) its output shares
+    do not outlive the job; what stays is the key and certificates, one confirmed model generation, and logs."""
+    x, _, _, te = data
+    layout = _copy(trained, tmp_path / "var")
+    predict_private(mp, layout, x[te], 0.0)
+    gen, _ = refresh_private(mp, layout)
+    predict_private(mp, layout, x[te[:1]], 0.0)
+    for i in range(2):
+        root = layout.server(i)
+        kept = sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir() or p.is_symlink())
+        expect = {f"certs/P{i}.key", f"certs/P{i}.pem", f"certs/P{1 - i}.pem", "model",
+                  f"models/{gen}/Transactions-P{i}.data", f"models/{gen}/manifest.json"}
+        assert set(kept) - expect == {k for k in kept if k.startswith("logs/") and k.endswith(".log")}, kept
+        assert expect <= set(kept), kept
+        assert not list((root / "inputs").iterdir()) and not list((root / "outputs").iterdir())
 
 
 # ---- finding 2: every file a server or the client writes is owner-only --------------------------
@@ -226,13 +246,14 @@ def test_server_and_client_files_are_owner_only(mp, data):
         after = _tree(layout.server(0), layout.server(1), layout.client)  # outputs/<job>/ still there
         client.collect(layout.client, sent.job, outs)
         bundles = client.share_predict(layout.client, x[te[:1]], 0.0, base / "out").bundles  # two hosts: --out
-        after += _tree(*bundles, base / "out")
+        tickets = client.share_confirm(layout.client, base / "confirm").bundles
+        after += _tree(*bundles, base / "out", *tickets, base / "confirm")
         refresh_private(mp, layout)
         after += _tree(layout.server(0), layout.server(1), layout.client)
         after = [p for p in dict.fromkeys(after) if os.path.lexists(p)]
         names = {p.name for p in after}
         for expect in ("Transactions-P0.data", "Transactions-P1.data", "shares.bin", "receipt.json", "P0.key",
-                       "model.json", "Input-Binary-P0-0", "manifest.json"):
+                       "model.json", "Input-Binary-P0-0", "manifest.json", "confirm.json"):
             assert expect in names, f"{expect} not among the files checked"
         assert any(p.suffix == ".log" for p in after)
         assert not during, "during a run: " + "; ".join(during)
@@ -242,6 +263,16 @@ def test_server_and_client_files_are_owner_only(mp, data):
         assert not readable, "an unprivileged user can read: " + ", ".join(readable)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_folders_left_open_by_an_older_version_are_closed_at_the_next_job(mp, trained, data, tmp_path):
+    x, _, _, te = data
+    layout = _copy(trained, tmp_path / "var")
+    for d in (layout.client, layout.server(0), layout.server(1)):
+        d.chmod(0o755)
+    predict_private(mp, layout, x[te[:1]], 0.0)
+    for d in (layout.client, layout.server(0), layout.server(1)):
+        assert d.stat().st_mode & 0o777 == 0o700, f"{d}: {oct(d.stat().st_mode & 0o777)}"
 
 
 def test_keys_are_never_readable_by_others_not_even_for_a_moment(tmp_path, monkeypatch):
