@@ -165,7 +165,8 @@ def check_bundle(bundle: Path, party: int, expect: dict[str, Any] | None = None)
         raise SharingError(f"{bundle}: no such job folder (expected manifest.json and Input-Binary-P{party}-0)")
     mf = bundle / "manifest.json"
     m = ShareManifest.load(mf)
-    plain_id(m.job, "job", mf)
+    if m.job:  # a job needs one to run (prepare_job); the bundle's own checks do not
+        plain_id(m.job, "job", mf)
     plain_id(m.run_id, "run_id", mf)
     if m.model_gen or m.kind != "train":  # a training job starts a model: it names no generation
         plain_id(m.model_gen, "model_gen", mf)
@@ -285,6 +286,8 @@ def prepare_job(mp: MPSPDZ, server: Server, bundle: Path, *, encrypted: bool = T
     i = server.party
     private_dir(server.root)
     m = check_bundle(bundle, i, expect)
+    if not m.job:
+        raise SharingError(f"{bundle / 'manifest.json'}: no job id (the client names every job it sends)")
     if m.program_version != program_version(m.program):
         raise SharingError(f"{bundle}: made for another version of {m.program}.mpc ({m.program_version}, this "
                            f"server has {program_version(m.program)}); client and servers must run the same release")

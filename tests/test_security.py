@@ -25,7 +25,7 @@ from synthetic import split
 from orchestration import certs, client, reference
 from orchestration.launcher import PartyFailed, PartySpec, _blame
 from orchestration.private import Layout, predict_private, refresh_private, run_local, train_private
-from orchestration.server import Server, check_bundle, model_generations, read_shares
+from orchestration.server import Server, check_bundle, model_generations, prepare_job, read_shares
 from preprocessing import sharing
 from preprocessing.sharing import FRAC_BITS, SharingError
 
@@ -335,8 +335,9 @@ def test_bundle_share_file_must_be_a_plain_name_inside_the_bundle(tmp_path, how)
         check_bundle(bundle, 0)
 
 
-@pytest.mark.parametrize("key", ["job", "run_id", "model_gen"])
-@pytest.mark.parametrize("value", ["../../victim", "/tmp/victim", "a/b", "..", ""])
+@pytest.mark.parametrize("key,value", [(k, v) for k in ("job", "run_id", "model_gen")
+                                       for v in ("../../victim", "/tmp/victim", "a/b", "..", "")
+                                       if (k, v) != ("job", "")])  # no job id: prepare_job refuses it
 def test_bundle_ids_that_name_server_folders_are_plain_names(tmp_path, key, value):
     """job, run_id and model_gen become folder names on the server (outputs/<job>, models/<gen>)."""
     bundle = _bundle(tmp_path)
@@ -346,6 +347,15 @@ def test_bundle_ids_that_name_server_folders_are_plain_names(tmp_path, key, valu
     mf.write_text(json.dumps(m))
     with pytest.raises(SharingError, match=rf"manifest.json: {key} {value!r} must be"):
         check_bundle(bundle, 0)
+
+
+def test_a_bundle_without_a_job_id_is_refused_before_anything_runs(mp, tmp_path):
+    bundle = _bundle(tmp_path)
+    mf = bundle / "manifest.json"
+    mf.write_text(json.dumps(dict(json.loads(mf.read_text()), job="")))
+    with pytest.raises(SharingError, match="manifest.json: no job id"):
+        prepare_job(mp, Server(tmp_path / "server0", 0), bundle)
+    assert not list((tmp_path / "server0").iterdir())
 
 
 def test_a_well_formed_bundle_still_passes(tmp_path):
