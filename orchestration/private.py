@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Layout", "ModelError", "Prediction", "PredictReport", "TrainReport", "UNKNOWN", "PREDICT_PROGRAM",
            "REFRESH_PROGRAM", "TRAIN_PROGRAM", "_check_bundle", "_read_shares", "bucket_size", "confirm_local",
-           "ensure_local_certs", "load_client_model", "predict_private", "refresh_private", "run_local", "train_private"]
+           "ensure_local_certs", "load_client_model", "predict_private", "refresh_private", "run_local",
+           "train_private"]
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ def test_retraining_destroys_the_previous_model_once_confirmed(mp, trained, data
     rep = train_private(mp, layout, x[tr][::-1], [labels[k] for k in tr][::-1], PARAMS, timeout=300)
     for i in range(2):
         found = _leaks(old[i], layout.server(1 - i), sharing.reconstruct(*old))
-        assert not found, f"server {i}'s old share + {found[0]} (server {1 - i}'s disk after retraining) gives the old model"
+        assert not found, f"server {i}'s old share + {found[0]} (server {1 - i}'s disk, retrained) gives the old model"
         assert set(model_generations(Server(layout.server(i), i))) == {rep.run_id}
         blob = links[i].read_bytes()
         assert len(blob) > 8 * _n(layout) and blob == bytes(len(blob)), f"{links[i]}: old shares not overwritten"
@@ -145,7 +145,8 @@ def test_both_generations_stay_until_the_client_confirms(mp, trained, data, tmp_
     r = subprocess.run([sys.executable, "-m", "invoke", "share-confirm", "--out", str(tmp_path / "confirm")],
                        cwd=REPO, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "invoke", "confirm", "--id", "0", "--job", str(tmp_path / "confirm" / "server0")],
+    ticket0 = str(tmp_path / "confirm" / "server0")
+    r = subprocess.run([sys.executable, "-m", "invoke", "confirm", "--id", "0", "--job", ticket0],
                        cwd=REPO, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert f"destroyed generation {old_gen}" in r.stdout, r.stdout
@@ -156,7 +157,7 @@ def test_both_generations_stay_until_the_client_confirms(mp, trained, data, tmp_
     assert len(rep.predictions) == 2
     assert set(model_generations(Server(layout.server(1), 1))) == {new_gen}
     # a ticket for a generation a server does not hold changes nothing and says so
-    r = subprocess.run([sys.executable, "-m", "invoke", "confirm", "--id", "1", "--job", str(tmp_path / "confirm" / "server0")],
+    r = subprocess.run([sys.executable, "-m", "invoke", "confirm", "--id", "1", "--job", ticket0],
                        cwd=REPO, capture_output=True, text=True, env=env)
     assert r.returncode == 1 and "for server 0, not server 1" in r.stderr, r.stderr
 
@@ -240,7 +241,8 @@ def test_server_and_client_files_are_owner_only(mp, data):
             during.extend(_readable_by_nobody(_tree(layout.server(0), layout.server(1))))
 
         train_private(mp, layout, x[tr], [labels[k] for k in tr], PARAMS, timeout=300, on_spawn=look_during_the_run)
-        sent = client.share_predict(layout.client, x[te], 0.0, [layout.server(i) / "inputs" / "{job}" for i in range(2)])
+        sent = client.share_predict(layout.client, x[te], 0.0,
+                                    [layout.server(i) / "inputs" / "{job}" for i in range(2)])
         _, outs = run_local(mp, layout, sent, on_spawn=look_during_the_run)
         assert all((o / "receipt.json").is_file() for o in outs) and all((o / "shares.bin").is_file() for o in outs)
         after = _tree(layout.server(0), layout.server(1), layout.client)  # outputs/<job>/ still there
