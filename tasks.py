@@ -896,11 +896,14 @@ def collect(c, job, result=None):
         done = client.collect(layout.client, job, [Path(r) for r in result])
     except (MPSPDZError, ValueError, OSError) as exc:
         raise Exit(f"cannot collect job {job}: {exc}", code=1)
-    if done.kind == "train":
-        print(f"model {done.record['run_id']}: {len(done.record['classes'])} people, threshold "
-              f"{done.record['threshold']:.4f}")
-    elif done.kind == "refresh":
-        print(f"model {done.record['run_id']}: shares renewed, generation {done.record['gen']}")
+    if done.kind in ("train", "refresh"):
+        if done.kind == "train":
+            print(f"model {done.record['run_id']}: {len(done.record['classes'])} people, threshold "
+                  f"{done.record['threshold']:.4f}")
+        else:
+            print(f"model {done.record['run_id']}: shares renewed, generation {done.record['gen']}")
+        print("now confirm it, so that each server destroys the previous generation: invoke share-confirm --out DIR, "
+              "then on server I: invoke confirm --id I --job DIR/serverI (a job for this generation confirms it too)")
     else:
         assert done.predictions is not None
         named = iter(app.names(layout, done.predictions))
@@ -914,12 +917,55 @@ def collect(c, job, result=None):
                 out.writerow([path, app.NO_FACE, ""])
 
 
+@task(help={"out": "folder for the two confirmation tickets: OUT/server0 and OUT/server1"})
+def share_confirm(c, out):
+    """Client, two hosts: tell both servers that the client now holds its current model generation.
+
+    Run it after `invoke collect` of a training or a refresh; on its ticket each server destroys the older
+    generations of its model shares (`invoke confirm`). Until then each server keeps the previous one too.
+    """
+    _logging()
+    from orchestration import client
+    from orchestration.mpspdz import MPSPDZError
+
+    try:
+        sent = client.share_confirm(_layout(c).client, _out_folder(out))
+    except (MPSPDZError, ValueError, OSError) as exc:
+        raise Exit(f"cannot write the confirmation: {exc}", code=1)
+    print(f"{sent.job}")
+    for i, b in enumerate(sent.bundles):
+        print(f"send {b} to server {i}; there: invoke confirm --id {i} --job <that folder>")
+
+
+@task(help={
+    "id": "which server this is: 0 or 1",
+    "job": "the confirmation ticket folder from the client (confirm.json)",
+    "server_dir": "this server's folder (default <var>/server<id>)",
+})
+def confirm(c, id, job, server_dir=None):
+    """Server, two hosts: the client confirmed a model generation; destroy every older one (overwrite, unlink)."""
+    _logging()
+    from orchestration import server as server_mod
+    from orchestration.mpspdz import MPSPDZError
+
+    party_no = _party_id(id)
+    sdir = _server_dir(c, party_no, server_dir)
+    try:
+        gen, destroyed = server_mod.confirm(server_mod.Server(sdir, party_no), Path(job))
+    except (MPSPDZError, ValueError, OSError) as exc:
+        raise Exit(f"server {party_no}: {exc}", code=1)
+    for g in destroyed:
+        print(f"server {party_no}: destroyed generation {g} (overwritten, then unlinked)")
+    print(f"server {party_no}: generation {gen} confirmed" + ("" if destroyed else "; no older generation was left"))
+
+
 @task(help={"timeout": "seconds the protocol may run", "mpspdz_home": "MP-SPDZ folder"})
 def refresh_shares(c, timeout=None, mpspdz_home=None):
     """Re-randomise both servers' model shares (local mode) without reconstructing the model.
 
-    Adds a fresh random sharing of zero: the model and its predictions stay the same, old and new
-    shares do not combine. Two hosts: share-refresh, then party on each server, then collect.
+    Adds a fresh random sharing of zero: the model and its predictions stay the same. Both servers then
+    destroy their previous shares, so that an old share of one and a new share of the other do not combine.
+    Two hosts: share-refresh, party on each server, collect, then share-confirm and confirm on each server.
     """
     _logging()
     from orchestration.mpspdz import MPSPDZError

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from preprocessing.fileio import copy_private, owner_only, private_dir
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_DAYS = 365
@@ -85,6 +87,7 @@ def inspect(pem: Path) -> CertInfo:
     return CertInfo(pem, cn, not_after, hash_line.strip(), fp)
 
 
+@owner_only()
 def make_party_cert(server_dir: Path, party: int, *, days: int = DEFAULT_DAYS, force: bool = False) -> CertInfo:
     """Create server ``party``'s key and self-signed certificate in ``<server_dir>/certs``."""
     d = cert_dir(server_dir)
@@ -92,8 +95,8 @@ def make_party_cert(server_dir: Path, party: int, *, days: int = DEFAULT_DAYS, f
     if (key.exists() or pem.exists()) and not force:
         raise CertError(f"{key if key.exists() else pem} exists; use --force to replace server {party}'s key "
                         "(the other server must then receive the new certificate)")
-    d.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=d, prefix=".new-") as tmp:
+    private_dir(d)
+    with tempfile.TemporaryDirectory(dir=d, prefix=".new-") as tmp:  # 0700; openssl runs under umask 077
         tkey, tpem = Path(tmp) / "key", Path(tmp) / "pem"
         _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                  "-days", str(days), "-subj", f"/CN=P{party}", "-keyout", str(tkey), "-out", str(tpem))
@@ -111,6 +114,7 @@ def party_label(party: int) -> str:
     return "the client" if party == 2 else f"server {party}"
 
 
+@owner_only()
 def import_peer_cert(server_dir: Path, party: int, pem: Path) -> CertInfo:
     """Install another party's certificate (the other server's, or the client's: P2) into ``party``'s folder."""
     info = inspect(Path(pem))
@@ -122,13 +126,14 @@ def import_peer_cert(server_dir: Path, party: int, pem: Path) -> CertInfo:
                         f"one of {wanted}")
     peer = names[info.common_name]
     dest = cert_dir(server_dir) / f"P{peer}.pem"
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(dest.parent)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(pem, tmp)
+    copy_private(pem, tmp)
     os.replace(tmp, dest)
     return inspect(dest)
 
 
+@owner_only()
 def make_local_pair(party_dirs: Sequence[Path], *, days: int = DEFAULT_DAYS, force: bool = False
                     ) -> list[CertInfo]:
     """All parties on one machine (both servers, and the client for the dealer mode): a key and
@@ -183,15 +188,15 @@ def check_party_certs(server_dir: Path, party: int, n_parties: int = 2) -> Party
     return PartyCerts(party, own, key, others)
 
 
+@owner_only()
 def install_for_run(certs: PartyCerts, player_data: Path) -> None:
     """Put the key, every certificate and their hash links where MP-SPDZ reads them."""
-    player_data.mkdir(parents=True, exist_ok=True)
+    private_dir(player_data)
     me = certs.party
-    shutil.copyfile(certs.key, player_data / f"P{me}.key")
-    os.chmod(player_data / f"P{me}.key", 0o600)
-    shutil.copyfile(certs.own.path, player_data / f"P{me}.pem")
+    copy_private(certs.key, player_data / f"P{me}.key")  # 0600 from its first byte
+    copy_private(certs.own.path, player_data / f"P{me}.pem")
     for j, info in certs.peers.items():
-        shutil.copyfile(info.path, player_data / f"P{j}.pem")
+        copy_private(info.path, player_data / f"P{j}.pem")
     used: set[str] = set()
     for info, name in ((certs.own, f"P{me}.pem"), *((o, f"P{j}.pem") for j, o in certs.peers.items())):
         k = 0

@@ -7,7 +7,10 @@ read the results stay in the client's folder::
     client/jobs/<job>.json   a job sent out and not yet collected (what to do with its results)
 
 Bundles are folders ``<out>/server0`` and ``<out>/server1``; each server's operator runs
-``invoke party`` on its own folder, and sends back that server's ``outputs/<job>/``.
+``invoke party`` on its own folder, and sends back that server's ``outputs/<job>/``. After a
+training or a refresh is collected, :func:`share_confirm` writes a ticket per server the same way
+(``invoke confirm`` there), so that each destroys the generations the client no longer needs.
+Everything the client writes is owner-only.
 """
 from __future__ import annotations
 
@@ -22,12 +25,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from preprocessing import sharing
-from preprocessing.fileio import atomic_write_json
+from preprocessing.fileio import atomic_write_json, owner_only, private_dir
 from preprocessing.sharing import FRAC_BITS
 
 from . import reference
 from .mpspdz import DEFAULT_PROTOCOL, program_version, protocol as get_protocol
-from .server import PREDICT_PROGRAM, REFRESH_PROGRAM, TRAIN_PROGRAM, ModelError
+from .server import CONFIRM_FILE, PREDICT_PROGRAM, REFRESH_PROGRAM, TRAIN_PROGRAM, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ def _bundle_dirs(out: Path | Sequence[Path], job: str) -> tuple[Path, Path]:
     return a, b
 
 
+@owner_only()
 def share_train(client: Path, embeddings: np.ndarray, labels: Sequence[str], params: reference.TrainParams,
                 out: Path | Sequence[Path], *, meta: dict[str, Any] | None = None,
                 protocol: str = DEFAULT_PROTOCOL) -> Outgoing:
@@ -99,6 +103,7 @@ def share_train(client: Path, embeddings: np.ndarray, labels: Sequence[str], par
         raise ValueError(f"embeddings must be a non-empty (n, d) array, got shape {x.shape}")
     if len(labels) != x.shape[0]:
         raise ValueError(f"{len(labels)} labels for {x.shape[0]} embeddings")
+    private_dir(client)
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise ValueError(f"need at least 2 people to train a classifier, got {len(classes)}: {classes}")
@@ -132,6 +137,7 @@ def _dealing(program: str, args: list[str], protocol: str) -> dict[str, Any]:
     return {"protocol": protocol, "program": program, "program_args": list(args)}
 
 
+@owner_only()
 def share_predict(client: Path, embeddings: np.ndarray, threshold: float, out: Path | Sequence[Path], *,
                   info: dict[str, Any] | None = None, protocol: str = DEFAULT_PROTOCOL) -> Outgoing:
     """Share a batch of query embeddings (padded to a power of two).
@@ -139,6 +145,7 @@ def share_predict(client: Path, embeddings: np.ndarray, threshold: float, out: P
     The decision threshold stays in the client's job record: the servers return the best class and
     the softmax denominator, and the client decides "unknown" (see :func:`collect`)."""
     get_protocol(protocol)
+    private_dir(client)
     record = load_model_record(client)
     x = np.asarray(embeddings, dtype=np.float64)
     q_real = len(x)
@@ -166,9 +173,11 @@ def share_predict(client: Path, embeddings: np.ndarray, threshold: float, out: P
     return Outgoing(job, "predict", dirs, args, protocol, PREDICT_PROGRAM)
 
 
+@owner_only()
 def share_refresh(client: Path, out: Path | Sequence[Path], *, protocol: str = DEFAULT_PROTOCOL) -> Outgoing:
     """A job with no data: both servers re-randomise their shares of the current model."""
     get_protocol(protocol)
+    private_dir(client)
     record = load_model_record(client)
     d1, c = record["d"] + 1, len(record["classes"])
     job = f"refresh-{sharing.new_run_id()}"
@@ -180,6 +189,25 @@ def share_refresh(client: Path, out: Path | Sequence[Path], *, protocol: str = D
     atomic_write_json(_pending_path(client, job), {"kind": "refresh", "job": job, "run_id": record["run_id"],
                                                    **_dealing(REFRESH_PROGRAM, [str(d1), str(c)], protocol)})
     return Outgoing(job, "refresh", dirs, [str(d1), str(c)], protocol, REFRESH_PROGRAM)
+
+
+@owner_only()
+def share_confirm(client: Path, out: Path | Sequence[Path]) -> Outgoing:
+    """A confirmation ticket per server: the client now holds its current model generation.
+
+    Each server, on its ticket, destroys every older generation of its model shares (see
+    :func:`orchestration.server.confirm`). Send it after :func:`collect` of a training or a refresh;
+    until a server gets it (or a job for the new generation) it keeps the previous generation too.
+    """
+    private_dir(client)
+    record = load_model_record(client)
+    gen = record.get("gen", record["run_id"])
+    job = f"confirm-{gen}"
+    dirs = _bundle_dirs(out, job)
+    for party, d in enumerate(dirs):
+        atomic_write_json(Path(d) / CONFIRM_FILE, {"kind": "confirm", "party": party, "job": job,
+                                                   "run_id": record["run_id"], "gen": gen})
+    return Outgoing(job, "confirm", dirs, [])
 
 
 def bucket_size(q: int) -> int:
@@ -213,12 +241,14 @@ class Collected:
     info: dict[str, Any] | None = None
 
 
+@owner_only()
 def collect(client: Path, job: str, results: Sequence[Path]) -> Collected:
     """Read both servers' ``outputs/<job>/`` and finish the job at the client.
 
     train: the new model becomes current. refresh: the new share generation becomes current.
     predict: the output shares are reconstructed into predictions.
     """
+    private_dir(client)
     pending = _load_pending(client, job)
     kind = pending["kind"]
     receipts = [_receipt(results[i], i, job) for i in range(2)]
@@ -265,6 +295,7 @@ def collect(client: Path, job: str, results: Sequence[Path]) -> Collected:
     return Collected(job, kind, record, preds, pending.get("info"))
 
 
+@owner_only()
 def discard(client: Path, job: str, bundles: Sequence[Path] = ()) -> None:
     """Forget a job that failed (the current model record is untouched)."""
     _pending_path(client, job).unlink(missing_ok=True)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from preprocessing.fileio import PRIVATE_UMASK, open_private, owner_only, private_dir
+
 from .mpspdz import MPSPDZ, MPSPDZError, Protocol, protocol
 
 logger = logging.getLogger(__name__)
@@ -162,23 +164,41 @@ _HANDSHAKE = re.compile(r"(Client|Server)-side handshake with (P\d+) failed")
 _PEER_LOST = re.compile(r"(Connection reset|Broken pipe|End of file|connection closed|Received 0 bytes|"
                         r"receiving error|sending error|stream truncated|Connection refused)", re.I)
 _BIND_FAILED = re.compile(r"^Binding to socket on .*:(\d+) failed \((.*)\)")
+_SURVIVOR_WAIT = 0.5  # seconds to let the other party end after one failed, to see who went first
+_LOG_DRAIN_WAIT = 2.0  # seconds to let an ended party's last output reach its log
 
 
-def diagnose(log_text: str, party: int) -> tuple[str, int | None]:
-    """Why a party stopped, from its own output: (reason, party to blame or None)."""
-    peer = 1 - party
+LOST = "lost the connection"
+
+
+def _others(party: int, n_parties: int, proto: Protocol | None) -> str:
+    names = [party_name(j, proto) for j in range(n_parties) if j != party]
+    return " or ".join(names)
+
+
+def diagnose(log_text: str, party: int, proto: Protocol | None = None) -> tuple[str, int | None]:
+    """Why a party stopped, from its own output: (reason, party to blame or None).
+
+    With two parties a lost connection blames the other one; with three (the dealer mode) MP-SPDZ's
+    message does not say which peer went away, so the reason names both candidates and blames none."""
+    n = proto.n_parties if proto else 2
+    me = party_name(party, proto)
     if m := _HANDSHAKE.search(log_text):
-        return (f"TLS handshake between server {party} and server {peer} failed: one side does not hold the "
-                f"other's certificate (certs/P{peer}.pem on server {party} must be the certificate server {peer} "
-                f"uses, and the other way round)", None)
+        peer = int(m.group(2)[1:])
+        them = party_name(peer, proto)
+        return (f"TLS handshake between {me} and {them} failed: one side does not hold the other's certificate "
+                f"(certs/P{peer}.pem of {me} must be the certificate {them} uses, and the other way round)", None)
     for line in log_text.splitlines():
         if m := _BIND_FAILED.match(line.strip()):
-            return f"server {party} cannot listen on port {m.group(1)}: {m.group(2)}", party
+            return f"{me} cannot listen on port {m.group(1)}: {m.group(2)}", party
     if _PEER_LOST.search(log_text):
-        return f"lost the connection to server {peer} (it stopped or its host went away)", peer
+        if n == 2:
+            return f"{LOST} to server {1 - party} (it stopped or its host went away)", 1 - party
+        return f"{LOST} to {_others(party, n, proto)} (one of them stopped or its host went away)", None
     return "", None
 
 
+@owner_only()
 def run_parties(
     mp: MPSPDZ,
     program: str,
@@ -204,7 +224,7 @@ def run_parties(
     bind_errors: list[str] = []
     start = time.monotonic()
     for s in specs:
-        Path(s.log).parent.mkdir(parents=True, exist_ok=True)
+        private_dir(Path(s.log).parent)
         cmd = party_command(mp, s.party, program, hosts_file, encrypted=encrypted, extra_args=extra_args, proto=proto)
         env = dict(os.environ)
         if shim is not None:
@@ -214,13 +234,13 @@ def run_parties(
         logger.debug("party %d: %s (cwd %s)", s.party, " ".join(cmd), s.workdir)
         procs.append(subprocess.Popen(cmd, cwd=s.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, bufsize=1, start_new_session=True, env=env,
-                                      preexec_fn=_die_with_parent))
+                                      preexec_fn=_child_setup))
 
     if on_spawn:  # fault-injection hook for tests
         on_spawn(procs)
 
     def reader(k: int) -> None:
-        with open(specs[k].log, "w") as log:
+        with open_private(specs[k].log, "w") as log:
             assert procs[k].stdout is not None
             for line in procs[k].stdout:
                 log.write(line)
@@ -238,27 +258,41 @@ def run_parties(
 
     failed: int | None = None
     reason = ""
+    exited: list[int] = []  # indices into specs, in the order the loop saw the processes end
+
+    def poll_all() -> list[int | None]:
+        codes = [p.poll() for p in procs]
+        exited.extend(k for k, c in enumerate(codes) if c is not None and k not in exited)
+        return codes
+
     try:
         while True:
-            codes = [p.poll() for p in procs]
+            codes = poll_all()
             if bind_errors:  # MP-SPDZ would retry for ten minutes
                 party_s, _, line = bind_errors[0].partition(": ")
                 failed = int(party_s.split()[1])
-                reason = f"server {failed} cannot listen ({line}); is another program using that port?"
+                reason = f"{party_name(failed, proto)} cannot listen ({line}); is another program using that port?"
                 break
             bad = [k for k, c in enumerate(codes) if c not in (None, 0)]
             if bad:
-                if len(procs) > 1 and any(c is None for c in codes):
-                    time.sleep(0.5)  # the survivor usually follows; then blame the one that went first
-                    codes = [p.poll() for p in procs]
-                failed, reason = _blame(specs, codes)
+                # the survivor usually follows within moments: see in which order they end
+                until = time.monotonic() + _SURVIVOR_WAIT
+                while any(c is None for c in codes) and time.monotonic() < until:
+                    time.sleep(0.02)
+                    codes = poll_all()
+                # what an ended party printed last must be in its log before anyone reads it
+                until = time.monotonic() + _LOG_DRAIN_WAIT
+                for k in exited:
+                    readers[k].join(timeout=max(0.0, until - time.monotonic()))
+                failed, reason = _blame(specs, codes, order=exited, proto=proto)
                 break
             if all(c == 0 for c in codes):
                 break
             if time.monotonic() - start > timeout:
                 hung = [specs[k].party for k, c in enumerate(codes) if c is None]
                 failed = hung[0] if len(hung) == 1 and len(specs) > 1 else None
-                reason = f"timed out after {timeout:.0f} s (still running: server {', server '.join(map(str, hung))})"
+                reason = (f"timed out after {timeout:.0f} s (still running: "
+                          f"{', '.join(party_name(h, proto) for h in hung)})")
                 break
             time.sleep(0.05)
     finally:
@@ -272,36 +306,78 @@ def run_parties(
     wall = time.monotonic() - start
     if failed is not None or reason:
         if len(specs) == 1 and reason.startswith("timed out"):
-            why, blame = diagnose(_read(specs[0].log), specs[0].party)
-            reason += f"; {why}" if why else f"; server {1 - specs[0].party} never finished its part"
-            failed = blame if blame is not None else 1 - specs[0].party
-        logs = "; ".join(f"server {s.party} log: {s.log}" for s in specs)
+            why, blame = diagnose(_read(specs[0].log), specs[0].party, proto)
+            n = proto.n_parties if proto else 2
+            reason += f"; {why}" if why else f"; {_others(specs[0].party, n, proto)} never finished its part"
+            failed = blame if blame is not None else (1 - specs[0].party if n == 2 else None)
+        logs = "; ".join(f"{party_name(s.party, proto)} log: {s.log}" for s in specs)
         shown = next((s for s in specs if s.party == failed), specs[0])
         log_tail = _tail(Path(shown.log))
         msg = (f"{program}: {reason}. {logs}"
-               + (f"\nlast lines of server {shown.party}:\n{log_tail}" if log_tail else ""))
+               + (f"\nlast lines of {party_name(shown.party, proto)}:\n{log_tail}" if log_tail else ""))
         raise PartyFailed(msg, failed, Path(shown.log))
     return RunResult(program, wall, results)
 
 
-def _blame(specs: Sequence[PartySpec], codes: list[int | None]) -> tuple[int | None, str]:
-    """Which party caused the failure, and why, from exit codes and logs."""
+#: signals sent from outside the party (an operator, a service manager, the OOM killer, a test): a party
+#: that died of one of these is where the failure started, whatever its peer printed afterwards
+_OUTSIDE_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT})
+
+
+def _blame(specs: Sequence[PartySpec], codes: list[int | None], order: Sequence[int] | None = None,
+           proto: Protocol | None = None) -> tuple[int | None, str]:
+    """Which party caused the failure, and why, from the evidence: signals, messages, and exit order.
+
+    ``order`` lists indices into ``specs`` in the order their processes were seen to end. Among the
+    parties that failed, the first of these explains the failure:
+
+    1. a party stopped by a signal from outside (SIGKILL, SIGTERM, ...);
+    2. a party that failed by itself (an exit code, or a signal such as SIGSEGV) without saying it
+       lost its peer;
+    3. only if every failed party says it lost its peer (or died of SIGPIPE), the peer is at fault:
+       the peer of the one that ended first.
+
+    Within a rank the one that ended first wins. A survivor often aborts (SIGABRT, an uncaught
+    boost::system::system_error) right after its peer dies, and its last line may not be in its log
+    yet, so rank 1 never beats rank 0 and exit order breaks ties, whichever party index is lower.
+    A failed TLS handshake explains the failure unless a party was stopped from outside (a party
+    killed while the others connect makes their handshakes fail too).
+    """
     texts = [_read(s.log) for s in specs]
-    diag = [diagnose(t, s.party) for t, s in zip(texts, specs)]
+    diag = [diagnose(t, s.party, proto) for t, s in zip(texts, specs)]
+    bad = [k for k, c in enumerate(codes) if c not in (None, 0)]
+    killed = any(c is not None and c < 0 and -c in _OUTSIDE_SIGNALS for c in codes)
     for (why, _), s in zip(diag, specs):
-        if why.startswith("TLS"):
+        if why.startswith("TLS") and not killed:
             return None, why
-    # the one that went first: failed without its output blaming the peer (a killed party writes nothing)
-    first = [k for k, c in enumerate(codes) if c not in (None, 0) and diag[k][1] != 1 - specs[k].party]
-    for k in first:
+    seen = list(dict.fromkeys([k for k in (order or ()) if k in bad] + bad))  # exit order, then the rest
+
+    def rank(k: int) -> int:
         c = codes[k]
         assert c is not None
-        what = f"was killed (signal {-c})" if c < 0 else f"exited with code {c}"
-        extra = f": {diag[k][0]}" if diag[k][0] else ""
-        return specs[k].party, f"server {specs[k].party} {what}{extra}"
-    k = next(k for k, c in enumerate(codes) if c not in (None, 0))
-    why, blame = diag[k]
-    return (blame if blame is not None else specs[k].party), f"server {specs[k].party} stopped: {why}"
+        if c < 0 and -c in _OUTSIDE_SIGNALS:
+            return 0
+        if diag[k][0].startswith(LOST) or c == -signal.SIGPIPE:
+            return 2
+        return 1
+
+    k = min(seen, key=lambda j: (rank(j), seen.index(j)))
+    party, c = specs[k].party, codes[k]
+    assert c is not None
+    n = proto.n_parties if proto else 2
+    if rank(k) == 2:
+        why = diag[k][0] or f"{LOST} to {_others(party, n, proto)} (it stopped or its host went away)"
+        return diag[k][1] if diag[k][0] else (1 - party if n == 2 else None), f"{party_name(party, proto)} stopped: {why}"
+    what = f"was killed (signal {-c})" if c < 0 else f"exited with code {c}"
+    extra = f": {diag[k][0]}" if diag[k][0] else ""
+    msg = f"{party_name(party, proto)} {what}{extra}"
+    for j in seen:
+        if j != k:
+            cj = codes[j]
+            assert cj is not None
+            then = diag[j][0] or (f"killed (signal {-cj})" if cj < 0 else f"exit code {cj}")
+            msg += f"; {party_name(specs[j].party, proto)} then stopped too ({then})"
+    return party, msg
 
 
 def _read(path: Path) -> str:
@@ -309,6 +385,12 @@ def _read(path: Path) -> str:
         return Path(path).read_text(errors="replace")
     except OSError:
         return ""
+
+
+def _child_setup() -> None:
+    """In the child, before MP-SPDZ starts: owner-only files (umask 077), and die with the launcher."""
+    os.umask(PRIVATE_UMASK)
+    _die_with_parent()
 
 
 def _die_with_parent() -> None:

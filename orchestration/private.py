@@ -2,7 +2,9 @@
 
 The client makes one share bundle per server (:mod:`.client`), each server checks it and runs
 its party (:mod:`.server`), and the client collects the results: the same steps, and the same
-files, as with two real hosts (``invoke party``), only launched together here.
+files, as with two real hosts (``invoke party``), only launched together here. After a training
+or a refresh the client confirms the new generation to both servers at once, and they destroy the
+older ones (two hosts: ``invoke share-confirm`` and ``invoke confirm``).
 
 Folder layout under ``var``::
 
@@ -13,7 +15,6 @@ Folder layout under ``var``::
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from preprocessing.fileio import atomic_write_json
+from preprocessing.fileio import atomic_write_json, destroy_tree, owner_only
 
 from . import certs, client, reference
 from .dealer import DealerRun, cleanup_dealer, prepare_dealer
@@ -37,6 +38,7 @@ from .server import (  # noqa: F401  (re-exported)
     Server,
     check_bundle as _check_bundle,
     cleanup_job,
+    confirm_generation,
     finish_job,
     prepare_job,
     read_shares as _read_shares,
@@ -45,8 +47,9 @@ from .server import (  # noqa: F401  (re-exported)
 logger = logging.getLogger(__name__)
 
 __all__ = ["Layout", "ModelError", "Prediction", "PredictReport", "TrainReport", "UNKNOWN", "PREDICT_PROGRAM",
-           "REFRESH_PROGRAM", "TRAIN_PROGRAM", "_check_bundle", "_read_shares", "bucket_size", "ensure_local_certs",
-           "load_client_model", "predict_private", "refresh_private", "run_local", "train_private"]
+           "REFRESH_PROGRAM", "TRAIN_PROGRAM", "_check_bundle", "_read_shares", "bucket_size", "confirm_local",
+           "ensure_local_certs", "load_client_model", "predict_private", "refresh_private", "run_local",
+           "train_private"]
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ def ensure_local_certs(layout: Layout, n_parties: int = 2) -> None:
         logger.info("made the client's dealer key and certificate in %s", certs.cert_dir(layout.client))
 
 
+@owner_only()
 def run_local(
     mp: MPSPDZ,
     layout: Layout,
@@ -163,10 +167,11 @@ def run_local(
         if deal is not None:
             cleanup_dealer(deal)
         for b in out.bundles:
-            shutil.rmtree(b, ignore_errors=True)
+            destroy_tree(b)
     return result, outs
 
 
+@owner_only()
 def train_private(
     mp: MPSPDZ,
     layout: Layout,
@@ -198,6 +203,7 @@ def train_private(
                              on_spawn=on_spawn)
     done = client.collect(layout.client, out.job, outs)
     _drop_outputs(outs)
+    confirm_local(layout, done.record)
     record = done.record
     record.update(train_seconds=result.wall_seconds, train_data_mb=result.data_sent_mb)
     atomic_write_json(layout.client_model, record)
@@ -215,7 +221,16 @@ def _inputs(layout: Layout) -> list[Path]:
 
 def _drop_outputs(outs: Sequence[Path]) -> None:
     for o in outs:
-        shutil.rmtree(o, ignore_errors=True)
+        destroy_tree(o)
+
+
+@owner_only()
+def confirm_local(layout: Layout, record: dict[str, Any]) -> list[list[str]]:
+    """Local mode: the client holds ``record``'s generation now; each server destroys the older ones.
+
+    (Two hosts: ``invoke share-confirm``, then ``invoke confirm`` on each server.) Returns what each destroyed."""
+    gen = record.get("gen", record["run_id"])
+    return [confirm_generation(s, gen, record["run_id"]) for s in layout.servers()]
 
 
 def load_client_model(layout: Layout) -> dict[str, Any]:
@@ -225,6 +240,7 @@ def load_client_model(layout: Layout) -> dict[str, Any]:
 bucket_size = client.bucket_size
 
 
+@owner_only()
 def predict_private(
     mp: MPSPDZ,
     layout: Layout,
@@ -253,6 +269,7 @@ def predict_private(
     return PredictReport(done.predictions, result, compile_seconds, int(out.program_args[0]))
 
 
+@owner_only()
 def refresh_private(
     mp: MPSPDZ,
     layout: Layout,
@@ -269,4 +286,5 @@ def refresh_private(
     result, outs = run_local(mp, layout, out, host=host, timeout=timeout, encrypted=encrypted, on_spawn=on_spawn)
     done = client.collect(layout.client, out.job, outs)
     _drop_outputs(outs)
+    confirm_local(layout, done.record)
     return done.record["gen"], result

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from preprocessing.fileio import owner_only
 from preprocessing.sharing import SharingError
 
 from .certs import CertError
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 ERRORS = (MPSPDZError, SharingError, CertError, HostsError, OSError, ValueError)
 
 
+@owner_only()
 def run_party_job(mp: MPSPDZ, server_dir: Path, party: int, hosts_file: Path, bundle: Path, *,
                   timeout: float = 1800.0, encrypted: bool = True, on_spawn=None) -> Path:
     """Run server ``party``'s side of the job in ``bundle``; returns its ``outputs/<job>`` folder."""

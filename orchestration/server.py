@@ -5,24 +5,32 @@ A server only ever holds shares, sizes and its own key. Its folder::
     certs/               P<i>.key, P<i>.pem (its own), P<j>.pem (the other server's)
     inputs/<job>/        a share bundle from the client (local mode; a remote client's bundle can be anywhere)
     models/<gen>/        model shares Transactions-P<i>.data + manifest.json, one folder per generation
-    model -> models/<gen>  the current generation (symlink, swapped atomically)
+    model -> models/<gen>  the newest generation (symlink, swapped atomically)
     outputs/<job>/       receipt.json (+ shares.bin for recognition): all that goes back to the client
     logs/<job>.log       MP-SPDZ's output
     jobs-done            ids of the jobs this server completed: a bundle runs once, a replay is refused
-    run-<job>/           scratch working directory of one protocol run (removed afterwards)
+    run-<job>/           scratch working directory of one protocol run (destroyed afterwards)
     build/               compiled programs (when the server compiles for itself)
+
+Everything in it is owner-only (folders 0700, files 0600).
 
 A generation is a training run or a share refresh. New shares are written aside and the link is
 swapped only after the protocol succeeded, so a failed run leaves the last good model in place.
-The previous generation is kept too: the client names the generation it expects, so a refresh
-that succeeded on one server but not the other still leaves a generation both servers hold.
+The older generations stay until the client confirms the new one, because a job can succeed on
+one server and fail on the other: the client adopts a generation only when both servers
+reported it, and until then it still holds the previous one. The client confirms generation G
+explicitly (:func:`confirm`, ``invoke confirm``; local mode does it at once), or implicitly by
+sending a job for G. Then every generation older than G is destroyed: its files overwritten,
+then unlinked. This is what makes a refresh useful: a server that kept both its old and its new
+share would hold the sharing of zero (-S, +S) of the refresh, and with it its old share would
+combine with the other server's new one.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +39,8 @@ from typing import Any
 import numpy as np
 
 from preprocessing import sharing
-from preprocessing.fileio import atomic_write_bytes, atomic_write_json
+from preprocessing.fileio import (atomic_write_bytes, atomic_write_json, copy_private, destroy_tree, open_private,
+                                  owner_only, private_dir)
 from preprocessing.sharing import FRAC_BITS, RING_BITS, ShareManifest, SharingError
 
 from . import certs as certs_mod
@@ -44,7 +53,7 @@ TRAIN_PROGRAM = "face_train"
 PREDICT_PROGRAM = "face_predict"
 REFRESH_PROGRAM = "face_refresh"
 PROGRAMS = {"train": TRAIN_PROGRAM, "predict": PREDICT_PROGRAM, "refresh": REFRESH_PROGRAM}
-KEEP_GENERATIONS = 2  # current and previous
+CONFIRM_FILE = "confirm.json"  # the client's confirmation ticket (see :func:`confirm`)
 
 
 class ModelError(MPSPDZError):
@@ -118,12 +127,51 @@ def write_model_file(path: Path, header_from: Path, shares: np.ndarray) -> None:
 
 # ---- checks before any protocol run ------------------------------------------------------------
 
+#: what an id from a manifest may look like where it becomes a file or folder name on the server
+#: (``outputs/<job>``, ``logs/<job>.log``, ``run-<job>``, ``models/<run_id>``, ``models/<model_gen>``)
+_PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def plain_id(value: Any, key: str, where: Path) -> str:
+    """``value`` if it is a plain name (no path, not ``.``/``..``); else a :class:`SharingError` naming ``where``."""
+    if not isinstance(value, str) or not _PLAIN_ID.fullmatch(value):
+        raise SharingError(f"{where}: {key} {value!r} must be a plain name: 1-128 letters, digits, '.', '_' or '-', "
+                           "starting with a letter or digit (no '/', not '.' or '..')")
+    return value
+
+
+def bundle_file(bundle: Path, name: Any, where: Path) -> Path:
+    """The file ``name`` of a manifest, which must be a plain file name inside ``bundle``.
+
+    Checked on the name alone, before anything is opened: no absolute path, no separator, not
+    ``.``/``..``; and a symlink must stay inside the bundle folder."""
+    what = (f"{where}: file {name!r} must be the plain name of a file in the bundle folder {bundle} "
+            "(no absolute path, no '/', not '.' or '..')")
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or os.path.isabs(name)):
+        raise SharingError(what)
+    path = bundle / name
+    if path.is_symlink() and path.resolve().parent != bundle.resolve():
+        raise SharingError(f"{what}; it is a symlink to {os.readlink(path)}")
+    return path
+
+
 def check_bundle(bundle: Path, party: int, expect: dict[str, Any] | None = None) -> ShareManifest:
-    """This server's check of a client's bundle: integrity, sizes, and that it is for us."""
+    """This server's check of a client's bundle: integrity, sizes, and that it is for us.
+
+    Every name the manifest gives is checked before any file it names is opened: the share file
+    must be a file of the bundle folder, and the ids that become folder names are plain names."""
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise SharingError(f"{bundle}: no such job folder (expected manifest.json and Input-Binary-P{party}-0)")
-    m = ShareManifest.load(bundle / "manifest.json")
+    mf = bundle / "manifest.json"
+    m = ShareManifest.load(mf)
+    if m.job:  # a job needs one to run (prepare_job); the bundle's own checks do not
+        plain_id(m.job, "job", mf)
+    plain_id(m.run_id, "run_id", mf)
+    if m.model_gen or m.kind != "train":  # a training job starts a model: it names no generation
+        plain_id(m.model_gen, "model_gen", mf)
+    data = bundle_file(bundle, m.file, mf) if m.n_values else None
     if m.party != party:
         raise SharingError(f"{bundle}: bundle is for server {m.party}, not server {party}")
     if m.kind not in PROGRAMS or m.program != PROGRAMS[m.kind]:
@@ -134,8 +182,7 @@ def check_bundle(bundle: Path, party: int, expect: dict[str, Any] | None = None)
     if m.frac_bits != FRAC_BITS or m.ring_bits != RING_BITS:
         raise SharingError(f"{bundle / 'manifest.json'}: fixed point f={m.frac_bits} in Z_2^{m.ring_bits}, "
                            f"this server uses f={FRAC_BITS} in Z_2^{RING_BITS}")
-    if m.n_values:
-        data = bundle / m.file
+    if data is not None:
         if not data.is_file():
             raise SharingError(f"{data}: share file missing")
         size = data.stat().st_size
@@ -166,16 +213,22 @@ def _check_args(m: ShareManifest, bundle: Path) -> list[str]:
 
 
 def model_generations(server: Server) -> dict[str, dict[str, Any]]:
+    """The generations this server holds, oldest first: {name: manifest}."""
     out = {}
     if server.models.is_dir():
         for d in sorted(server.models.iterdir()):
             mf = d / "manifest.json"
-            if d.is_dir() and mf.is_file():
+            if d.is_dir() and not d.name.startswith(".") and mf.is_file():
                 try:
                     out[d.name] = json.loads(mf.read_text())
                 except json.JSONDecodeError:
                     continue
-    return out
+    return dict(sorted(out.items(), key=lambda kv: _age(kv[1])))
+
+
+def _age(meta: dict[str, Any]) -> tuple[int, float]:
+    """Sort key of a generation: this server's install counter, then its time (older versions had no counter)."""
+    return int(meta.get("seq", 0)), float(meta.get("created", 0))
 
 
 def jobs_done(server: Server) -> set[str]:
@@ -238,16 +291,18 @@ class PreparedJob:
         return self.manifest.kind
 
 
+@owner_only()
 def prepare_job(mp: MPSPDZ, server: Server, bundle: Path, *, encrypted: bool = True,
                 expect: dict[str, Any] | None = None) -> PreparedJob:
     """Every check that can fail before the protocol starts, then the run's working directory."""
     i = server.party
+    private_dir(server.root)
     m = check_bundle(bundle, i, expect)
+    if not m.job:
+        raise SharingError(f"{bundle / 'manifest.json'}: no job id (the client names every job it sends)")
     if m.program_version != program_version(m.program):
         raise SharingError(f"{bundle}: made for another version of {m.program}.mpc ({m.program_version}, this "
                            f"server has {program_version(m.program)}); client and servers must run the same release")
-    if not m.job or "/" in m.job or m.job.startswith("."):
-        raise SharingError(f"{bundle / 'manifest.json'}: invalid job id {m.job!r}")
     if m.job in jobs_done(server):
         raise SharingError(f"{bundle}: job {m.job} already ran on server {i} ({server.root / 'jobs-done'}); a bundle "
                            "is used once: the client makes a new job for a new run")
@@ -255,26 +310,30 @@ def prepare_job(mp: MPSPDZ, server: Server, bundle: Path, *, encrypted: bool = T
     model_path, model_meta = None, None
     if m.kind in ("predict", "refresh"):
         model_path, model_meta = find_model(server, m.model_gen, m.run_id, m.d, m.n_classes)
+        # the client holds m.model_gen (it adopts a generation only once both servers reported it):
+        # every older generation is useless now, and kept it would combine with the other's newer share
+        confirm_generation(server, m.model_gen, m.run_id)
     proto = PROTOCOLS[m.protocol]
     tls = encrypted or proto.always_tls
     party_certs = certs_mod.check_party_certs(server.root, i, proto.n_parties) if tls else None
     full = compile_program(mp, m.program, args, server.build_dir, proto=proto)
 
     run = server.root / f"run-{m.job}"
-    if run.exists():
-        shutil.rmtree(run)
+    destroy_tree(run)
     (run / "Player-Data").mkdir(parents=True)
     (run / "Persistence").mkdir()
     os.symlink(programs_dir(server.build_dir.resolve(), proto), run / "Programs")
     if m.n_values:
-        shutil.copyfile(Path(bundle) / m.file, run / "Player-Data" / f"Input-Binary-P{i}-0")
+        copy_private(bundle_file(Path(bundle), m.file, Path(bundle) / "manifest.json"),
+                     run / "Player-Data" / f"Input-Binary-P{i}-0")
     mask = None
     if m.kind == "refresh" and i == 0:
         # server 0's secret input: fresh randomness, removed from its own share after the run
         mask = sharing.random_ring(m.d * m.n_classes)
-        (run / "Player-Data" / "Input-Binary-P0-0").write_bytes(mask.astype("<u8").tobytes())
+        with open_private(run / "Player-Data" / "Input-Binary-P0-0", "wb") as fh:
+            fh.write(mask.astype("<u8").tobytes())
     if model_path is not None:
-        shutil.copyfile(model_path, run / "Persistence" / f"Transactions-P{i}.data")
+        copy_private(model_path, run / "Persistence" / f"Transactions-P{i}.data")
     if party_certs is not None:
         certs_mod.install_for_run(party_certs, run / "Player-Data")
     log = server.logs / f"{m.job}.log"
@@ -282,28 +341,81 @@ def prepare_job(mp: MPSPDZ, server: Server, bundle: Path, *, encrypted: bool = T
 
 
 def _install_generation(server: Server, gen: str, shares_file: Path, meta: dict[str, Any]) -> None:
-    """Write generation ``gen`` aside, repoint ``model`` atomically, keep the previous one."""
+    """Write generation ``gen`` aside and repoint ``model`` atomically; older generations stay until confirmed."""
     server.models.mkdir(parents=True, exist_ok=True)
     new_dir = server.models / gen
     tmp_dir = server.models / f".{gen}.tmp"
     for d in (new_dir, tmp_dir):
-        if d.exists():
-            shutil.rmtree(d)
+        destroy_tree(d)
+    held = model_generations(server)
+    meta = dict(meta, seq=1 + max((int(m.get("seq", 0)) for m in held.values()), default=0))
     tmp_dir.mkdir()
-    shutil.copyfile(shares_file, server.model_file(tmp_dir))
+    copy_private(shares_file, server.model_file(tmp_dir))
     atomic_write_json(tmp_dir / "manifest.json", meta)
     os.replace(tmp_dir, new_dir)
     tmp_link = server.root / ".model.link"
     tmp_link.unlink(missing_ok=True)
     os.symlink(Path("models") / gen, tmp_link)
     os.replace(tmp_link, server.current)
-    # keep the newest KEEP_GENERATIONS generations
-    gens = sorted(model_generations(server).items(), key=lambda kv: kv[1].get("created", 0), reverse=True)
-    for old, _ in gens[KEEP_GENERATIONS:]:
-        if old != gen:
-            shutil.rmtree(server.models / old, ignore_errors=True)
 
 
+def _destroy_generation(server: Server, gen: str) -> None:
+    """Take generation ``gen`` out of the listing at once (rename), then overwrite and unlink its files."""
+    doomed = server.models / f".destroy-{gen}"
+    destroy_tree(doomed)
+    os.replace(server.models / gen, doomed)
+    destroy_tree(doomed)
+
+
+@owner_only()
+def confirm_generation(server: Server, gen: str, run_id: str | None = None) -> list[str]:
+    """The client holds generation ``gen``: destroy every older generation; returns their names.
+
+    Newer generations stay (a job the client has not collected yet may still become its model).
+    Refuses, destroying nothing, when this server does not hold ``gen`` or it is of another run."""
+    held = model_generations(server)
+    if gen not in held:
+        listing = ", ".join(held) or "none"
+        raise ModelError(f"server {server.party} does not hold model generation {gen} (it holds: {listing}); "
+                         "nothing destroyed")
+    if run_id is not None and held[gen].get("run_id") != run_id:
+        raise ModelError(f"server {server.party}: generation {gen} is of model {held[gen].get('run_id')}, the "
+                         f"confirmation names model {run_id}; nothing destroyed")
+    older = [g for g, meta in held.items() if _age(meta) < _age(held[gen])]
+    for g in older:
+        _destroy_generation(server, g)
+        logger.info("server %d: destroyed model generation %s (the client confirmed %s)", server.party, g, gen)
+    for left in server.models.glob(".destroy-*"):  # an earlier destruction that was interrupted
+        destroy_tree(left)
+    return older
+
+
+def read_confirmation(ticket: Path, party: int) -> dict[str, str]:
+    """A confirmation ticket from the client (``<ticket>/confirm.json``), checked before anything is done."""
+    ticket = Path(ticket)
+    path = ticket / CONFIRM_FILE
+    if not path.is_file():
+        hint = " (that is a job bundle: run `invoke party` on it)" if (ticket / "manifest.json").is_file() else ""
+        raise SharingError(f"{path}: confirmation ticket missing{hint}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SharingError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("kind") != "confirm":
+        raise SharingError(f"{path}: not a confirmation ticket (expected kind 'confirm')")
+    if raw.get("party") != party:
+        raise SharingError(f"{path}: ticket is for server {raw.get('party')}, not server {party}")
+    return {"gen": plain_id(raw.get("gen"), "gen", path), "run_id": plain_id(raw.get("run_id"), "run_id", path)}
+
+
+@owner_only()
+def confirm(server: Server, ticket: Path) -> tuple[str, list[str]]:
+    """Run the client's confirmation ticket: (the confirmed generation, the generations destroyed)."""
+    t = read_confirmation(ticket, server.party)
+    return t["gen"], confirm_generation(server, t["gen"], t["run_id"])
+
+
+@owner_only()
 def finish_job(prep: PreparedJob, result: PartyResult | None) -> Path:
     """After a successful run: install the model or write the output shares, then the receipt.
 
@@ -319,8 +431,7 @@ def finish_job(prep: PreparedJob, result: PartyResult | None) -> Path:
                        global_data_mb=result.global_data_mb, rounds=result.rounds, protocol=m.protocol)
     out = server.outputs / m.job
     tmp_out = server.outputs / f".{m.job}.tmp"
-    if tmp_out.exists():
-        shutil.rmtree(tmp_out)
+    destroy_tree(tmp_out)
     tmp_out.mkdir(parents=True)
     if m.kind == "train":
         read_shares(pers, 0, d1 * c)
@@ -342,19 +453,21 @@ def finish_job(prep: PreparedJob, result: PartyResult | None) -> Path:
         q = m.n
         shares = read_shares(pers, d1 * c, 2 * q)
         blob = shares.astype("<u8").tobytes()
-        (tmp_out / "shares.bin").write_bytes(blob)
+        with open_private(tmp_out / "shares.bin", "wb") as fh:
+            fh.write(blob)
         receipt.update(gen=m.model_gen, q=q, values=["best", "softmax_denominator"], frac_bits=FRAC_BITS,
                        sha256=sharing.sha256_bytes(blob))
     atomic_write_json(tmp_out / "receipt.json", receipt)
-    if out.exists():
-        shutil.rmtree(out)
+    destroy_tree(out)
     os.replace(tmp_out, out)
-    with open(server.root / "jobs-done", "a") as fh:  # appended after the results are in place
+    with open_private(server.root / "jobs-done", "a") as fh:  # appended after the results are in place
         fh.write(m.job + "\n")
     return out
 
 
+@owner_only()
 def cleanup_job(prep: PreparedJob) -> None:
-    shutil.rmtree(prep.rundir, ignore_errors=True)
+    """Destroy the run's scratch folder: it holds copies of the input shares, the model shares and the key."""
+    destroy_tree(prep.rundir)
     if prep.mask is not None:
         prep.mask[:] = 0

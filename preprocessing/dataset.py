@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, private_dir
 
 from .errors import ImageLoadError, PreprocessingError
 
@@ -360,7 +360,7 @@ class _Cache:
             return
         blob = json.dumps(settings, sort_keys=True).encode()
         self.folder = Path(cache_dir) / "gallery" / hashlib.sha256(blob).hexdigest()[:16]
-        self.folder.mkdir(parents=True, exist_ok=True)
+        private_dir(self.folder)  # plaintext embeddings: owner-only
         info = self.folder / "settings.json"
         if not info.exists():
             atomic_write_bytes(info, json.dumps(settings, indent=2, sort_keys=True).encode())

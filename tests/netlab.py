@@ -224,3 +224,54 @@ def split_preamble(stream: bytes) -> tuple[bytes, bytes]:
     if 0 < n <= 64 and len(ident) == n and ident.isascii() and ident.decode().isprintable():
         return ident, stream[4 + n:]
     return b"", stream
+
+
+def tls_handshake_messages(stream: bytes) -> list[tuple[int, bytes]]:
+    """The handshake messages sent in the clear at the start of a TLS stream: [(type, body)].
+
+    Reassembles handshake records up to the first ChangeCipherSpec (after which TLS 1.2 encrypts);
+    type 1 is ClientHello, 2 ServerHello, 11 Certificate. ValueError if the stream is not TLS."""
+    buf = bytearray()
+    pos = 0
+    while pos + 5 <= len(stream):
+        ctype, _, _, length = struct.unpack_from(">BBBH", stream, pos)
+        if ctype not in (20, 21, 22, 23):
+            raise ValueError(f"bytes at offset {pos} are no TLS record (type {ctype})")
+        if ctype != 22:
+            break
+        buf += stream[pos + 5:pos + 5 + length]
+        pos += 5 + length
+    out = []
+    k = 0
+    while k + 4 <= len(buf):
+        mtype = buf[k]
+        n = int.from_bytes(buf[k + 1:k + 4], "big")
+        if k + 4 + n > len(buf):
+            break
+        out.append((mtype, bytes(buf[k + 4:k + 4 + n])))
+        k += 4 + n
+    return out
+
+
+def hello_fields(mtype: int, body: bytes) -> dict:
+    """version, cipher suites (ClientHello: offered; ServerHello: chosen) and extensions {type: data} of a hello."""
+    version = body[0] << 8 | body[1]
+    k = 2 + 32
+    k += 1 + body[k]  # session id
+    if mtype == 1:
+        n = int.from_bytes(body[k:k + 2], "big")
+        suites = [int.from_bytes(body[k + 2 + j:k + 4 + j], "big") for j in range(0, n, 2)]
+        k += 2 + n
+        k += 1 + body[k]  # compression methods
+    else:
+        suites = [int.from_bytes(body[k:k + 2], "big")]
+        k += 3  # cipher suite, compression method
+    ext: dict[int, bytes] = {}
+    if k + 2 <= len(body):
+        end = k + 2 + int.from_bytes(body[k:k + 2], "big")
+        k += 2
+        while k + 4 <= end:
+            etype, elen = struct.unpack_from(">HH", body, k)
+            ext[etype] = body[k + 4:k + 4 + elen]
+            k += 4 + elen
+    return {"version": version, "suites": suites, "extensions": ext}

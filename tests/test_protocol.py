@@ -113,9 +113,10 @@ def test_refresh_shares_keeps_the_model_and_unlinks_the_shares(mp, trained, data
     assert [p.label for p in after] == [p.label for p in before]
     # confidences agree up to sfix's probabilistic rounding, as between any two runs
     assert np.allclose([p.confidence for p in after], [p.confidence for p in before], atol=1e-3)
-    # the previous generation is kept (a refresh that fails on one server must not strand the other)
+    # local mode confirms the new generation at once, and each server destroyed the previous one (until a
+    # confirmation both stay: tests/test_security.py::test_both_generations_stay_until_the_client_confirms)
     for i in range(2):
-        assert set(model_generations(Server(layout.server(i), i))) == {old_gen, gen}
+        assert set(model_generations(Server(layout.server(i), i))) == {gen}
 
 
 def test_refresh_shares_task_end_to_end(trained, tmp_path):

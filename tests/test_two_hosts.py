@@ -203,6 +203,43 @@ def test_traffic_between_servers_is_tls(lan, data, tmp_path):
     assert app_data > 50_000 and app_data > 0.8 * total
 
 
+SUPPORTED_VERSIONS = 43  # the extension through which TLS 1.3 is offered and chosen (RFC 8446, 4.2.1)
+
+
+def test_tls_between_servers_is_exactly_version_1_2(lan, data, tmp_path):
+    """README, *Two hosts*: MP-SPDZ speaks exactly TLS 1.2 (its Boost.Asio context is `tlsv12`, which sets both
+    the lowest and the highest version). On the wire: no ClientHello offers TLS 1.3, every ServerHello picks
+    TLS 1.2 with an ECDHE and AEAD cipher suite, and both certificates cross in the clear, which TLS 1.3 would
+    encrypt."""
+    dep, _ = lan
+    x, _, _, te = data
+    streams = _run_captured(dep, x[te], tmp_path / "version")
+    clients, servers, certificates, chosen = 0, 0, 0, set()
+    for key, stream in streams.items():
+        _, stream = netlab.split_preamble(stream)
+        for mtype, body in netlab.tls_handshake_messages(stream):
+            if mtype in (1, 2):
+                hello = netlab.hello_fields(mtype, body)
+                assert hello["version"] == 0x0303, f"{key}: hello version {hello['version']:#06x}, not TLS 1.2"
+                assert SUPPORTED_VERSIONS not in hello["extensions"], f"{key}: TLS 1.3 offered or chosen"
+                if mtype == 1:
+                    clients += 1
+                    assert not [s for s in hello["suites"] if 0x1301 <= s <= 0x1305], f"{key}: TLS 1.3 suites"
+                else:
+                    servers += 1
+                    chosen.add(hello["suites"][0])
+            elif mtype == 11:
+                certificates += 1
+    # every connection: one ClientHello, one ServerHello, and both servers present their certificate
+    assert clients > 0 and clients == servers and certificates == 2 * servers, (clients, servers, certificates)
+    assert not [s for s in chosen if 0x1301 <= s <= 0x1305], chosen
+    # ECDHE key exchange with an AEAD cipher (forward secrecy): TLS_ECDHE_ECDSA_WITH_AES_{128,256}_GCM_*
+    # or _CHACHA20_POLY1305_*, the suites OpenSSL prefers for the servers' EC P-256 keys
+    assert chosen <= {0xC02B, 0xC02C, 0xCCA9}, [f"{s:#06x}" for s in chosen]
+    readme = (REPO / "README.md").read_text()
+    assert "TLS 1.2+" not in readme and "exactly TLS 1.2" in readme
+
+
 def test_plaintext_control_is_not_tls(net_ok, data, tmp_path):
     """The capture check can fail: with encryption switched off the same traffic is no TLS.
 
