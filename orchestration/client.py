@@ -73,7 +73,8 @@ def _pending_path(client: Path, job: str) -> Path:
     return Path(client) / "jobs" / f"{job}.json"
 
 
-def _load_pending(client: Path, job: str) -> dict[str, Any]:
+def load_pending(client: Path, job: str) -> dict[str, Any]:
+    """The record of a job the client sent out and has not collected yet (what to do with its results)."""
     path = _pending_path(client, job)
     if not path.is_file():
         jobs = sorted(p.stem for p in (Path(client) / "jobs").glob("*.json"))
@@ -249,7 +250,7 @@ def collect(client: Path, job: str, results: Sequence[Path]) -> Collected:
     predict: the output shares are reconstructed into predictions.
     """
     private_dir(client)
-    pending = _load_pending(client, job)
+    pending = load_pending(client, job)
     kind = pending["kind"]
     receipts = [_receipt(results[i], i, job) for i in range(2)]
     if receipts[0].get("gen") != receipts[1].get("gen"):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import certs as certs_mod
-from .client import CollectError, _load_pending
+from .client import CollectError, load_pending
 from .hosts import check_can_listen, check_hosts_for, load_hosts
 from .launcher import PartySpec, RunResult, bind_shim, run_parties
 from .mpspdz import MPSPDZ, MPSPDZError, Protocol, compile_program, programs_dir, protocol
@@ -47,7 +47,7 @@ class DealerRun:
 
 def prepare_dealer(mp: MPSPDZ, client: Path, build: Path, job: str, *, encrypted: bool = True) -> DealerRun:
     """The dealer's run folder for the pending job ``job`` of the client in ``client``."""
-    pending = _load_pending(client, job)
+    pending = load_pending(client, job)
     proto = protocol(pending.get("protocol", "semi2k"))
     if proto.dealer is None:
         raise CollectError(f"job {job} runs protocol {proto.name}, which has no dealer: nothing for the client to run")
