@@ -35,8 +35,8 @@ def run_party_job(mp: MPSPDZ, server_dir: Path, party: int, hosts_file: Path, bu
     try:
         check_hosts_for(hosts, prep.proto, prep.job)
         shim = bind_shim(server.build_dir)
-        logger.info("server %d: job %s (%s), listening on %s, peer at %s", party, prep.job, prep.kind, me,
-                    hosts[1 - party])
+        logger.info("server %d: job %s (%s, protocol %s: %s), listening on %s, peer at %s", party, prep.job,
+                    prep.kind, prep.proto.name, prep.proto.summary, me, hosts[1 - party])
         result = run_parties(mp, prep.program, [PartySpec(party, prep.rundir, prep.log, me.address, me.port)], hosts.path,
                              encrypted=encrypted, shim=shim, timeout=timeout, on_spawn=on_spawn, proto=prep.proto)
         return finish_job(prep, result.parties[0])
