@@ -99,10 +99,6 @@ def free_ports(host: str, count: int) -> int:
     raise MPSPDZError(f"could not find {count} consecutive free ports on {host}")
 
 
-def free_port_pair(host: str) -> int:
-    """A base port such that base and base+1 are free on ``host`` right now."""
-    return free_ports(host, 2)
-
 
 def bind_shim(build_dir: Path) -> Path:
     """The compiled LD_PRELOAD shim that keeps MP-SPDZ's listener on the hosts-file address.

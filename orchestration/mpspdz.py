@@ -61,7 +61,6 @@ PROTOCOLS: dict[str, Protocol] = {
     "semi2k": Protocol("semi2k", PARTY_BINARY, ("-E", "semi2k"), 2, always_tls=False),
 }
 DEFAULT_PROTOCOL = "dealer"
-COMPILE_FLAGS = list(PROTOCOLS["semi2k"].compile_flags)  # ring 2^64, two-party split for comparisons
 
 
 def protocol(name: str | None) -> Protocol:
