@@ -158,6 +158,7 @@ def test_two_host_tasks_share_party_collect(workspace, tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text(f"127.0.0.1:{port}\n127.0.0.1:{port + 1}\n127.0.0.1:{port + 2}\n")
     assert "invoke deal --job" in r.stdout  # share-predict tells the client to deal (the default dealer mode)
+    assert "protocol: dealer (the client deals" in r.stderr  # and says which protocol it uses
     results: dict[int, subprocess.CompletedProcess[str]] = {}
 
     def party(i: int) -> None:

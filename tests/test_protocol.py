@@ -435,3 +435,21 @@ def test_killed_dealer_mid_training_is_named_and_changes_nothing(mp, trained, da
     assert [current_generation(Server(layout.server(i), i)) for i in range(2)] == before
     assert [(layout.model_dir(i) / f"Transactions-P{i}.data").read_bytes() for i in range(2)] == files
     assert not list(layout.client.glob("run-*")) and not list((layout.client / "jobs").glob("train-*.json"))
+
+
+def test_dealer_errors_name_the_job_and_the_hosts_file(mp, trained, data, tmp_path):
+    from orchestration.dealer import run_dealer
+
+    layout = _copy(trained[0], tmp_path / "var")
+    x, _, _, te = data
+    with pytest.raises(client.CollectError, match="no job 'predict-nope' waiting"):
+        run_dealer(mp, layout.client, layout.build, tmp_path / "hosts", "predict-nope")
+    sent = client.share_predict(layout.client, x[te[:1]], 0.0, tmp_path / "jobs")
+    two = tmp_path / "hosts"
+    two.write_text("127.0.0.1:7500\n127.0.0.1:7501\n")
+    with pytest.raises(HostsError, match=f"job {sent.job} runs protocol dealer, which needs 3 lines"):
+        run_dealer(mp, layout.client, layout.build, two, sent.job)
+    semi = client.share_predict(layout.client, x[te[:1]], 0.0, tmp_path / "semi", protocol="semi2k")
+    with pytest.raises(client.CollectError, match="runs protocol semi2k, which has no dealer"):
+        run_dealer(mp, layout.client, layout.build, two, semi.job)
+    assert not list(layout.client.glob("run-*"))

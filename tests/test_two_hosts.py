@@ -272,6 +272,22 @@ def test_server_with_wrong_certificate_cannot_join(net_ok, tmp_path, data):
         assert not (dep.servers[0] / "model").exists() and not (dep.servers[1] / "model").exists()
 
 
+def test_client_with_wrong_certificate_cannot_deal(net_ok, tmp_path, data):
+    """Dealer mode: the servers pin the client's certificate too; a re-keyed client cannot join."""
+    x, labels, tr, _ = data
+    with netlab.TwoHosts() as net:
+        dep = Deployment(tmp_path, net)
+        invoke("certs", "--id", "2", "--server-dir", str(dep.client), "--force")
+        client.share_train(dep.client, x[tr], [labels[k] for k in tr], PARAMS, tmp_path / "jobs")
+        start = time.monotonic()
+        res = dep.run(tmp_path / "jobs", timeout=60)
+        assert time.monotonic() - start < 90
+        for rc, out in res:
+            assert rc == 1, out
+        assert any("TLS handshake" in out and "the client (dealer)" in out for _, out in res), res
+        assert not (dep.servers[0] / "model").exists() and not (dep.servers[1] / "model").exists()
+
+
 def test_server_missing_certificate_fails_before_the_protocol(lan, data, tmp_path):
     dep, _ = lan
     x, _, _, te = data
