@@ -18,9 +18,10 @@ with the process, so no triple can be dealt twice.
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from preprocessing.fileio import destroy_tree, owner_only, private_dir
 
 from . import certs as certs_mod
 from .client import CollectError, load_pending
@@ -45,8 +46,9 @@ class DealerRun:
         return self.proto.dealer
 
 
+@owner_only()
 def prepare_dealer(mp: MPSPDZ, client: Path, build: Path, job: str, *, encrypted: bool = True) -> DealerRun:
-    """The dealer's run folder for the pending job ``job`` of the client in ``client``."""
+    """The dealer's run folder for the pending job ``job`` of the client in ``client`` (owner-only)."""
     pending = load_pending(client, job)
     proto = protocol(pending.get("protocol", "semi2k"))
     if proto.dealer is None:
@@ -54,9 +56,9 @@ def prepare_dealer(mp: MPSPDZ, client: Path, build: Path, job: str, *, encrypted
     party_certs = certs_mod.check_party_certs(client, proto.dealer, proto.n_parties) if encrypted or proto.always_tls \
         else None
     program = compile_program(mp, pending["program"], [str(a) for a in pending["program_args"]], build, proto=proto)
+    private_dir(client)
     run = Path(client) / f"run-{job}"
-    if run.exists():
-        shutil.rmtree(run)
+    destroy_tree(run)
     (run / "Player-Data").mkdir(parents=True)
     (run / "Persistence").mkdir()
     programs = programs_dir(Path(build).resolve(), proto)
@@ -69,9 +71,11 @@ def prepare_dealer(mp: MPSPDZ, client: Path, build: Path, job: str, *, encrypted
 
 
 def cleanup_dealer(run: DealerRun) -> None:
-    shutil.rmtree(run.rundir, ignore_errors=True)
+    """Destroy the run folder (it holds a copy of the client's key), as the servers do with theirs."""
+    destroy_tree(run.rundir)
 
 
+@owner_only()
 def run_dealer(mp: MPSPDZ, client: Path, build: Path, hosts_file: Path, job: str, *, timeout: float = 1800.0,
                encrypted: bool = True, on_spawn=None) -> RunResult:
     """Two hosts: the client's dealer party of job ``job``, run while both servers run ``invoke party``.
