@@ -778,7 +778,7 @@ def deal(c, job, hosts, timeout=None, mpspdz_home=None, verbose=False):
     signal.signal(signal.SIGTERM, stop)
     try:
         run = dealer.run_dealer(mp, layout.client, layout.build, Path(hosts), job,
-                                timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), encrypted=_tls(c))
+                                timeout=float(_cfg(c, "mpspdz", "timeout", timeout)))
     except remote.ERRORS as exc:
         raise Exit(f"client (dealer): {exc}", code=1)
     except KeyboardInterrupt as exc:

@@ -4,7 +4,8 @@ In the dealer mode the client, trusted data owner, joins each protocol run as th
 (MP-SPDZ's ``dealer-ring-party.x``, party 2). It draws multiplication and matrix triples, random
 bits and edaBits from its own CSPRNG for this run only and sends each server its shares of them;
 the servers use them once and only ever open values masked by them. The dealer holds no data
-input and receives nothing secret (MP-SPDZ's dealer only sends preprocessing and PRNG seeds).
+input; openings run between the two servers only (MP-SPDZ's DealerMC leaves the dealer out).
+MP-SPDZ's dealer binary always speaks TLS, so the client's certificates are always needed.
 
 Its run folder, under the client's folder::
 
@@ -27,7 +28,7 @@ from . import certs as certs_mod
 from .client import CollectError, load_pending
 from .hosts import check_can_listen, check_hosts_for, load_hosts
 from .launcher import PartySpec, RunResult, bind_shim, run_parties
-from .mpspdz import MPSPDZ, MPSPDZError, Protocol, compile_program, programs_dir, protocol
+from .mpspdz import MPSPDZ, Protocol, compile_program, programs_dir, protocol
 
 logger = logging.getLogger(__name__)
 
@@ -47,26 +48,21 @@ class DealerRun:
 
 
 @owner_only()
-def prepare_dealer(mp: MPSPDZ, client: Path, build: Path, job: str, *, encrypted: bool = True) -> DealerRun:
+def prepare_dealer(mp: MPSPDZ, client: Path, build: Path, job: str) -> DealerRun:
     """The dealer's run folder for the pending job ``job`` of the client in ``client`` (owner-only)."""
     pending = load_pending(client, job)
     proto = protocol(pending.get("protocol", "semi2k"))
     if proto.dealer is None:
         raise CollectError(f"job {job} runs protocol {proto.name}, which has no dealer: nothing for the client to run")
-    party_certs = certs_mod.check_party_certs(client, proto.dealer, proto.n_parties) if encrypted or proto.always_tls \
-        else None
+    party_certs = certs_mod.check_party_certs(client, proto.dealer, proto.n_parties)
     program = compile_program(mp, pending["program"], [str(a) for a in pending["program_args"]], build, proto=proto)
     private_dir(client)
     run = Path(client) / f"run-{job}"
     destroy_tree(run)
     (run / "Player-Data").mkdir(parents=True)
     (run / "Persistence").mkdir()
-    programs = programs_dir(Path(build).resolve(), proto)
-    if not (programs / "Schedules" / f"{program}.sch").is_file():
-        raise MPSPDZError(f"compiled program {program} missing under {programs}")
-    (run / "Programs").symlink_to(programs)
-    if party_certs is not None:
-        certs_mod.install_for_run(party_certs, run / "Player-Data")
+    (run / "Programs").symlink_to(programs_dir(Path(build).resolve(), proto))
+    certs_mod.install_for_run(party_certs, run / "Player-Data")
     return DealerRun(job, proto, program, run, Path(client) / "logs" / f"{job}.log")
 
 
@@ -77,11 +73,11 @@ def cleanup_dealer(run: DealerRun) -> None:
 
 @owner_only()
 def run_dealer(mp: MPSPDZ, client: Path, build: Path, hosts_file: Path, job: str, *, timeout: float = 1800.0,
-               encrypted: bool = True, on_spawn=None) -> RunResult:
+               on_spawn=None) -> RunResult:
     """Two hosts: the client's dealer party of job ``job``, run while both servers run ``invoke party``.
 
     The hosts file is the servers' one with a third line for the client's address."""
-    run = prepare_dealer(mp, client, build, job, encrypted=encrypted)
+    run = prepare_dealer(mp, client, build, job)
     try:
         hosts = load_hosts(hosts_file)
         check_hosts_for(hosts, run.proto, job)
@@ -89,7 +85,7 @@ def run_dealer(mp: MPSPDZ, client: Path, build: Path, hosts_file: Path, job: str
         check_can_listen(me, run.party)
         logger.info("client: dealing for job %s, servers at %s and %s", job, hosts[0], hosts[1])
         return run_parties(mp, run.program, [PartySpec(run.party, run.rundir, run.log, me.address, me.port)],
-                           hosts.path, encrypted=encrypted, shim=bind_shim(build), timeout=timeout, on_spawn=on_spawn,
+                           hosts.path, encrypted=True, shim=bind_shim(build), timeout=timeout, on_spawn=on_spawn,
                            proto=run.proto)
     finally:
         cleanup_dealer(run)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from preprocessing.fileio import atomic_write_text
 
+from .mpspdz import Protocol
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT_BASE = 5000  # MP-SPDZ's default
@@ -67,8 +69,8 @@ def parse_line(text: str, i: int, where: str) -> tuple[str, int]:
     return host, port
 
 
-def load_hosts(path: str | Path, n_parties: int | None = None) -> Hosts:
-    """Read and check a hosts file of 2 or 3 parties (exactly ``n_parties`` if given); names resolved to IPv4."""
+def load_hosts(path: str | Path) -> Hosts:
+    """Read and check a hosts file of 2 or 3 parties (see :func:`check_hosts_for`); names resolved to IPv4."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -77,7 +79,7 @@ def load_hosts(path: str | Path, n_parties: int | None = None) -> Hosts:
     except (OSError, UnicodeDecodeError) as exc:
         raise HostsError(f"hosts file {path} unreadable: {exc}") from None
     lines = text.splitlines()
-    allowed = (n_parties,) if n_parties else (2, 3)
+    allowed = (2, 3)
     if len(lines) not in allowed or any(not ln.strip() for ln in lines):
         want = {2: "two non-empty lines (host[:port] of server 0, then server 1)",
                 3: "three non-empty lines (host[:port] of server 0, server 1, then the client that deals)"}
@@ -128,8 +130,8 @@ def check_can_listen(ep: Endpoint, party: int) -> None:
             raise HostsError(f"server {party}: cannot listen at {ep}: {exc}") from None
 
 
-def check_hosts_for(hosts: Hosts, proto, job: str) -> None:
-    """The hosts file must list exactly the parties of the job's protocol (a ``mpspdz.Protocol``)."""
+def check_hosts_for(hosts: Hosts, proto: Protocol, job: str) -> None:
+    """The hosts file must list exactly the parties of the job's protocol."""
     if len(hosts) != proto.n_parties:
         who = "server 0, server 1 and the client that deals" if proto.n_parties == 3 else "server 0 and server 1"
         raise HostsError(f"hosts file {hosts.path}: job {job} runs protocol {proto.name}, which needs {proto.n_parties} "

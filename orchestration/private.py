@@ -149,7 +149,7 @@ def run_local(
         for i in range(2):
             preps.append(prepare_job(mp, servers[i], out.bundles[i], encrypted=encrypted))
         if proto.dealer is not None:
-            deal = prepare_dealer(mp, layout.client, layout.build, out.job, encrypted=encrypted)
+            deal = prepare_dealer(mp, layout.client, layout.build, out.job)
         base = free_ports(host, proto.n_parties)
         hosts_file = write_hosts(preps[0].rundir / "hosts", [(host, base + k) for k in range(proto.n_parties)])
         shim = bind_shim(layout.build)

@@ -352,7 +352,9 @@ def test_killing_a_server_mid_run_keeps_the_model_and_a_rerun_succeeds(wan, data
     outs = [p.communicate(timeout=120)[0] for p in procs]
     if dealer is not None:
         dealer_out = dealer.communicate(timeout=120)[0]
-        assert dealer.returncode == 1 and "client (dealer)" in dealer_out, dealer_out
+        # the dealer only sends: it may have dealt all of its share before the kill and ended well;
+        # if it did not, it says so, as the client
+        assert dealer.returncode == 0 or (dealer.returncode == 1 and "client (dealer)" in dealer_out), dealer_out
     assert time.monotonic() - start < 90
     survivor = 1 - victim
     assert procs[survivor].returncode == 1 and procs[victim].returncode == 1
