@@ -204,3 +204,108 @@ def install_for_run(certs: PartyCerts, player_data: Path) -> None:
             k += 1
         used.add(f"{info.subject_hash}.{k}")
         os.symlink(name, player_data / f"{info.subject_hash}.{k}")
+
+
+# ---- the recognition service: client certificates and the gateway's own ------------------------
+#
+# A service client (the owner's laptop, a door camera...) has its own key and self-signed
+# certificate, common name ``client-<name>``, in ``<client>/certs/client.key|pem``. Each server
+# pins the clients it accepts: ``<server>/clients/<name>.pem``, one file per allowed client,
+# added with ``invoke certs --id I --allow-client FILE`` and removed by deleting the file (read
+# anew for every connection, so neither takes a restart).
+
+CLIENT_PREFIX = "client-"
+
+
+def _make_self_signed(key: Path, pem: Path, common_name: str, days: int) -> None:
+    private_dir(key.parent)
+    with tempfile.TemporaryDirectory(dir=key.parent, prefix=".new-") as tmp:
+        tkey, tpem = Path(tmp) / "key", Path(tmp) / "pem"
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-days", str(days), "-subj", f"/CN={common_name}", "-keyout", str(tkey), "-out", str(tpem))
+        os.chmod(tkey, 0o600)
+        os.replace(tkey, key)
+        os.replace(tpem, pem)
+
+
+def fingerprint(pem: Path | str) -> str:
+    """SHA-256 of the certificate's DER form, hex (what the gateways pin)."""
+    import hashlib
+    import ssl
+
+    text = Path(pem).read_text() if isinstance(pem, Path) else pem
+    try:
+        der = ssl.PEM_cert_to_DER_cert(text)
+    except ValueError as exc:
+        raise CertError(f"{pem}: not a PEM certificate ({exc})") from None
+    return hashlib.sha256(der).hexdigest()
+
+
+def client_files(client_dir: Path) -> tuple[Path, Path]:
+    d = cert_dir(client_dir)
+    return d / "client.key", d / "client.pem"
+
+
+@owner_only()
+def make_client_cert(client_dir: Path, name: str = "owner", *, days: int = DEFAULT_DAYS,
+                     force: bool = False) -> CertInfo:
+    """The service client's key and certificate (common name ``client-<name>``)."""
+    if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or len(name) > 48:
+        raise CertError(f"client name {name!r}: use 1..48 letters, digits, '-', '_' or '.'")
+    key, pem = client_files(client_dir)
+    if (key.exists() or pem.exists()) and not force:
+        raise CertError(f"{key if key.exists() else pem} exists; use --force to replace this client's key "
+                        "(both servers must then be given the new certificate)")
+    _make_self_signed(key, pem, CLIENT_PREFIX + name, days)
+    logger.info("service client %s: new key %s and certificate %s", name, key, pem)
+    return inspect(pem)
+
+
+def client_dir_of(server_dir: Path) -> Path:
+    return Path(server_dir) / "clients"
+
+
+@owner_only()
+def allow_client(server_dir: Path, pem: Path) -> CertInfo:
+    """Pin a service client's certificate on this server (``clients/<name>.pem``)."""
+    info = inspect(Path(pem))
+    if not info.common_name.startswith(CLIENT_PREFIX):
+        raise CertError(f"{pem}: certificate is for {info.common_name or 'no name'!r}, expected a service client's "
+                        f"(common name {CLIENT_PREFIX}<name>, made by `invoke certs --client NAME`)")
+    if info.not_after < time.time():
+        raise CertError(f"{pem}: expired on {time.strftime('%Y-%m-%d', time.gmtime(info.not_after))}")
+    d = client_dir_of(server_dir)
+    private_dir(d)
+    dest = d / f"{info.common_name[len(CLIENT_PREFIX):]}.pem"
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    copy_private(pem, tmp)
+    os.replace(tmp, dest)
+    return inspect(dest)
+
+
+def allowed_clients(server_dir: Path) -> dict[str, str]:
+    """{fingerprint: client name} of every client this server accepts now."""
+    out: dict[str, str] = {}
+    d = client_dir_of(server_dir)
+    if d.is_dir():
+        for pem in sorted(d.glob("*.pem")):
+            try:
+                out[fingerprint(pem)] = pem.stem
+            except (OSError, CertError) as exc:
+                logger.warning("%s: ignored (%s)", pem, exc)
+    return out
+
+
+@owner_only()
+def make_gateway_cert(player_data: Path, client_id: int) -> tuple[Path, Path]:
+    """A throw-away key for the gateway, MP-SPDZ's only client on this host (``C<id>``, hash-linked).
+
+    Made afresh for every start of the service's MP-SPDZ party and destroyed with its folder."""
+    key, pem = player_data / f"C{client_id}.key", player_data / f"C{client_id}.pem"
+    _make_self_signed(key, pem, f"C{client_id}", 2)
+    info = inspect(pem)
+    k = 0
+    while (player_data / f"{info.subject_hash}.{k}").exists():
+        k += 1
+    os.symlink(pem.name, player_data / f"{info.subject_hash}.{k}")
+    return key, pem

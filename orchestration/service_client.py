@@ -1,0 +1,269 @@
+"""Runs on the client: recognition through the running service, and (dealer mode) the service's dealer.
+
+:class:`ServiceClient` holds one TLS connection to each server's gateway (its own client
+certificate, the servers' certificates pinned). A request splits the queries into fresh additive
+shares, sends server i only share i, and adds the two answers: the best class and the softmax
+denominator, from which the client alone derives the confidence and applies its threshold, as the
+one-job mode does (orchestration.client.collect). Both answers must carry the request's id and
+the same model generation, or nothing is added.
+
+:func:`run_service_dealer` is the client's part in the dealer mode: MP-SPDZ's dealer party for
+every session the servers start, with the very program they run (it asks server 0 which).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from preprocessing import sharing
+from preprocessing.fileio import destroy_tree, open_private, private_dir
+from preprocessing.sharing import FRAC_BITS
+
+from . import certs as certs_mod
+from . import reference
+from .client import UNKNOWN, ModelError, Prediction, load_model_record
+from .hosts import Hosts
+from .launcher import _child_setup, bind_shim, party_command
+from .mpspdz import MPSPDZ, Protocol, compile_program, programs_dir
+from .server import PREDICT_PROGRAM
+from .service_server import ServicePorts, service_program_args
+from .service_wire import ServiceError, WireError, body_shares, receive, send, shares_body
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceAnswer:
+    predictions: list[Prediction]
+    gen: str
+    seconds: float
+
+
+class ServiceClient:
+    """A client of the running service. Not thread-safe: one per thread (they may share a client folder)."""
+
+    def __init__(self, client_dir: Path, hosts: Hosts, *, timeout: float = 30.0, retry_generation: float = 10.0):
+        self.client_dir = Path(client_dir)
+        self.ports = ServicePorts(hosts)
+        self.timeout, self.retry_generation = timeout, retry_generation
+        self.socks: list[ssl.SSLSocket | None] = [None, None]
+
+    # -- connections ----------------------------------------------------------------------------------
+
+    def _context(self, i: int) -> ssl.SSLContext:
+        key, pem = certs_mod.client_files(self.client_dir)
+        if not key.is_file() or not pem.is_file():
+            raise certs_mod.CertError(f"this client has no service certificate ({pem}): run `invoke certs --client NAME` "
+                                      "and give the certificate to both servers (`invoke certs --id I --allow-client`)")
+        server_pem = certs_mod.cert_dir(self.client_dir) / f"P{i}.pem"
+        if not server_pem.is_file():
+            raise certs_mod.CertError(f"server {i}'s certificate {server_pem} missing: copy P{i}.pem from server {i} and "
+                                      f"run `invoke certs --id 2 --peer-cert P{i}.pem`")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = False  # the certificate itself is pinned: the only one trusted for server i
+        ctx.load_verify_locations(cafile=str(server_pem))
+        ctx.load_cert_chain(pem, key)
+        return ctx
+
+    def _sock(self, i: int) -> ssl.SSLSocket:
+        s = self.socks[i]
+        if s is None:
+            addr = self.ports.client(i)
+            try:
+                raw = socket.create_connection(addr, timeout=self.timeout)
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s = self._context(i).wrap_socket(raw)
+            except (OSError, ssl.SSLError) as exc:
+                raise ServiceError(f"server {i}'s service at {addr[0]}:{addr[1]}: cannot connect ({exc})",
+                                   "unavailable") from None
+            s.settimeout(self.timeout)
+            self.socks[i] = s
+        return s
+
+    def close(self) -> None:
+        for i, s in enumerate(self.socks):
+            if s is not None:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+            self.socks[i] = None
+
+    def __enter__(self) -> "ServiceClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _exchange(self, messages: Sequence[tuple[dict[str, Any], bytes]]) -> list[tuple[dict[str, Any], bytes]]:
+        """Send message i to server i (both first, then read both); any failure closes both connections."""
+        try:
+            for i, (head, body) in enumerate(messages):
+                try:
+                    send(self._sock(i), head, body)
+                except OSError as exc:
+                    raise ServiceError(f"server {i}: connection lost while sending ({exc})", "unavailable") from None
+            out = []
+            for i in range(2):
+                try:
+                    out.append(receive(self._sock(i)))
+                except socket.timeout:
+                    raise ServiceError(f"server {i} did not answer within {self.timeout:.0f} s", "unavailable") from None
+                except (WireError, OSError) as exc:
+                    raise ServiceError(f"server {i}: connection lost ({exc}); the service is restarting or down",
+                                       "unavailable") from None
+            return out
+        except BaseException:
+            self.close()
+            raise
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        return [h for h, _ in self._exchange([({"type": "status"}, b""), ({"type": "status"}, b"")])]
+
+    def recognise_shares(self, padded: np.ndarray, gen: str) -> tuple[np.ndarray, np.ndarray, str]:
+        """Raw answer for queries ``padded`` (n x d1 with the trailing 1): (best class, denominator, generation)."""
+        n, d1 = padded.shape
+        s0, s1 = sharing.share(sharing.encode_fixed(padded, FRAC_BITS))
+        rid = secrets.token_hex(16)
+        head = {"type": "recognize", "id": rid, "gen": gen, "n": n, "d1": d1}
+        answers = self._exchange([(head, shares_body(s0)), (head, shares_body(s1))])
+        errors = [(i, h) for i, (h, _) in enumerate(answers) if h.get("type") == "error"]
+        if errors:
+            i, h = errors[0]
+            code = h.get("code") or "failed"
+            raise ServiceError(f"server {i}: {h.get('message')}", code)
+        parts = []
+        for i, (h, body) in enumerate(answers):
+            if h.get("type") != "result" or h.get("id") != rid or h.get("n") != n:
+                raise ServiceError(f"server {i} answered {h.get('type')} for request {h.get('id')} of {h.get('n')} "
+                                   f"queries; expected request {rid} of {n}", "failed")
+            try:
+                parts.append(body_shares(body, 2 * n, f"server {i}'s answer"))
+            except WireError as exc:
+                raise ServiceError(str(exc), "failed") from None
+        if answers[0][0].get("gen") != answers[1][0].get("gen"):
+            raise ServiceError(f"server 0 answered with model generation {answers[0][0].get('gen')}, server 1 with "
+                               f"{answers[1][0].get('gen')}", "failed")
+        total = sharing.reconstruct(parts[0], parts[1])
+        return total[:n].view(np.int64), sharing.decode_fixed(total[n:]), str(answers[0][0]["gen"])
+
+    def recognise(self, embeddings: np.ndarray, threshold: float) -> ServiceAnswer:
+        """Predictions for a batch of embeddings, as :func:`orchestration.client.collect` makes them."""
+        t0 = time.monotonic()
+        record = load_model_record(self.client_dir)
+        x = np.asarray(embeddings, dtype=np.float64)
+        if x.ndim != 2 or len(x) == 0:
+            raise ValueError(f"embeddings: expected a non-empty n x {record['d']} array, got shape {x.shape}")
+        if x.shape[1] != record["d"]:
+            raise ValueError(f"embeddings have dimension {x.shape[1]}, the model expects {record['d']}")
+        if not np.isfinite(threshold):
+            raise ValueError(f"threshold {threshold} is not a number")
+        c = len(record["classes"])
+        padded = reference.with_bias(x)
+        deadline = time.monotonic() + self.retry_generation
+        while True:
+            try:
+                best, denom, gen = self.recognise_shares(padded, record.get("gen", record["run_id"]))
+                break
+            except ServiceError as exc:
+                if exc.code != "generation" or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # the servers switch between two batches once both hold the new generation
+                record = load_model_record(self.client_dir)
+        if not (np.all((best >= 0) & (best < c)) and np.all((denom > 1 - 1e-3) & (denom < c + 1e-3))):
+            raise ModelError(f"reconstructed outputs out of range (class 0..{c - 1}, softmax denominator 1..{c}): "
+                             "the two servers' shares do not belong together")
+        conf = 1.0 / denom
+        preds = [Prediction(int(best[k]) if conf[k] >= threshold else UNKNOWN, float(conf[k]), int(best[k]))
+                 for k in range(len(x))]
+        return ServiceAnswer(preds, gen, time.monotonic() - t0)
+
+
+# ---- the dealer of the service (dealer mode, on the client) --------------------------------------
+
+def run_service_dealer(mp: MPSPDZ, client_dir: Path, build: Path, hosts: Hosts, proto: Protocol,
+                       stop: threading.Event) -> None:
+    """Deal for every session of the service until ``stop`` is set: one dealer party per session.
+
+    Server 0 says which program its session runs (sizes, batch); the dealer compiles and runs
+    exactly that one, with the client's key (``certs/P2.*``). It deals ahead of the servers and is
+    restarted whenever a session ends."""
+    if proto.dealer is None:
+        raise ValueError(f"protocol {proto.name} has no dealer")
+    ports = ServicePorts(hosts)
+    party_certs = certs_mod.check_party_certs(client_dir, proto.dealer, proto.n_parties)
+    me = hosts[proto.dealer]
+    run = Path(client_dir) / "run-service-dealer"
+    log_path = Path(client_dir) / "logs" / "service-dealer.log"
+    client = ServiceClient(client_dir, hosts, timeout=5.0)
+    warned = False
+    try:
+        while not stop.is_set():
+            try:
+                st = client.status()[0]
+            except (ServiceError, certs_mod.CertError) as exc:
+                if not warned:
+                    logger.info("dealer: waiting for the service (%s)", exc)
+                    warned = True
+                stop.wait(0.5)
+                continue
+            if st.get("state") not in ("starting", "serving") or st.get("protocol") != proto.name:
+                stop.wait(0.2)
+                continue
+            warned = False
+            args = service_program_args(int(st["batch"]), int(st["d1"]), int(st["c"]), int(st["exp_bits"]),
+                                        int(st["spdz_base"]))
+            if int(st["spdz_base"]) != ports.spdz_base:
+                raise ValueError(f"server 0 serves with client port base {st['spdz_base']}, the hosts file "
+                                 f"{hosts.path} gives {ports.spdz_base}: the hosts files differ")
+            program = compile_program(mp, PREDICT_PROGRAM, args, build, proto=proto)
+            destroy_tree(run)
+            private_dir(run)
+            (run / "Player-Data").mkdir()
+            (run / "Persistence").mkdir()
+            (run / "Programs").symlink_to(programs_dir(Path(build).resolve(), proto))
+            certs_mod.install_for_run(party_certs, run / "Player-Data")
+            hosts_file = run / "hosts"
+            hosts_file.write_text("".join(f"{e.address}:{e.port}\n" for e in hosts.parties[:proto.n_parties]))
+            cmd = party_command(mp, proto.dealer, program, hosts_file, encrypted=True, proto=proto)
+            env = dict(os.environ, LD_PRELOAD=str(bind_shim(build)), FACEREC_BIND_ADDR=me.address,
+                       FACEREC_SELF_PORT=str(me.port))
+            private_dir(log_path.parent)
+            with open_private(log_path, "w") as log:
+                proc = subprocess.Popen(cmd, cwd=run, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True, preexec_fn=_child_setup)
+                logger.info("dealer: dealing for generation %s (%s, pid %d)", st["gen"], program, proc.pid)
+                while proc.poll() is None and not stop.wait(0.2):
+                    pass
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=3)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                else:
+                    logger.info("dealer: the session ended (dealer exit code %s)", proc.returncode)
+            destroy_tree(run)
+            stop.wait(0.3)
+    finally:
+        client.close()
+        destroy_tree(run)
+
+
+__all__ = ["ServiceAnswer", "ServiceClient", "run_service_dealer"]

@@ -1,0 +1,769 @@
+"""Runs on a server: the recognition service (``invoke serve --id I``), one gateway and one MP-SPDZ party.
+
+Each server runs, for as long as the service is up::
+
+    clients --TLS, client certificates pinned--> gateway i --MP-SPDZ client interface (TLS, loopback)-->
+        party i of mpc_programs/face_predict.mpc in "serve" mode <--MPC (TLS)--> the other server's party
+
+The party (``semi2k-party.x``, or ``dealer-ring-party.x`` with the client's dealer as player 2)
+loads this server's model share once and loops over requests; the gateway is MP-SPDZ's one client
+on this host. It authenticates clients, checks and queues their requests, packs queries into the
+program's fixed batch, feeds the party this server's shares and hands each client back this
+server's shares of its answers. Everything a gateway handles is a share, a size or an id.
+
+Both parties must compute on the same queries in the same order, so the two gateways talk over a
+link of their own (TLS, the servers' certificates pinned): server 0 *leads*. It forms each batch
+from the requests it has received, sends the batch's plan (request ids and positions, model
+generation) to server 1, and both feed their party. Server 1 waits for every request of the plan to
+have reached it too. A request is answered by both servers or reported failed by at least one;
+the client (orchestration.service_client) adds two shares only when both answered the same
+request id for the same generation.
+
+Model generations: a client names the generation it holds. Server 0 switches the service to a new
+generation between two batches, once both servers hold it (``invoke train``/``refresh-shares``
+installed it): same sizes, the party re-reads its share file (command RELOAD); other sizes, both
+restart their party. A request for another generation than the one served is answered with the
+error code ``generation``, never computed on the wrong model.
+
+Failures: when the party, the link or the other server goes away, the requests in flight are
+answered with the error code ``unavailable`` and the gateway starts a new session: new party,
+new link, found again without anyone's help once the other server is back.
+
+Ports, from the hosts file's line ``address:p`` of server i (see :class:`ServicePorts`): ``p`` MPC,
+``p + 100`` clients, ``p + 200`` the gateways' link (server 1 listens), and MP-SPDZ's client
+listener at ``p0 + 300 + i`` on server i's address (the gateway only; TLS with a throw-away key).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from preprocessing.fileio import copy_private, destroy_file, destroy_tree, open_private, owner_only, private_dir
+
+from . import certs as certs_mod
+from .hosts import Hosts
+from .launcher import _child_setup, bind_shim, party_command
+from .mpspdz import MPSPDZ, MPSPDZError, Protocol, compile_program, programs_dir
+from .server import PREDICT_PROGRAM, ModelError, Server, current_generation, model_generations
+from .service_wire import (WireError, body_shares, int_field, receive, recv_exact, send, shares_body,
+                           str_field)
+
+logger = logging.getLogger(__name__)
+
+CLIENT_OFFSET, LINK_OFFSET, SPDZ_OFFSET = 100, 200, 300
+CMD_SERVE, CMD_RELOAD = 1, 2
+MAX_QUERIES = 4096  # per request
+DEFAULT_EXP_BITS = 8
+
+
+@dataclass(frozen=True)
+class ServicePorts:
+    """Every port of the service, from the hosts file (2 lines; a 3rd for the dealer mode's client)."""
+
+    hosts: Hosts
+
+    def mpc(self, i: int) -> tuple[str, int]:
+        return self.hosts[i].address, self.hosts[i].port
+
+    def client(self, i: int) -> tuple[str, int]:
+        return self.hosts[i].address, self.hosts[i].port + CLIENT_OFFSET
+
+    def link(self) -> tuple[str, int]:
+        return self.hosts[1].address, self.hosts[1].port + LINK_OFFSET
+
+    @property
+    def spdz_base(self) -> int:
+        return self.hosts[0].port + SPDZ_OFFSET
+
+    def spdz(self, i: int) -> tuple[str, int]:
+        return self.hosts[i].address, self.spdz_base + i
+
+
+def service_program_args(batch: int, d1: int, c: int, exp_bits: int, spdz_base: int) -> list[str]:
+    return [str(batch), str(d1), str(c), str(exp_bits), "serve", str(spdz_base)]
+
+
+# ---- clients ------------------------------------------------------------------------------------
+
+class ClientConn:
+    """One authenticated client connection; replies may come from the batch thread."""
+
+    def __init__(self, sock: ssl.SSLSocket, name: str, peer: str):
+        self.sock, self.name, self.peer = sock, name, peer
+        self.lock = threading.Lock()
+        self.open = True
+
+    def reply(self, header: dict[str, Any], body: bytes = b"") -> None:
+        with self.lock:
+            if not self.open:
+                return
+            try:
+                send(self.sock, header, body)
+            except OSError:
+                self.open = False
+
+    def close(self) -> None:
+        with self.lock:
+            self.open = False
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+@dataclass
+class Request:
+    id: str
+    gen: str
+    n: int
+    shares: np.ndarray  # n x d1, this server's shares
+    conn: ClientConn
+    t0: float = field(default_factory=time.monotonic)
+    best: np.ndarray | None = None
+    denom: np.ndarray | None = None
+    filled: int = 0
+    scheduled: int = 0  # leader: queries already put into a plan
+    finished: bool = False
+
+
+class SessionEnded(RuntimeError):
+    """The party, the link or the other server went away: start a new session."""
+
+
+# ---- the gateway ----------------------------------------------------------------------------------
+
+class ServiceServer:
+    """Server ``server.party``'s gateway and party supervisor. :meth:`serve` runs until ``stop`` is set."""
+
+    def __init__(self, mp: MPSPDZ, server: Server, build: Path, hosts: Hosts, proto: Protocol, *, batch: int = 16,
+                 follower_wait: float = 10.0, party_timeout: float = 30.0, start_timeout: float = 120.0):
+        if server.party not in (0, 1):
+            raise ValueError(f"server id {server.party}: expected 0 or 1")
+        if batch < 1 or batch > 1024:
+            raise ValueError(f"service batch {batch}: expected 1..1024")
+        n_lines = proto.n_parties
+        if len(hosts) < n_lines:
+            raise ValueError(f"{hosts.path}: {len(hosts)} lines, the {proto.name} service needs {n_lines} "
+                             "(server 0, server 1" + (", the client's dealer)" if proto.dealer else ")"))
+        self.mp, self.server, self.build, self.proto = mp, server, Path(build), proto
+        self.ports = ServicePorts(hosts)
+        self.party = server.party
+        self.batch = batch
+        self.follower_wait, self.party_timeout, self.start_timeout = follower_wait, party_timeout, start_timeout
+        self.lock = threading.Condition()
+        self.requests: dict[str, Request] = {}
+        self.queue: collections.deque[str] = collections.deque()  # leader: ids in arrival order
+        self.verdicts: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()  # follower
+        self.serving: dict[str, Any] | None = None  # {"gen", "d1", "c", "exp_bits"} of the running session
+        self.starting: dict[str, Any] | None = None  # the model of the session being set up
+        self.stop = threading.Event()
+        self.session_broken = threading.Event()
+        self.link: ssl.SSLSocket | None = None
+        self.link_lock = threading.Lock()
+        self.proc: subprocess.Popen[str] | None = None
+        self.rundir = server.root / "service"
+        self.served = 0
+        self._listeners: list[socket.socket] = []
+
+    # -- TLS contexts -------------------------------------------------------------------------------
+
+    def _own_certs(self) -> certs_mod.PartyCerts:
+        return certs_mod.check_party_certs(self.server.root, self.party, self.proto.n_parties)
+
+    def _client_context(self) -> ssl.SSLContext:
+        pc = self._own_certs()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(pc.own.path, pc.key)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def _allowed_context(self) -> tuple[ssl.SSLContext, dict[str, str]]:
+        """The context for a new client connection, trusting exactly the clients pinned right now."""
+        ctx = self._client_context()
+        allowed = certs_mod.allowed_clients(self.server.root)
+        pems = "".join(Path(p).read_text() for p in sorted(certs_mod.client_dir_of(self.server.root).glob("*.pem")))
+        if pems:
+            ctx.load_verify_locations(cadata=pems)
+        return ctx, allowed
+
+    def _link_context(self, server_side: bool) -> ssl.SSLContext:
+        pc = self._own_certs()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(pc.own.path, pc.key)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=str(pc.peers[1 - self.party].path))
+        return ctx
+
+    # -- listeners ------------------------------------------------------------------------------------
+
+    def _listen(self, addr: tuple[str, int], what: str) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            s.close()
+            raise MPSPDZError(f"server {self.party}: cannot listen for {what} on {addr[0]}:{addr[1]} ({exc})") from None
+        s.listen(64)
+        s.settimeout(0.5)
+        self._listeners.append(s)
+        return s
+
+    def _accept_loop(self, lsock: socket.socket, handler) -> None:
+        while not self.stop.is_set():
+            try:
+                sock, addr = lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self.stop.is_set():
+                    return
+                continue
+            threading.Thread(target=handler, args=(sock, addr), daemon=True).start()
+
+    def _client_thread(self, raw: socket.socket, addr: tuple[str, int]) -> None:
+        peer = f"{addr[0]}:{addr[1]}"
+        raw.settimeout(10.0)
+        try:
+            ctx, allowed = self._allowed_context()
+            sock = ctx.wrap_socket(raw, server_side=True)
+            fp = certs_mod.fingerprint(ssl.DER_cert_to_PEM_cert(sock.getpeercert(binary_form=True)))
+            if fp not in allowed:
+                raise ssl.SSLError(f"certificate {fp[:16]}... is not pinned in {certs_mod.client_dir_of(self.server.root)}")
+        except (ssl.SSLError, OSError, ValueError, certs_mod.CertError) as exc:
+            logger.warning("refused client connection from %s: %s", peer, _one_line(exc))
+            raw.close()
+            return
+        conn = ClientConn(sock, allowed[fp], peer)
+        sock.settimeout(None)
+        logger.info("client %s connected from %s", conn.name, peer)
+        try:
+            while not self.stop.is_set():
+                header, body = receive(sock)
+                kind = header["type"]
+                if kind == "status":
+                    conn.reply(self._status())
+                elif kind == "recognize":
+                    self._take_request(conn, header, body)
+                else:
+                    raise WireError(f"unknown message type {kind!r}")
+        except WireError as exc:
+            if str(exc) != "connection closed":
+                logger.warning("client %s (%s): %s; connection dropped", conn.name, peer, exc)
+                conn.reply({"type": "error", "id": None, "code": "bad-request", "message": str(exc)})
+        except (OSError, ssl.SSLError) as exc:
+            logger.info("client %s (%s): connection lost (%s)", conn.name, peer, _one_line(exc))
+        finally:
+            conn.close()
+
+    def _status(self) -> dict[str, Any]:
+        """What a client (and the dealer, which must run the very same program) needs to know."""
+        s = self.serving or self.starting or {}
+        state = "serving" if self.serving else "starting" if self.starting else "waiting"
+        return {"type": "status", "party": self.party, "state": state, "gen": s.get("gen"), "d1": s.get("d1"),
+                "c": s.get("c"), "exp_bits": s.get("exp_bits"), "batch": self.batch, "protocol": self.proto.name,
+                "spdz_base": self.ports.spdz_base}
+
+    def _take_request(self, conn: ClientConn, header: dict[str, Any], body: bytes) -> None:
+        rid = str_field(header, "id", 64)
+        gen = str_field(header, "gen")
+        n = int_field(header, "n", 1, MAX_QUERIES)
+        d1 = int_field(header, "d1", 1, 4096)
+        shares = body_shares(body, n * d1, f"request {rid}").reshape(n, d1)
+        with self.lock:
+            if rid in self.requests:
+                conn.reply({"type": "error", "id": rid, "code": "bad-request", "message": f"request id {rid} is in use"})
+                return
+            req = Request(rid, gen, n, shares, conn)
+            serving = self.serving
+            if serving is not None and d1 != serving["d1"]:
+                self._answer_error(req, "bad-request", f"queries have {d1} values, the model takes {serving['d1']}")
+                return
+            if self.party == 1 and rid in self.verdicts:
+                code, msg = self.verdicts.pop(rid)
+                self._answer_error(req, code, msg)
+                return
+            self.requests[rid] = req
+            if self.party == 0:
+                self.queue.append(rid)
+            self.lock.notify_all()
+
+    def _answer_error(self, req: Request, code: str, message: str) -> None:
+        req.finished = True
+        self.requests.pop(req.id, None)
+        req.conn.reply({"type": "error", "id": req.id, "code": code, "message": message})
+        logger.info("request %s: %d queries, generation %s, %.1f ms, error %s", req.id[:12], req.n, req.gen,
+                    1000 * (time.monotonic() - req.t0), code)
+
+    def _answer(self, req: Request, gen: str) -> None:
+        assert req.best is not None and req.denom is not None
+        req.finished = True
+        self.requests.pop(req.id, None)
+        req.conn.reply({"type": "result", "id": req.id, "gen": gen, "n": req.n},
+                       shares_body(np.concatenate([req.best, req.denom])))
+        self.served += 1
+        logger.info("request %s: %d queries, generation %s, %.1f ms", req.id[:12], req.n, gen,
+                    1000 * (time.monotonic() - req.t0))
+
+    def _fail_all(self, code: str, message: str) -> None:
+        with self.lock:
+            for req in list(self.requests.values()):
+                self._answer_error(req, code, message)
+            self.queue.clear()
+
+    # -- the model ----------------------------------------------------------------------------------
+
+    def _generation(self, gen: str) -> dict[str, Any]:
+        meta = model_generations(self.server).get(gen)
+        if meta is None:
+            raise ModelError(f"server {self.party} does not hold model generation {gen}")
+        return {"gen": gen, "d1": int(meta["d1"]), "c": int(meta["c"]),
+                "exp_bits": int(meta.get("exp_bits", DEFAULT_EXP_BITS))}
+
+    def _current(self) -> dict[str, Any] | None:
+        gen = current_generation(self.server)
+        if gen is None:
+            return None
+        try:
+            return self._generation(gen)
+        except (ModelError, KeyError, ValueError):
+            return None
+
+    def _install_model(self, gen: str) -> None:
+        """The service's copy of generation ``gen``'s share; the previous copy is overwritten, then unlinked."""
+        src = self.server.model_file(self.server.models / gen)
+        dest = self.rundir / "Persistence" / f"Transactions-P{self.party}.data"
+        tmp = dest.with_name(f".{dest.name}.new")
+        copy_private(src, tmp)
+        if dest.exists():
+            destroy_file(dest)
+        os.replace(tmp, dest)
+
+    # -- one session: party + link --------------------------------------------------------------------
+
+    def _start_party(self, model: dict[str, Any]) -> None:
+        args = service_program_args(self.batch, model["d1"], model["c"], model["exp_bits"], self.ports.spdz_base)
+        program = compile_program(self.mp, PREDICT_PROGRAM, args, self.build, proto=self.proto)
+        destroy_tree(self.rundir)
+        private_dir(self.rundir)
+        pdata = self.rundir / "Player-Data"
+        pdata.mkdir()
+        (self.rundir / "Persistence").mkdir()
+        (self.rundir / "Programs").symlink_to(programs_dir(self.build.resolve(), self.proto))
+        certs_mod.install_for_run(self._own_certs(), pdata)
+        certs_mod.make_gateway_cert(pdata, self.party)
+        self._install_model(model["gen"])
+        hosts_path = self.rundir / "hosts"
+        hosts_path.write_text("".join(f"{e.address}:{e.port}\n" for e in self.ports.hosts.parties[:self.proto.n_parties]))
+        cmd = party_command(self.mp, self.party, program, hosts_path, encrypted=True, proto=self.proto)
+        env = dict(os.environ)
+        shim = bind_shim(self.build)
+        env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD", "")]))
+        env["FACEREC_BIND_ADDR"] = self.ports.hosts[self.party].address
+        env["FACEREC_SELF_PORT"] = str(self.ports.hosts[self.party].port)
+        log = self.server.logs / "service-party.log"
+        private_dir(log.parent)
+        self._log = open_private(log, "w")
+        self.proc = subprocess.Popen(cmd, cwd=self.rundir, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True, preexec_fn=_child_setup)
+        logger.info("server %d: party started (%s, program %s, pid %d)", self.party, self.proto.name, program,
+                    self.proc.pid)
+
+    def _stop_party(self) -> None:
+        p = self.proc
+        if p is not None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=3)
+            except (ProcessLookupError, PermissionError):
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            self.proc = None
+            self._log.close()
+        destroy_tree(self.rundir)
+
+    def _connect_party(self) -> ssl.SSLSocket:
+        """Connect to our party as MP-SPDZ client C<i> once it listens (after it met the other parties)."""
+        addr = self.ports.spdz(self.party)
+        pdata = self.rundir / "Player-Data"
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_cert_chain(pdata / f"C{self.party}.pem", pdata / f"C{self.party}.key")
+        ctx.load_verify_locations(cafile=str(pdata / f"P{self.party}.pem"))
+        ctx.check_hostname = False
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            self._check_party_alive()
+            if self.stop.is_set() or self.session_broken.is_set():
+                raise SessionEnded("stopping")
+            try:
+                raw = socket.create_connection(addr, timeout=2.0)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SessionEnded(f"party {self.party} did not start listening within {self.start_timeout:.0f} s "
+                                       f"(is the other server{' and the dealer' if self.proto.dealer else ''} up?)")
+                time.sleep(0.1)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.sendall(_octets(str(self.party).encode()))
+        sock = ctx.wrap_socket(raw, server_hostname=f"P{self.party}")
+        sock.settimeout(self.party_timeout)
+        spec = _octets_receive(sock)
+        if spec[:4] != b"R\x00\x00\x00" or int.from_bytes(spec[4:8], "little") != 64:
+            raise SessionEnded(f"party {self.party} computes over an unexpected domain {spec[:12]!r}")
+        return sock
+
+    def _check_party_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = _tail(self.server.logs / "service-party.log")
+            raise SessionEnded(f"party {self.party} exited with code {self.proc.returncode}: {tail}")
+
+    def _open_link(self) -> ssl.SSLSocket:
+        if self.party == 0:
+            ctx = self._link_context(server_side=False)
+            addr = self.ports.link()
+            warned = False
+            while not self.stop.is_set():
+                try:
+                    raw = socket.create_connection(addr, timeout=2.0)
+                    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock = ctx.wrap_socket(raw)
+                    sock.settimeout(None)
+                    return sock
+                except (OSError, ssl.SSLError) as exc:
+                    if not warned:
+                        logger.info("server 0: waiting for server 1's gateway at %s:%d (%s)", *addr, _one_line(exc))
+                        warned = True
+                    time.sleep(0.5)
+            raise SessionEnded("stopping")
+        with self.link_lock:
+            while self.link is None and not self.stop.is_set():
+                self.link_lock.release()
+                time.sleep(0.05)
+                self.link_lock.acquire()
+            if self.link is None:
+                raise SessionEnded("stopping")
+            sock, self.link = self.link, None
+            self.session_broken.clear()
+            return sock
+
+    def _link_thread(self, raw: socket.socket, addr: tuple[str, int]) -> None:
+        """Server 1: a connection on the link port; only server 0's pinned certificate gets through."""
+        try:
+            raw.settimeout(10.0)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = self._link_context(server_side=True).wrap_socket(raw, server_side=True)
+            sock.settimeout(None)
+        except (ssl.SSLError, OSError) as exc:
+            logger.warning("refused link connection from %s:%d: %s", addr[0], addr[1], _one_line(exc))
+            raw.close()
+            return
+        with self.link_lock:
+            if self.link is not None:
+                self.link.close()
+            self.link = sock
+        self.session_broken.set()  # a new link from server 0 means it started a new session
+
+    def serve(self) -> None:
+        """Run until :attr:`stop` is set (SIGTERM / SIGINT in ``invoke serve``)."""
+        private_dir(self.server.root)
+        self._own_certs()  # fail now when a certificate is missing
+        if not certs_mod.allowed_clients(self.server.root):
+            logger.warning("server %d: no client is allowed yet (%s is empty): every connection will be refused",
+                           self.party, certs_mod.client_dir_of(self.server.root))
+        lsock = self._listen(self.ports.client(self.party), "clients")
+        threading.Thread(target=self._accept_loop, args=(lsock, self._client_thread), daemon=True).start()
+        if self.party == 1:
+            lk = self._listen(self.ports.link(), "server 0's gateway")
+            threading.Thread(target=self._accept_loop, args=(lk, self._link_thread), daemon=True).start()
+        logger.info("server %d: serving clients on %s:%d (%s, batch %d)", self.party, *self.ports.client(self.party),
+                    self.proto.name, self.batch)
+        try:
+            while not self.stop.is_set():
+                try:
+                    self._session()
+                except SessionEnded as exc:
+                    if not self.stop.is_set():
+                        logger.warning("server %d: session ended: %s", self.party, exc)
+                except (MPSPDZError, ModelError, certs_mod.CertError, OSError) as exc:
+                    if self.stop.is_set():
+                        break
+                    logger.error("server %d: %s", self.party, _one_line(exc))
+                finally:
+                    self.serving = self.starting = None
+                    self._stop_party()
+                    self._fail_all("unavailable", f"server {self.party}'s session ended (the other server, the party "
+                                                  "or the link went away); retry")
+                if not self.stop.is_set():
+                    self.stop.wait(1.0)
+        finally:
+            for s in self._listeners:
+                s.close()
+            self._stop_party()
+            logger.info("server %d: stopped after %d answered requests", self.party, self.served)
+
+    def _session(self) -> None:
+        self.session_broken.clear()
+        model = self._current()
+        while model is None:
+            logger.info("server %d: no model yet; waiting for `invoke train`", self.party)
+            if self.stop.wait(2.0):
+                return
+            model = self._current()
+        link = self._open_link()
+        try:
+            link.settimeout(self.party_timeout + self.follower_wait)
+            if self.party == 0:
+                send(link, {"type": "hello", "gen": model["gen"]})
+                answer, _ = receive(link)
+                if answer.get("type") != "hello" or not answer.get("ok"):
+                    raise SessionEnded(f"server 1 cannot serve generation {model['gen']}: {answer.get('message')}")
+            else:
+                hello, _ = receive(link)
+                gen = hello.get("gen")
+                try:
+                    model = self._generation(str(gen))
+                except (ModelError, KeyError, ValueError) as exc:
+                    send(link, {"type": "hello", "ok": False, "message": str(exc)})
+                    raise SessionEnded(str(exc)) from None
+                send(link, {"type": "hello", "ok": True})
+            self.starting = model
+            self._start_party(model)
+            party = self._connect_party()
+            self.serving, self.starting = model, None
+            logger.info("server %d: serving model generation %s (%d classes)", self.party, model["gen"], model["c"])
+            try:
+                if self.party == 0:
+                    self._lead(link, party)
+                else:
+                    self._follow(link, party)
+            finally:
+                party.close()
+        except (WireError, OSError, ssl.SSLError) as exc:
+            raise SessionEnded(_one_line(exc)) from None
+        finally:
+            link.close()
+
+    # -- batches --------------------------------------------------------------------------------------
+
+    def _run_batch(self, party: ssl.SSLSocket, command: int, slots: list[tuple[Request | None, int, int]]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        d1 = self.serving["d1"]
+        x = np.zeros((self.batch, d1), dtype=np.uint64)
+        pos = 0
+        for req, start, count in slots:
+            if req is not None:
+                x[pos:pos + count] = req.shares[start:start + count]
+            pos += count
+        party.sendall(_octets(np.array([command, 0, 0], dtype="<i8").tobytes()))
+        party.sendall(_octets(x.astype("<u8").tobytes()))
+        try:
+            out = _octets_receive(party)
+        except socket.timeout:
+            raise SessionEnded(f"party {self.party} did not answer within {self.party_timeout:.0f} s") from None
+        vals = np.frombuffer(out, dtype="<u8").astype(np.uint64)
+        if len(vals) != 2 * self.batch:
+            raise SessionEnded(f"party {self.party} answered {len(vals)} shares, expected {2 * self.batch}")
+        return vals[0::2], vals[1::2]
+
+    def _deliver(self, slots: list[tuple[Request | None, int, int]], best: np.ndarray, denom: np.ndarray,
+                 gen: str) -> None:
+        pos = 0
+        with self.lock:
+            for req, start, count in slots:
+                if req is not None and not req.finished:
+                    if req.best is None:
+                        req.best = np.zeros(req.n, dtype=np.uint64)
+                        req.denom = np.zeros(req.n, dtype=np.uint64)
+                    req.best[start:start + count] = best[pos:pos + count]
+                    req.denom[start:start + count] = denom[pos:pos + count]
+                    req.filled += count
+                    if req.filled == req.n:
+                        self._answer(req, gen)
+                pos += count
+
+    def _lead(self, link: ssl.SSLSocket, party: ssl.SSLSocket) -> None:
+        seq = 0
+        follower_gen: str | None = None
+        while not self.stop.is_set():
+            self._check_party_alive()
+            with self.lock:
+                if not self.queue:
+                    self.lock.wait(0.5)
+            assert self.serving is not None
+            command, gen = CMD_SERVE, self.serving["gen"]
+            mine = self._current()
+            if mine is not None and mine["gen"] != gen:
+                if follower_gen != mine["gen"]:  # ask server 1 what it holds now
+                    send(link, {"type": "plan", "seq": seq, "probe": True})
+                    follower_gen = self._ack(link, seq)
+                    seq += 1
+                if follower_gen == mine["gen"]:
+                    if tuple(mine[k] for k in ("d1", "c", "exp_bits")) != tuple(
+                            self.serving[k] for k in ("d1", "c", "exp_bits")):
+                        send(link, {"type": "plan", "seq": seq, "restart": mine["gen"]})
+                        raise SessionEnded(f"switching to generation {mine['gen']}, of other sizes: restarting")
+                    command, gen = CMD_RELOAD, mine["gen"]
+            slots, rejects = self._plan(gen, pending=mine["gen"] if mine is not None else None)
+            if not slots and command == CMD_SERVE:
+                if rejects:
+                    send(link, {"type": "plan", "seq": seq, "gen": gen, "slots": [], "reject": rejects})
+                    follower_gen = self._ack(link, seq)
+                    seq += 1
+                elif self.queue:  # requests wait for a switch server 1 is not ready for yet
+                    self.stop.wait(0.05)
+                continue
+            send(link, {"type": "plan", "seq": seq, "gen": gen, "reload": command == CMD_RELOAD,
+                        "slots": [[r.id, s, c] for r, s, c in slots], "reject": rejects})
+            if command == CMD_RELOAD:
+                self._install_model(gen)
+                self.serving = mine
+                logger.info("server 0: switched to model generation %s between two batches", gen)
+            best, denom = self._run_batch(party, command, slots)
+            self._deliver(slots, best, denom, gen)
+            follower_gen = self._ack(link, seq)
+            seq += 1
+
+    def _ack(self, link: ssl.SSLSocket, seq: int) -> str | None:
+        ack, _ = receive(link)
+        if ack.get("type") != "done" or ack.get("seq") != seq:
+            raise SessionEnded(f"server 1 answered {ack.get('type')} {ack.get('seq')} to plan {seq}")
+        return ack.get("current")
+
+    def _plan(self, gen: str, pending: str | None) -> tuple[list[tuple[Request, int, int]], list[list[str]]]:
+        """Up to ``batch`` queries from the oldest requests for ``gen``.
+
+        A request for ``pending`` (the generation this server installed, not yet served because
+        server 1 does not hold it yet) waits up to :attr:`follower_wait`; a request for any other
+        generation is refused."""
+        slots: list[tuple[Request, int, int]] = []
+        rejects: list[list[str]] = []
+        room = self.batch
+        with self.lock:
+            waiting: list[str] = []
+            while self.queue and room > 0:
+                rid = self.queue.popleft()
+                req = self.requests.get(rid)
+                if req is None or req.finished:
+                    continue
+                if req.gen != gen:
+                    if req.gen == pending and time.monotonic() - req.t0 < self.follower_wait:
+                        waiting.append(rid)
+                        continue
+                    msg = f"the service serves model generation {gen}, the request expects {req.gen}"
+                    rejects.append([req.id, "generation", msg])
+                    self._answer_error(req, "generation", msg)
+                    continue
+                take = min(room, req.n - req.scheduled)
+                slots.append((req, req.scheduled, take))
+                req.scheduled += take
+                room -= take
+                if req.scheduled < req.n:
+                    self.queue.appendleft(rid)
+            self.queue.extendleft(reversed(waiting))
+        return slots, rejects
+
+    def _follow(self, link: ssl.SSLSocket, party: ssl.SSLSocket) -> None:
+        link.settimeout(None)
+        while not self.stop.is_set():
+            self._check_party_alive()
+            plan, _ = receive(link)
+            if plan.get("type") != "plan":
+                raise SessionEnded(f"server 0 sent {plan.get('type')!r} instead of a plan")
+            if "restart" in plan:
+                raise SessionEnded(f"server 0 switches to generation {plan['restart']} of other sizes: restarting")
+            if plan.get("probe"):
+                send(link, {"type": "done", "seq": plan["seq"], "current": current_generation(self.server)})
+                continue
+            with self.lock:
+                for rid, code, msg in plan.get("reject", []):
+                    req = self.requests.get(rid)
+                    if req is not None:
+                        self._answer_error(req, code, msg)
+                    else:
+                        self._remember(rid, code, msg)
+            if not plan["slots"] and not plan.get("reload"):
+                send(link, {"type": "done", "seq": plan["seq"], "current": current_generation(self.server)})
+                continue
+            gen = plan["gen"]
+            command = CMD_SERVE
+            if plan.get("reload"):
+                model = self._generation(gen)
+                self._install_model(gen)
+                self.serving = model
+                command = CMD_RELOAD
+                logger.info("server 1: switched to model generation %s between two batches", gen)
+            slots = self._gather(plan["slots"], gen)
+            best, denom = self._run_batch(party, command, slots)
+            self._deliver(slots, best, denom, gen)
+            send(link, {"type": "done", "seq": plan["seq"], "current": current_generation(self.server)})
+
+    def _gather(self, wanted: list[list[Any]], gen: str) -> list[tuple[Request | None, int, int]]:
+        """The plan's requests as they reach this server; one that does not come in time is fed as zeros
+        and answered as failed (server 0 computed on it, but its shares alone are worthless)."""
+        deadline = time.monotonic() + self.follower_wait
+        slots: list[tuple[Request | None, int, int]] = []
+        with self.lock:
+            for rid, start, count in wanted:
+                while rid not in self.requests and time.monotonic() < deadline:
+                    self.lock.wait(max(0.0, deadline - time.monotonic()))
+                req = self.requests.get(rid)
+                if req is None:
+                    self._remember(rid, "unavailable", f"request {rid} reached server 0 but not server 1 within "
+                                                       f"{self.follower_wait:.0f} s")
+                elif req.gen != gen:
+                    self._answer_error(req, "generation", f"the service serves model generation {gen}, the request "
+                                                          f"expects {req.gen}")
+                    req = None
+                slots.append((req, int(start), int(count)))
+        return slots
+
+    def _remember(self, rid: str, code: str, msg: str) -> None:
+        self.verdicts[rid] = (code, msg)
+        while len(self.verdicts) > 10000:
+            self.verdicts.popitem(last=False)
+
+
+# ---- MP-SPDZ's octetStream framing (ExternalIO/client.py) ----------------------------------------
+
+def _octets(payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "little") + payload
+
+
+def _octets_receive(sock: ssl.SSLSocket) -> bytes:
+    n = int.from_bytes(recv_exact(sock, 4), "little")
+    return recv_exact(sock, n)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0] if len(text.splitlines()) == 1 else " ".join(text.split())[:300]
+
+
+def _tail(path: Path, n: int = 3) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])
+
+
+__all__ = ["CLIENT_OFFSET", "LINK_OFFSET", "SPDZ_OFFSET", "ServicePorts", "ServiceServer", "service_program_args"]
