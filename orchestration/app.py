@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -102,19 +102,29 @@ def face_queries(paths: Iterable[Path], face: FaceSettings) -> Iterator[FaceQuer
             yield FaceQuery(path, tuple(int(t) for t in f.location), v)
 
 
-def recognise(mp: MPSPDZ, layout: Layout, embeddings: np.ndarray, threshold: float, *, host: str,
-              timeout: float, batch: int = 64, encrypted: bool = True
+def recognise(mp: MPSPDZ | None, layout: Layout, embeddings: np.ndarray, threshold: float, *, host: str = "127.0.0.1",
+              timeout: float = 600.0, batch: int = 64, encrypted: bool = True, service: Any = None
               ) -> tuple[list[tuple[str, float]], list[PredictReport]]:
-    """Names and confidences for embeddings, one MPC run per batch of at most ``batch`` faces."""
+    """Names and confidences for embeddings.
+
+    With ``service`` (an :class:`orchestration.service_client.ServiceClient`) through the running
+    service, in requests of at most ``batch`` faces; otherwise one MPC run per batch of at most
+    ``batch`` faces (the reports of those runs are returned; the service gives none)."""
     record = load_client_model(layout)
     classes = record["classes"]
     out: list[tuple[str, float]] = []
     reports = []
     for s in range(0, len(embeddings), batch):
-        rep = predict_private(mp, layout, embeddings[s:s + batch], threshold, host=host, timeout=timeout,
-                              encrypted=encrypted)
-        reports.append(rep)
-        out += [(UNKNOWN_PERSON if p.label == UNKNOWN else classes[p.label], p.confidence) for p in rep.predictions]
+        if service is not None:
+            preds = service.recognise(embeddings[s:s + batch], threshold).predictions
+        else:
+            if mp is None:
+                raise ValueError("no MP-SPDZ installation and no service to recognise with")
+            rep = predict_private(mp, layout, embeddings[s:s + batch], threshold, host=host, timeout=timeout,
+                                  encrypted=encrypted)
+            reports.append(rep)
+            preds = rep.predictions
+        out += [(UNKNOWN_PERSON if p.label == UNKNOWN else classes[p.label], p.confidence) for p in preds]
     return out, reports
 
 

@@ -175,8 +175,9 @@ class _Writer:
 class FaceRecognizer:
     """Detect, embed and privately recognise every face of a frame (one MPC run per frame)."""
 
-    def __init__(self, mp: MPSPDZ, layout: Layout, face: FaceSettings | None = None, threshold: float | None = None,
-                 *, host: str = "127.0.0.1", timeout: float = 600.0):
+    def __init__(self, mp: MPSPDZ | None, layout: Layout, face: FaceSettings | None = None,
+                 threshold: float | None = None, *, host: str = "127.0.0.1", timeout: float = 600.0,
+                 service: Any = None):
         from preprocessing import get_embedder
 
         self.mp, self.layout = mp, layout
@@ -184,6 +185,7 @@ class FaceRecognizer:
         load_client_model(layout)  # fail now, not at the first face, when there is no model
         self.threshold = default_threshold(layout) if threshold is None else float(threshold)
         self.host, self.timeout = host, timeout
+        self.service = service  # a ServiceClient: recognition through the running service
         self.embedder = get_embedder(self.face.backend)
 
     def recognise_frame(self, frame_bgr: np.ndarray) -> tuple[list[FaceResult], list[PredictReport]]:
@@ -196,7 +198,7 @@ class FaceRecognizer:
             return [], []
         emb = self.embedder.embed(rgb, faces)
         names, reports = recognise(self.mp, self.layout, emb, self.threshold, host=self.host, timeout=self.timeout,
-                                   batch=len(faces))
+                                   batch=len(faces), service=self.service)
         return [FaceResult(tuple(int(v) for v in f.location), n, float(c))
                 for f, (n, c) in zip(faces, names)], reports
 

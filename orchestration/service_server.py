@@ -767,3 +767,51 @@ def _tail(path: Path, n: int = 3) -> str:
 
 
 __all__ = ["CLIENT_OFFSET", "LINK_OFFSET", "SPDZ_OFFSET", "ServicePorts", "ServiceServer", "service_program_args"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m orchestration.service_server``: one server's gateway (what ``invoke serve --id I`` runs)."""
+    import argparse
+    import sys
+
+    from .hosts import HostsError, load_hosts
+    from .mpspdz import find_mpspdz, protocol
+
+    ap = argparse.ArgumentParser(prog="python -m orchestration.service_server", description=main.__doc__)
+    ap.add_argument("--server-dir", required=True, type=Path, help="this server's folder (certs, models, clients)")
+    ap.add_argument("--id", required=True, type=int, choices=(0, 1), help="which server this is")
+    ap.add_argument("--hosts", required=True, type=Path, help="the service's hosts file")
+    ap.add_argument("--protocol", default="dealer", help="dealer | semi2k")
+    ap.add_argument("--batch", type=int, default=16, help="queries per MPC batch")
+    ap.add_argument("--mpspdz-home", default=None, help="MP-SPDZ folder")
+    ap.add_argument("--follower-wait", type=float, default=10.0, help="server 1: seconds to wait for a planned request")
+    ap.add_argument("--verbose", action="store_true")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s server" + str(a.id) + ": %(message)s")
+    try:
+        mp = find_mpspdz(a.mpspdz_home)
+        proto = protocol(a.protocol)
+        hosts = load_hosts(a.hosts)
+        server = Server(a.server_dir.resolve(), a.id)
+        svc = ServiceServer(mp, server, server.build_dir, hosts, proto, batch=a.batch, follower_wait=a.follower_wait)
+    except (MPSPDZError, HostsError, ValueError, OSError) as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 1
+
+    def _stop(signum: int, _frame: Any) -> None:
+        logger.info("server %d: %s, stopping", a.id, signal.Signals(signum).name)
+        svc.stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        svc.serve()
+    except (MPSPDZError, certs_mod.CertError) as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""Local mode of the service: both servers' gateways (and the client's dealer) on this machine.
+
+``invoke serve`` without ``--id`` runs this; tests and benchmarks use it too. Each server is its own
+process (``python -m orchestration.service_server``), as on two hosts, with its own folder, key and
+log; the dealer (dealer mode) runs in the calling process, as the client's part.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from preprocessing.fileio import open_private, private_dir
+
+from . import certs as certs_mod
+from .hosts import Hosts, write_hosts
+from .mpspdz import MPSPDZ, Protocol
+from .private import Layout, ensure_local_certs
+from .service_client import ServiceClient, run_service_dealer
+from .service_wire import ServiceError
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def local_hosts(layout: Layout, host: str, port: int, n_parties: int) -> Hosts:
+    """The local service's hosts file: server 0 at ``port``, server 1 at ``port + 1``, the dealer at ``port + 2``."""
+    private_dir(layout.root)
+    return write_hosts(layout.root / "service-hosts", [(host, port + k) for k in range(max(3, n_parties))])
+
+
+def ensure_local_client(layout: Layout) -> None:
+    """Local mode: the client's service certificate, pinned on both local servers."""
+    key, pem = certs_mod.client_files(layout.client)
+    if not pem.is_file():
+        certs_mod.make_client_cert(layout.client, "owner")
+    fp = certs_mod.fingerprint(pem)
+    for i in range(2):
+        if fp not in certs_mod.allowed_clients(layout.server(i)):
+            certs_mod.allow_client(layout.server(i), pem)
+
+
+class LocalService:
+    """Start with :meth:`start`, stop with :meth:`stop` (SIGTERM to both servers), or use as a context manager."""
+
+    def __init__(self, mp: MPSPDZ, layout: Layout, proto: Protocol, *, host: str = "127.0.0.1", port: int = 7300,
+                 batch: int = 16, log_dir: Path | None = None, follower_wait: float = 10.0):
+        self.mp, self.layout, self.proto = mp, layout, proto
+        self.host, self.port, self.batch = host, int(port), int(batch)
+        self.log_dir = log_dir
+        self.follower_wait = follower_wait
+        self.procs: list[subprocess.Popen[bytes] | None] = [None, None]
+        self.stop_dealer = threading.Event()
+        self.dealer: threading.Thread | None = None
+        self.hosts: Hosts | None = None
+
+    def start(self) -> "LocalService":
+        ensure_local_certs(self.layout, 3)  # the client's certificate serves the dealer mode; harmless otherwise
+        ensure_local_client(self.layout)
+        self.hosts = local_hosts(self.layout, self.host, self.port, self.proto.n_parties)
+        for i in range(2):
+            self.start_server(i)
+        if self.proto.dealer is not None:
+            self.dealer = threading.Thread(target=self._deal, daemon=True, name="service-dealer")
+            self.dealer.start()
+        return self
+
+    def _deal(self) -> None:
+        try:
+            run_service_dealer(self.mp, self.layout.client, self.layout.build, self.hosts, self.proto,
+                               self.stop_dealer)
+        except Exception:  # noqa: BLE001 - reported, the servers then say they wait for the dealer
+            logger.exception("the service's dealer failed")
+
+    def server_command(self, i: int) -> list[str]:
+        assert self.hosts is not None
+        return [sys.executable, "-m", "orchestration.service_server", "--server-dir", str(self.layout.server(i)),
+                "--id", str(i), "--hosts", str(self.hosts.path), "--protocol", self.proto.name,
+                "--batch", str(self.batch), "--mpspdz-home", str(self.mp.home),
+                "--follower-wait", str(self.follower_wait)]
+
+    def start_server(self, i: int) -> subprocess.Popen[bytes]:
+        out = None
+        if self.log_dir is not None:
+            private_dir(self.log_dir)
+            out = open_private(Path(self.log_dir) / f"server{i}.log", "a")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        p = subprocess.Popen(self.server_command(i), cwd=REPO, stdout=out, stderr=subprocess.STDOUT if out else None,
+                             env=env)
+        if out is not None:
+            out.close()
+        self.procs[i] = p
+        return p
+
+    def stop_server(self, i: int, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        p = self.procs[i]
+        if p is None:
+            return None
+        if p.poll() is None:
+            p.send_signal(sig)
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs[i] = None
+        return p.returncode
+
+    def wait_ready(self, timeout: float = 120.0) -> list[dict]:
+        """Until both servers serve; their status."""
+        assert self.hosts is not None
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        with ServiceClient(self.layout.client, self.hosts, timeout=5.0) as cl:
+            while time.monotonic() < deadline:
+                for i, p in enumerate(self.procs):
+                    if p is not None and p.poll() is not None:
+                        raise ServiceError(f"server {i} exited with code {p.returncode} while starting", "unavailable")
+                try:
+                    st = cl.status()
+                    if all(s.get("state") == "serving" for s in st):
+                        return st
+                except ServiceError as exc:
+                    last = exc
+                time.sleep(0.2)
+        raise ServiceError(f"the local service did not come up within {timeout:.0f} s ({last})", "unavailable")
+
+    def stop(self) -> list[int | None]:
+        codes = [self.stop_server(i) for i in range(2)]
+        self.stop_dealer.set()
+        if self.dealer is not None:
+            self.dealer.join(timeout=10)
+        return codes
+
+    def __enter__(self) -> "LocalService":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = ["LocalService", "ensure_local_client", "local_hosts"]
