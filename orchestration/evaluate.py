@@ -6,9 +6,11 @@ a confusion matrix, and time and data sent per phase.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +62,18 @@ def split_gallery(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[
 
 
 def _predict_batches(mp: MPSPDZ, layout: Layout, x: np.ndarray, threshold: float, batch: int, host: str,
-                     timeout: float) -> tuple[list[Prediction], float, float]:
+                     timeout: float, service: Any = None) -> tuple[list[Prediction], float, float]:
+    """Predictions, seconds, MB between the servers (one-job mode; the service does not count its traffic: 0)."""
     out: list[Prediction] = []
     secs = mb = 0.0
     from tqdm import tqdm
 
     for s in tqdm(range(0, len(x), batch), desc="private recognition", unit="batch", leave=False):
+        if service is not None:
+            ans = service.recognise(x[s:s + batch], threshold)
+            out += ans.predictions
+            secs += ans.seconds
+            continue
         rep = predict_private(mp, layout, x[s:s + batch], threshold, host=host, timeout=timeout)
         out += rep.predictions
         secs += rep.run.wall_seconds
@@ -76,7 +84,9 @@ def _predict_batches(mp: MPSPDZ, layout: Layout, x: np.ndarray, threshold: float
 def evaluate(mp: MPSPDZ, dataset: Path, unknown: Path | None, out_dir: Path, params: reference.TrainParams, *,
              backend: str, detector: str, cache_dir: Path, work: Path, test_fraction: float = 0.3, seed: int = 0,
              batch: int = 64, host: str = "127.0.0.1", timeout: float = 7200.0,
-             protocol: str = DEFAULT_PROTOCOL) -> Evaluation:
+             protocol: str = DEFAULT_PROTOCOL, service: dict[str, Any] | None = None) -> Evaluation:
+    """Train on a seeded split, recognise the rest; ``service`` ({"port", "batch"}) recognises through a
+    local service started for this evaluation's own model (the user's service and model stay untouched)."""
     from preprocessing.dataset import embed_gallery
 
     seconds: dict[str, float] = {}
@@ -103,14 +113,27 @@ def evaluate(mp: MPSPDZ, dataset: Path, unknown: Path | None, out_dir: Path, par
     thr = report.threshold.threshold
     truth = np.array([index[n] for n in labels[te]])
 
-    known_preds, s, mb = _predict_batches(mp, layout, g.embeddings[te], thr, batch, host, timeout)
-    seconds["recognition of known test faces (MPC)"] = s
-    data["recognition of known test faces"] = mb
     unk_preds: list[Prediction] = []
-    if len(u_x):
-        unk_preds, s, mb = _predict_batches(mp, layout, u_x, thr, batch, host, timeout)
-        seconds["recognition of unknown faces (MPC)"] = s
-        data["recognition of unknown faces"] = mb
+    with contextlib.ExitStack() as stack:
+        client = None
+        if service is not None:
+            from .mpspdz import protocol as get_protocol
+            from .service_client import ServiceClient
+            from .service_local import LocalService
+
+            svc = stack.enter_context(LocalService(mp, layout, get_protocol(protocol), host=host,
+                                                   port=int(service["port"]), batch=int(service["batch"]),
+                                                   log_dir=layout.root / "service-logs"))
+            svc.wait_ready()
+            client = stack.enter_context(ServiceClient(layout.client, svc.hosts))
+        how = "service" if client is not None else "MPC"
+        known_preds, s, mb = _predict_batches(mp, layout, g.embeddings[te], thr, batch, host, timeout, client)
+        seconds[f"recognition of known test faces ({how})"] = s
+        data["recognition of known test faces"] = mb
+        if len(u_x):
+            unk_preds, s, mb = _predict_batches(mp, layout, u_x, thr, batch, host, timeout, client)
+            seconds[f"recognition of unknown faces ({how})"] = s
+            data["recognition of unknown faces"] = mb
 
     w = reference.train(g.embeddings[tr], np.array([index[n] for n in labels[tr]]), len(classes), params)
     ref_best, ref_conf = reference.predict(w, g.embeddings[te], params.exp_bits)

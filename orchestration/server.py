@@ -436,7 +436,9 @@ def finish_job(prep: PreparedJob, result: PartyResult | None) -> Path:
     if m.kind == "train":
         read_shares(pers, 0, d1 * c)
         meta = {"run_id": m.run_id, "gen": m.run_id, "d1": d1, "c": c, "n": m.n, "frac_bits": FRAC_BITS,
-                "program": m.program, "program_version": m.program_version, "created": time.time()}
+                "program": m.program, "program_version": m.program_version, "created": time.time(),
+                # face_train's last argument: the exp approximation recognition uses (the service needs it)
+                "exp_bits": int(m.program_args[-1])}
         _install_generation(server, m.run_id, pers, meta)
         receipt["gen"] = m.run_id
     elif m.kind == "refresh":
