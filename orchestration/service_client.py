@@ -38,7 +38,7 @@ from .hosts import Hosts
 from .launcher import _child_setup, bind_shim, party_command
 from .mpspdz import MPSPDZ, Protocol, compile_program, programs_dir
 from .server import PREDICT_PROGRAM
-from .service_server import ServicePorts, service_program_args
+from .service_server import ServicePorts, link_programs, service_program_args
 from .service_wire import ServiceError, WireError, body_shares, receive, send, shares_body
 
 logger = logging.getLogger(__name__)
@@ -205,7 +205,6 @@ def run_service_dealer(mp: MPSPDZ, client_dir: Path, build: Path, hosts: Hosts, 
     restarted whenever a session ends."""
     if proto.dealer is None:
         raise ValueError(f"protocol {proto.name} has no dealer")
-    ports = ServicePorts(hosts)
     party_certs = certs_mod.check_party_certs(client_dir, proto.dealer, proto.n_parties)
     me = hosts[proto.dealer]
     run = Path(client_dir) / "run-service-dealer"
@@ -226,17 +225,13 @@ def run_service_dealer(mp: MPSPDZ, client_dir: Path, build: Path, hosts: Hosts, 
                 stop.wait(0.2)
                 continue
             warned = False
-            args = service_program_args(int(st["batch"]), int(st["d1"]), int(st["c"]), int(st["exp_bits"]),
-                                        int(st["spdz_base"]))
-            if int(st["spdz_base"]) != ports.spdz_base:
-                raise ValueError(f"server 0 serves with client port base {st['spdz_base']}, the hosts file "
-                                 f"{hosts.path} gives {ports.spdz_base}: the hosts files differ")
+            args = service_program_args(int(st["batch"]), int(st["d1"]), int(st["c"]), int(st["exp_bits"]))
             program = compile_program(mp, PREDICT_PROGRAM, args, build, proto=proto)
             destroy_tree(run)
             private_dir(run)
             (run / "Player-Data").mkdir()
             (run / "Persistence").mkdir()
-            (run / "Programs").symlink_to(programs_dir(Path(build).resolve(), proto))
+            link_programs(run, programs_dir(Path(build).resolve(), proto), program)
             certs_mod.install_for_run(party_certs, run / "Player-Data")
             hosts_file = run / "hosts"
             hosts_file.write_text("".join(f"{e.address}:{e.port}\n" for e in hosts.parties[:proto.n_parties]))

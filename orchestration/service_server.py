@@ -30,8 +30,9 @@ answered with the error code ``unavailable`` and the gateway starts a new sessio
 new link, found again without anyone's help once the other server is back.
 
 Ports, from the hosts file's line ``address:p`` of server i (see :class:`ServicePorts`): ``p`` MPC,
-``p + 100`` clients, ``p + 200`` the gateways' link (server 1 listens), and MP-SPDZ's client
-listener at ``p0 + 300 + i`` on server i's address (the gateway only; TLS with a throw-away key).
+``p + 100`` clients, ``p + 200`` the gateways' link (server 1 listens), and ``p + 300`` MP-SPDZ's client listener (for
+the gateway only; TLS with a throw-away key). Each server takes its own ports from its own line,
+and the other's from the other's line, so the two hosts files may differ (NAT, relays).
 """
 from __future__ import annotations
 
@@ -85,16 +86,25 @@ class ServicePorts:
     def link(self) -> tuple[str, int]:
         return self.hosts[1].address, self.hosts[1].port + LINK_OFFSET
 
-    @property
-    def spdz_base(self) -> int:
-        return self.hosts[0].port + SPDZ_OFFSET
-
     def spdz(self, i: int) -> tuple[str, int]:
-        return self.hosts[i].address, self.spdz_base + i
+        """Where server i's party listens for its gateway (a run-time input of the party, not of the program)."""
+        return self.hosts[i].address, self.hosts[i].port + SPDZ_OFFSET
 
 
-def service_program_args(batch: int, d1: int, c: int, exp_bits: int, spdz_base: int) -> list[str]:
-    return [str(batch), str(d1), str(c), str(exp_bits), "serve", str(spdz_base)]
+def service_program_args(batch: int, d1: int, c: int, exp_bits: int) -> list[str]:
+    """The serve program's compile-time arguments: sizes only, the same for both servers and the dealer."""
+    return [str(batch), str(d1), str(c), str(exp_bits), "serve"]
+
+
+def link_programs(run: Path, build_programs: Path, program: str, listen_base: int | None = None) -> None:
+    """``run/Programs``: the compiled bytecode (linked) and, for a server, its own public input (the port)."""
+    d = run / "Programs"
+    d.mkdir()
+    for sub in ("Bytecode", "Schedules"):
+        (d / sub).symlink_to(build_programs / sub)
+    (d / "Public-Input").mkdir()
+    if listen_base is not None:
+        (d / "Public-Input" / program).write_text(f"{listen_base}\n")
 
 
 # ---- clients ------------------------------------------------------------------------------------
@@ -278,8 +288,7 @@ class ServiceServer:
         s = self.serving or self.starting or {}
         state = "serving" if self.serving else "starting" if self.starting else "waiting"
         return {"type": "status", "party": self.party, "state": state, "gen": s.get("gen"), "d1": s.get("d1"),
-                "c": s.get("c"), "exp_bits": s.get("exp_bits"), "batch": self.batch, "protocol": self.proto.name,
-                "spdz_base": self.ports.spdz_base}
+                "c": s.get("c"), "exp_bits": s.get("exp_bits"), "batch": self.batch, "protocol": self.proto.name}
 
     def _take_request(self, conn: ClientConn, header: dict[str, Any], body: bytes) -> None:
         rid = str_field(header, "id", 64)
@@ -359,14 +368,15 @@ class ServiceServer:
     # -- one session: party + link --------------------------------------------------------------------
 
     def _start_party(self, model: dict[str, Any]) -> None:
-        args = service_program_args(self.batch, model["d1"], model["c"], model["exp_bits"], self.ports.spdz_base)
+        args = service_program_args(self.batch, model["d1"], model["c"], model["exp_bits"])
         program = compile_program(self.mp, PREDICT_PROGRAM, args, self.build, proto=self.proto)
         destroy_tree(self.rundir)
         private_dir(self.rundir)
         pdata = self.rundir / "Player-Data"
         pdata.mkdir()
         (self.rundir / "Persistence").mkdir()
-        (self.rundir / "Programs").symlink_to(programs_dir(self.build.resolve(), self.proto))
+        link_programs(self.rundir, programs_dir(self.build.resolve(), self.proto), program,
+                      self.ports.spdz(self.party)[1] - self.party)
         certs_mod.install_for_run(self._own_certs(), pdata)
         certs_mod.make_gateway_cert(pdata, self.party)
         self._install_model(model["gen"])
@@ -766,7 +776,8 @@ def _tail(path: Path, n: int = 3) -> str:
     return " | ".join(lines[-n:])
 
 
-__all__ = ["CLIENT_OFFSET", "LINK_OFFSET", "SPDZ_OFFSET", "ServicePorts", "ServiceServer", "service_program_args"]
+__all__ = ["CLIENT_OFFSET", "LINK_OFFSET", "SPDZ_OFFSET", "ServicePorts", "ServiceServer", "link_programs",
+           "service_program_args"]
 
 
 def main(argv: list[str] | None = None) -> int:
