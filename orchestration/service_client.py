@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import select
 import signal
 import socket
 import ssl
@@ -116,16 +117,31 @@ class ServiceClient:
                     send(self._sock(i), head, body)
                 except OSError as exc:
                     raise ServiceError(f"server {i}: connection lost while sending ({exc})", "unavailable") from None
-            out = []
-            for i in range(2):
-                try:
-                    out.append(receive(self._sock(i)))
-                except socket.timeout:
-                    raise ServiceError(f"server {i} did not answer within {self.timeout:.0f} s", "unavailable") from None
-                except (WireError, OSError) as exc:
-                    raise ServiceError(f"server {i}: connection lost ({exc}); the service is restarting or down",
-                                       "unavailable") from None
-            return out
+            out: list[tuple[dict[str, Any], bytes] | None] = [None, None]
+            deadline = time.monotonic() + self.timeout
+            while any(o is None for o in out):
+                waiting = {self._sock(i): i for i in range(2) if out[i] is None}
+                ready = [s for s in waiting if s.pending()]
+                if not ready:
+                    left = deadline - time.monotonic()
+                    ready = select.select(list(waiting), [], [], max(0.0, left))[0] if left > 0 else []
+                if not ready:
+                    late = " and ".join(f"server {i}" for i in waiting.values())
+                    raise ServiceError(f"{late} did not answer within {self.timeout:.0f} s", "unavailable")
+                for s in ready:
+                    i = waiting[s]
+                    try:
+                        out[i] = receive(s)
+                    except socket.timeout:
+                        raise ServiceError(f"server {i} did not answer within {self.timeout:.0f} s",
+                                           "unavailable") from None
+                    except (WireError, OSError) as exc:
+                        raise ServiceError(f"server {i}: connection lost ({exc}); the service is restarting or down",
+                                           "unavailable") from None
+                    if out[i][0].get("type") == "error":  # no point waiting for the other half
+                        h = out[i][0]
+                        raise ServiceError(f"server {i}: {h.get('message')}", h.get("code") or "failed")
+            return [o for o in out if o is not None]
         except BaseException:
             self.close()
             raise

@@ -154,6 +154,10 @@ class SessionEnded(RuntimeError):
     """The party, the link or the other server went away: start a new session."""
 
 
+class Switching(SessionEnded):
+    """Both servers restart their parties for a model generation of other sizes (a planned end)."""
+
+
 # ---- the gateway ----------------------------------------------------------------------------------
 
 class ServiceServer:
@@ -263,6 +267,7 @@ class ServiceServer:
             return
         conn = ClientConn(sock, allowed[fp], peer)
         sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         logger.info("client %s connected from %s", conn.name, peer)
         try:
             while not self.stop.is_set():
@@ -313,6 +318,20 @@ class ServiceServer:
             if self.party == 0:
                 self.queue.append(rid)
             self.lock.notify_all()
+
+    def _janitor(self) -> None:
+        """Server 1: a request no plan of server 0 has named for a while (server 0 refused or lost it) is
+        answered as failed, so no client waits for it and no share stays in memory."""
+        limit = 2 * self.follower_wait
+        while not self.stop.wait(1.0):
+            if self.party != 1:
+                continue
+            now = time.monotonic()
+            with self.lock:
+                for req in list(self.requests.values()):
+                    if req.scheduled == 0 and now - req.t0 > limit:
+                        self._answer_error(req, "unavailable", f"server 0 did not schedule request {req.id} within "
+                                                               f"{limit:.0f} s (it refused or lost it); retry")
 
     def _answer_error(self, req: Request, code: str, message: str) -> None:
         req.finished = True
@@ -504,12 +523,18 @@ class ServiceServer:
         if self.party == 1:
             lk = self._listen(self.ports.link(), "server 0's gateway")
             threading.Thread(target=self._accept_loop, args=(lk, self._link_thread), daemon=True).start()
+        threading.Thread(target=self._janitor, daemon=True).start()
         logger.info("server %d: serving clients on %s:%d (%s, batch %d)", self.party, *self.ports.client(self.party),
                     self.proto.name, self.batch)
         try:
             while not self.stop.is_set():
+                code, why = "unavailable", (f"server {self.party}'s session ended (the other server, its party or "
+                                            "the link went away); retry once the service is back")
                 try:
                     self._session()
+                except Switching as exc:
+                    logger.info("server %d: %s", self.party, exc)
+                    code, why = "generation", f"server {self.party} is switching to another model generation; retry"
                 except SessionEnded as exc:
                     if not self.stop.is_set():
                         logger.warning("server %d: session ended: %s", self.party, exc)
@@ -520,8 +545,7 @@ class ServiceServer:
                 finally:
                     self.serving = self.starting = None
                     self._stop_party()
-                    self._fail_all("unavailable", f"server {self.party}'s session ended (the other server, the party "
-                                                  "or the link went away); retry")
+                    self._fail_all(code, why)
                 if not self.stop.is_set():
                     self.stop.wait(1.0)
         finally:
@@ -630,7 +654,7 @@ class ServiceServer:
                     if tuple(mine[k] for k in ("d1", "c", "exp_bits")) != tuple(
                             self.serving[k] for k in ("d1", "c", "exp_bits")):
                         send(link, {"type": "plan", "seq": seq, "restart": mine["gen"]})
-                        raise SessionEnded(f"switching to generation {mine['gen']}, of other sizes: restarting")
+                        raise Switching(f"switching to generation {mine['gen']}, of other sizes: restarting")
                     command, gen = CMD_RELOAD, mine["gen"]
             slots, rejects = self._plan(gen, pending=mine["gen"] if mine is not None else None)
             if not slots and command == CMD_SERVE:
@@ -699,7 +723,7 @@ class ServiceServer:
             if plan.get("type") != "plan":
                 raise SessionEnded(f"server 0 sent {plan.get('type')!r} instead of a plan")
             if "restart" in plan:
-                raise SessionEnded(f"server 0 switches to generation {plan['restart']} of other sizes: restarting")
+                raise Switching(f"server 0 switches to generation {plan['restart']} of other sizes: restarting")
             if plan.get("probe"):
                 send(link, {"type": "done", "seq": plan["seq"], "current": current_generation(self.server)})
                 continue
@@ -743,6 +767,8 @@ class ServiceServer:
                     self._answer_error(req, "generation", f"the service serves model generation {gen}, the request "
                                                           f"expects {req.gen}")
                     req = None
+                else:
+                    req.scheduled = max(req.scheduled, 1)
                 slots.append((req, int(start), int(count)))
         return slots
 
@@ -798,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--follower-wait", type=float, default=10.0, help="server 1: seconds to wait for a planned request")
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s %(levelname)s server" + str(a.id) + ": %(message)s")
     try:
         mp = find_mpspdz(a.mpspdz_home)

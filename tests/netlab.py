@@ -64,6 +64,7 @@ class TwoHosts:
         self.delay = "none" if not rtt_ms else ("netem" if netem_available() else "relay")
         self.relay: subprocess.Popen | None = None
         self.relay_port: int | None = None
+        self.extra_relays: list[subprocess.Popen] = []
 
     def __enter__(self) -> "TwoHosts":
         try:
@@ -85,12 +86,14 @@ class TwoHosts:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.relay is not None:
-            self.relay.terminate()
+        for r in [self.relay, *self.extra_relays]:
+            if r is None:
+                continue
+            r.terminate()
             try:
-                self.relay.wait(timeout=5)
+                r.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                self.relay.kill()
+                r.kill()
         for ns in self.ns:
             _ip("netns", "del", ns, check=False)  # removes the veth pair too
 
@@ -113,6 +116,15 @@ class TwoHosts:
                     raise RuntimeError("delay relay did not start")
             return f"127.0.0.1:{self.relay_port}\n{self.addr[1]}:{ports[1]}\n"
         return f"{self.addr[0]}:{ports[0]}\n{self.addr[1]}:{ports[1]}\n"
+
+    def add_relay(self, i: int, local_port: int, target: tuple[str, int]) -> None:
+        """In namespace i, 127.0.0.1:local_port forwards to ``target`` with this lab's delay (relay mode only)."""
+        r = self.popen(i, [sys.executable, str(RELAY), f"127.0.0.1:{local_port}", f"{target[0]}:{target[1]}",
+                           f"{self.netem_rtt_ms / 2:g}"], stdout=subprocess.PIPE, text=True)
+        assert r.stdout is not None
+        if r.stdout.readline().strip() != "ready":
+            raise RuntimeError("delay relay did not start")
+        self.extra_relays.append(r)
 
     def cmd(self, i: int, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns[i], *argv]

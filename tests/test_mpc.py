@@ -112,7 +112,7 @@ def _fixed_point_needles(values: np.ndarray) -> set[bytes]:
 SERVER_JSON_KEYS = {"c", "created", "d1", "frac_bits", "n", "program", "program_version", "run_id", "job", "q",
                     "values", "d", "extra", "file", "kind", "n_classes", "n_values", "party", "ring_bits", "sha256",
                     "gen", "model_gen", "program_args", "status", "finished", "seconds", "data_sent_mb",
-                    "global_data_mb", "refreshed_from", "protocol", "rounds", "seq"}
+                    "global_data_mb", "refreshed_from", "protocol", "rounds", "seq", "exp_bits"}
 
 
 def _server_files(layout: Layout) -> list[Path]:

@@ -1,0 +1,321 @@
+"""The recognition service (`invoke serve`) in two network namespaces, with the client beside server 1.
+
+Checked: answers equal the one-job mode's; an unknown, missing or garbage-speaking client is refused
+and logged while an allowed one keeps working; a server killed mid-request gives the client a
+clear error within 30 s and the service answers again after a restart; a model switch (share
+refresh, retraining with other sizes) happens between requests and never mixes generations;
+SIGTERM leaves no process behind; nothing a server stores or logs holds a plaintext value.
+"""
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestration import certs, client
+from orchestration.service_client import ServiceClient
+from orchestration.service_wire import ServiceError, encode
+from service_lab import NsClients, ServiceLab
+from synthetic import split
+from test_mpc import _fixed_point_needles
+from test_two_hosts import Deployment, invoke, net_ok  # noqa: F401 - net_ok is a fixture
+
+import netlab
+
+pytestmark = [pytest.mark.mpc, pytest.mark.protocol]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return split(people=6, per=10, seed=7, every=5)
+
+
+@pytest.fixture(scope="module")
+def svc(net_ok, tmp_path_factory, data):
+    """A model trained across two namespaces (one-job mode), then the service started on it."""
+    x, labels, tr, _ = data
+    with netlab.TwoHosts(rtt_ms=0) as net:
+        root = tmp_path_factory.mktemp("service")
+        dep = Deployment(root, net)
+        invoke("certs", "--client", "owner", "--server-dir", str(dep.client))
+        for i in range(2):
+            invoke("certs", "--id", str(i), "--server-dir", str(dep.servers[i]), "--allow-client",
+                   str(dep.client / "certs" / "client.pem"))
+        dep.train(x[tr], [labels[k] for k in tr])
+        lab = ServiceLab(dep).start()
+        clients = NsClients(net.ns[1], n=4)
+        try:
+            lab.wait_ready(clients)
+            yield lab, clients
+        finally:
+            lab.stop()
+            clients.close()
+
+
+def _recognise(lab: ServiceLab, clients: NsClients, x: np.ndarray, threshold: float = 0.0, **kw):
+    cl = lab.new_client(**kw)
+    try:
+        return clients.call(cl.recognise, x, threshold)
+    finally:
+        clients.call(cl.close)
+
+
+def test_service_answers_equal_the_one_job_mode(svc, data):
+    lab, clients = svc
+    x, labels, tr, te = data
+    one_job = lab.dep.predict(x[te]).predictions
+    ans = _recognise(lab, clients, x[te])
+    assert [p.best for p in ans.predictions] == [p.best for p in one_job]
+    assert np.allclose([p.confidence for p in ans.predictions], [p.confidence for p in one_job], atol=2e-3)
+    record = client.load_model_record(lab.dep.client)
+    assert ans.gen == record.get("gen", record["run_id"])
+    # and both are right on held-out faces of this easy synthetic set
+    classes = record["classes"]
+    assert np.mean([classes[p.best] == labels[k] for p, k in zip(ans.predictions, te)]) >= 0.9
+    # a request larger than one MPC batch spans several, in order
+    big = np.concatenate([x[te]] * 5)
+    ans_big = _recognise(lab, clients, big)
+    assert [p.best for p in ans_big.predictions] == [p.best for p in one_job] * 5
+
+
+def _raw_connect(lab: ServiceLab, i: int) -> socket.socket:
+    addr = lab.new_client().ports.client(i)
+    return socket.create_connection(addr, timeout=10)
+
+
+def test_unauthorised_clients_are_refused_and_logged_while_others_keep_working(svc, data, tmp_path):
+    lab, clients = svc
+    x, _, _, te = data
+    # a client with a certificate of its own that no server pinned
+    stranger = tmp_path / "stranger"
+    certs.make_client_cert(stranger, "stranger")
+    for i in range(2):
+        (stranger / "certs" / f"P{i}.pem").write_bytes((lab.dep.client / "certs" / f"P{i}.pem").read_bytes())
+    record = (lab.dep.client / "model.json").read_bytes()
+    (stranger / "model.json").write_bytes(record)
+
+    def try_stranger():
+        cl = ServiceClient(stranger, lab.client_hosts(), timeout=10)
+        try:
+            cl.recognise(x[te[:2]], 0.0)
+        finally:
+            cl.close()
+
+    with pytest.raises(ServiceError):
+        clients.call(try_stranger)
+
+    # no certificate at all, plain bytes, and TLS without a client certificate
+    def no_cert_and_garbage():
+        s = _raw_connect(lab, 0)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n" * 10)
+        try:
+            s.recv(100)
+        except OSError:
+            pass
+        s.close()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        raw = _raw_connect(lab, 1)
+        try:
+            with ctx.wrap_socket(raw) as t:
+                t.sendall(encode({"type": "status"}))
+                t.recv(100)
+        except (ssl.SSLError, OSError):
+            pass
+
+    clients.call(no_cert_and_garbage)
+
+    # an allowed client that speaks garbage after the handshake loses its connection only
+    def allowed_garbage():
+        cl = lab.new_client(timeout=10)
+        s = cl._sock(0)
+        s.sendall(b"\xff" * 64)
+        try:
+            head = s.recv(4096)
+        except OSError:
+            head = b""
+        cl.close()
+        return head
+
+    reply = clients.call(allowed_garbage)
+    assert b"bad-request" in reply or reply == b""
+    # meanwhile the allowed client is served, and the refusals are in the servers' logs
+    ans = _recognise(lab, clients, x[te[:3]])
+    assert len(ans.predictions) == 3
+    logs = lab.logs[0].read_text() + lab.logs[1].read_text()
+    assert logs.count("refused client connection") >= 3
+    assert "certificate verify failed" in logs  # the stranger
+    assert "HTTP_REQUEST" in logs and "PEER_DID_NOT_RETURN_A_CERTIFICATE" in logs
+    assert "connection dropped" in logs
+
+
+def test_a_request_for_another_generation_is_an_error_not_an_answer(svc, data):
+    lab, clients = svc
+    x, _, _, te = data
+    cl = lab.new_client()
+    padded = np.hstack([x[te[:2]], np.ones((2, 1))])
+    try:
+        with pytest.raises(ServiceError) as err:
+            clients.call(cl.recognise_shares, padded, "0123456789abcdef")
+        assert err.value.code == "generation"
+    finally:
+        clients.call(cl.close)
+
+
+def test_concurrent_clients_get_their_own_answers(svc, data):
+    lab, clients = svc
+    x, _, _, te = data
+    expect = [p.best for p in _recognise(lab, clients, x).predictions]
+
+    def worker(seed: int) -> list[tuple[list[int], list[int]]]:
+        rng = np.random.default_rng(seed)
+        cl = lab.new_client()
+        out = []
+        try:
+            for _ in range(25):
+                idx = rng.choice(len(x), size=int(rng.integers(1, 6)), replace=False)
+                out.append((list(idx), [p.best for p in cl.recognise(x[idx], 0.0).predictions]))
+        finally:
+            cl.close()
+        return out
+
+    futures = [clients.submit(worker, s) for s in range(4)]
+    for f in futures:
+        for idx, got in f.result(timeout=300):
+            assert got == [expect[k] for k in idx]
+
+
+def test_model_switches_between_requests_and_never_mixes_generations(svc, data):
+    lab, clients = svc
+    dep = lab.dep
+    x, labels, tr, te = data
+    expect = [p.best for p in _recognise(lab, clients, x[te]).predictions]
+    old_gen = client.load_model_record(dep.client)["gen"]
+    answers: list = []
+    errors: list = []
+    stop = threading.Event()
+
+    def asker():
+        cl = lab.new_client(retry_generation=30.0)
+        try:
+            while not stop.is_set():
+                try:
+                    a = cl.recognise(x[te], 0.0)
+                    answers.append((a.gen, [p.best for p in a.predictions]))
+                except ServiceError as exc:
+                    errors.append(exc)
+        finally:
+            cl.close()
+
+    fut = clients.submit(asker)
+    time.sleep(1.0)
+    # a share refresh (same sizes: the parties re-read their share between two batches), confirmed
+    sent = client.share_refresh(dep.client, dep.root / "jobs" / "refresh")
+    res = dep.run(dep.root / "jobs" / "refresh")
+    assert all(rc == 0 for rc, _ in res), res
+    done = client.collect(dep.client, sent.job, dep.outputs(sent.job))
+    new_gen = done.record["gen"]
+    conf = client.share_confirm(dep.client, dep.root / "jobs" / "confirm")
+    for i in range(2):
+        invoke("confirm", "--id", str(i), "--job", str(conf.bundles[i]), "--server-dir", str(dep.servers[i]))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(g == new_gen for g, _ in answers):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    stop.set()
+    fut.result(timeout=120)
+    assert {g for g, _ in answers} == {old_gen, new_gen}, (old_gen, new_gen, errors)
+    assert all(best == expect for _, best in answers)  # every answer right, before and after the switch
+    switched_at = next(k for k, (g, _) in enumerate(answers) if g == new_gen)
+    assert all(g == new_gen for g, _ in answers[switched_at:])  # no going back
+    assert not errors, errors
+    logs = lab.logs[0].read_text()
+    assert f"switched to model generation {new_gen} between two batches" in logs
+
+    # retraining with fewer people changes the program's sizes: both servers restart their party
+    keep = [k for k in tr if labels[k] != labels[tr[0]]]
+    dep.train(x[keep], [labels[k] for k in keep])
+    ans = _recognise(lab, clients, x[te], retry_generation=120.0)
+    record = client.load_model_record(dep.client)
+    assert ans.gen == record["gen"] and len(record["classes"]) == len(set(labels)) - 1
+    assert all(0 <= p.best < len(record["classes"]) for p in ans.predictions)
+
+
+def test_killing_a_server_mid_request_is_reported_and_the_service_recovers(svc, data):
+    lab, clients = svc
+    x, _, _, te = data
+    big = np.concatenate([x] * 60)  # several seconds of batches
+    result: dict = {}
+
+    def long_request():
+        cl = lab.new_client(timeout=30.0)
+        t0 = time.monotonic()
+        try:
+            cl.recognise(big, 0.0)
+            result["answer"] = True
+        except ServiceError as exc:
+            result["error"] = exc
+        finally:
+            result["seconds"] = time.monotonic() - t0
+            cl.close()
+
+    fut = clients.submit(long_request)
+    time.sleep(1.5)
+    lab.stop_process(1, signal.SIGKILL)
+    fut.result(timeout=120)
+    assert "error" in result, "a request that lost a server must not be answered"
+    assert result["seconds"] < 30 + 1.5
+    msg = str(result["error"])
+    assert "server" in msg and ("unavailable" == result["error"].code), msg
+    # server 1 comes back; server 0 and the dealer find it again without help
+    lab.start_server(1)
+    lab.wait_ready(clients, timeout=180)
+    ans = _recognise(lab, clients, x[te[:4]])
+    assert len(ans.predictions) == 4
+
+
+def test_nothing_a_server_stores_or_logs_holds_a_plaintext_value(svc, data):
+    lab, clients = svc
+    x, labels, tr, te = data
+    ans = _recognise(lab, clients, x[te])
+    record = client.load_model_record(lab.dep.client)
+    files = [p for s in lab.dep.servers for p in Path(s).rglob("*") if p.is_file()]
+    files += lab.logs[:2]
+    assert any("service" in str(p) for p in files)  # the running service's folder and logs are looked at
+    needles = _fixed_point_needles(x[np.concatenate([tr, te])][:, :40])
+    needles |= _fixed_point_needles([p.confidence for p in ans.predictions])
+    needles |= _fixed_point_needles([1.0 / p.confidence for p in ans.predictions])
+    names = [n.encode() for n in record["classes"]]
+    for path in files:
+        blob = path.read_bytes()
+        for name in names:
+            assert name not in blob, f"{path} contains the name {name!r}"
+        for needle in needles:
+            assert needle not in blob, f"{path} contains a plaintext value"
+    for log in lab.logs[:2]:
+        for line in log.read_text().splitlines():
+            if "request " in line and " queries" in line:
+                # one line per request: time, size, generation, duration, never a share or a result
+                assert "best" not in line and "confidence" not in line
+
+
+def test_sigterm_stops_everything_and_leaves_no_process(svc):
+    lab, clients = svc
+    pids = [p.pid for p in lab.procs if p is not None]
+    codes = lab.stop()
+    assert codes[0] == 0 and codes[1] == 0, [lab.log_tail(i) for i in range(3)]
+    time.sleep(1.0)
+    left = subprocess.run(["pgrep", "-f", str(lab.root)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left behind: {left}"
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    for i in range(2):
+        assert "stopped after" in lab.logs[i].read_text()
+        assert not (lab.dep.servers[i] / "service").exists()  # the run folder with the key copy is destroyed
