@@ -65,6 +65,7 @@ class TwoHosts:
         self.relay: subprocess.Popen | None = None
         self.relay_port: int | None = None
         self.extra_relays: list[subprocess.Popen] = []
+        self.relayed: set[int] = set()
 
     def __enter__(self) -> "TwoHosts":
         try:
@@ -114,6 +115,11 @@ class TwoHosts:
                 assert self.relay.stdout is not None
                 if self.relay.stdout.readline().strip() != "ready":
                     raise RuntimeError("delay relay did not start")
+            elif self.relay_port != ports[0] + 1000:  # another set of ports (the service beside the jobs)
+                if ports[0] + 1000 not in self.relayed:
+                    self.add_relay(1, ports[0] + 1000, (self.addr[0], ports[0]))
+                    self.relayed.add(ports[0] + 1000)
+                return f"127.0.0.1:{ports[0] + 1000}\n{self.addr[1]}:{ports[1]}\n"
             return f"127.0.0.1:{self.relay_port}\n{self.addr[1]}:{ports[1]}\n"
         return f"{self.addr[0]}:{ports[0]}\n{self.addr[1]}:{ports[1]}\n"
 
