@@ -288,7 +288,8 @@ def collect(client: Path, job: str, results: Sequence[Path]) -> Collected:
         # the top class contributes exp(0) = 1 and every other at most 1, so 1 <= S <= c (up to rounding)
         if not (np.all((best >= 0) & (best < c)) and np.all((denom > 1 - 1e-3) & (denom < c + 1e-3))):
             raise ModelError(f"reconstructed outputs out of range (class 0..{c - 1}, softmax denominator 1..{c}): "
-                             "the two servers' shares do not belong together")
+                             "the two servers' shares do not belong together, or (about once in 10^8 answers) a "
+                             "local truncation wrapped; recognise again")
         conf = 1.0 / denom
         preds = [Prediction(int(best[k]) if conf[k] >= pending["threshold"] else UNKNOWN, float(conf[k]),
                             int(best[k])) for k in range(q_real)]
