@@ -68,6 +68,7 @@ logger = logging.getLogger(__name__)
 CLIENT_OFFSET, LINK_OFFSET, SPDZ_OFFSET = 100, 200, 300
 CMD_SERVE, CMD_RELOAD = 1, 2
 MAX_QUERIES = 4096  # per request
+HEARTBEAT = 5.0  # seconds: an idle server 0 asks server 1 at least this often, which finds a dead link
 DEFAULT_EXP_BITS = 8
 
 
@@ -637,6 +638,7 @@ class ServiceServer:
     def _lead(self, link: ssl.SSLSocket, party: ssl.SSLSocket) -> None:
         seq = 0
         follower_gen: str | None = None
+        last_contact = time.monotonic()
         while not self.stop.is_set():
             self._check_party_alive()
             with self.lock:
@@ -645,12 +647,14 @@ class ServiceServer:
             assert self.serving is not None
             command, gen = CMD_SERVE, self.serving["gen"]
             mine = self._current()
-            if mine is not None and mine["gen"] != gen:
-                if follower_gen != mine["gen"]:  # ask server 1 what it holds now
+            idle = time.monotonic() - last_contact > HEARTBEAT
+            if idle or (mine is not None and mine["gen"] != gen):
+                last_contact = time.monotonic()
+                if idle or follower_gen != mine["gen"]:  # ask server 1 what it holds now (and that it is there)
                     send(link, {"type": "plan", "seq": seq, "probe": True})
                     follower_gen = self._ack(link, seq)
                     seq += 1
-                if follower_gen == mine["gen"]:
+                if mine is not None and mine["gen"] != gen and follower_gen == mine["gen"]:
                     if tuple(mine[k] for k in ("d1", "c", "exp_bits")) != tuple(
                             self.serving[k] for k in ("d1", "c", "exp_bits")):
                         send(link, {"type": "plan", "seq": seq, "restart": mine["gen"]})
@@ -674,6 +678,7 @@ class ServiceServer:
             best, denom = self._run_batch(party, command, slots)
             self._deliver(slots, best, denom, gen)
             follower_gen = self._ack(link, seq)
+            last_contact = time.monotonic()
             seq += 1
 
     def _ack(self, link: ssl.SSLSocket, seq: int) -> str | None:
@@ -716,7 +721,7 @@ class ServiceServer:
         return slots, rejects
 
     def _follow(self, link: ssl.SSLSocket, party: ssl.SSLSocket) -> None:
-        link.settimeout(None)
+        link.settimeout(3 * HEARTBEAT + self.party_timeout)  # server 0 writes at least every HEARTBEAT seconds
         while not self.stop.is_set():
             self._check_party_alive()
             plan, _ = receive(link)

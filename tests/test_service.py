@@ -306,6 +306,39 @@ def test_nothing_a_server_stores_or_logs_holds_a_plaintext_value(svc, data):
                 assert "best" not in line and "confidence" not in line
 
 
+def test_everything_between_the_hosts_is_tls(svc, data, tmp_path):
+    """The MPC, the gateways' link and the client's requests to server 0 cross the veth: all inside TLS
+    records from their first byte (captured from a restart of both servers on)."""
+    lab, clients = svc
+    x, _, _, te = data
+    for i in (0, 1):
+        assert lab.stop_process(i) == 0
+    cap = lab.net.capture(0, tmp_path / "veth.cap")
+    try:
+        for i in (0, 1):
+            lab.start_server(i)
+        lab.wait_ready(clients)
+        _recognise(lab, clients, x[te])
+    finally:
+        cap.terminate()
+        cap.wait(timeout=10)
+    streams = netlab.tcp_streams(tmp_path / "veth.cap")
+    between = {k: v for k, v in streams.items() if {k[0], k[2]} == set(lab.net.addr)}
+    ports = {min(k[1], k[3]) for k in between}
+    from orchestration.service_server import CLIENT_OFFSET, LINK_OFFSET
+
+    assert 7200 in ports, ports  # the MPC (server 1 and the dealer to server 0)
+    assert 7200 + CLIENT_OFFSET in ports and 7201 + LINK_OFFSET in ports, ports  # the client; the gateways' link
+    app_data = 0
+    for key, stream in between.items():
+        ident, stream = netlab.split_preamble(stream)
+        assert ident == b"" or b"P" in ident, f"{key}: cleartext {ident!r} before TLS"
+        records = netlab.tls_records(stream)  # raises if any byte is outside a TLS record
+        assert records[0][0] == 22, f"{key}: does not start with a TLS handshake"
+        app_data += sum(n for t, n in records if t == 23)
+    assert app_data > 10_000
+
+
 def test_sigterm_stops_everything_and_leaves_no_process(svc):
     lab, clients = svc
     pids = [p.pid for p in lab.procs if p is not None]
