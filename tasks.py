@@ -642,7 +642,8 @@ def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, b
     "one_job": "one MPC job per batch even when a service is configured",
     "realtime": "read --video at its own frame rate and drop frames when recognition falls behind, as a camera "
                 "(which always does); default: every frame of a file is processed",
-    "upsample": "detector upsampling (default face.upsample); 0 is 4x faster on 640x480 and finds faces of 60 px up",
+    "upsample": "detector upsampling (default face.upsample): 0 is 4x faster on 640x480 frames and finds faces from "
+                "about 70 px, 1 from 40 px (benchmarks/video_stages.py)",
 })
 def recognize(c, video=None, camera=None, output=None, frames=None, every=1, threshold=None, show=False,
               max_frames=None, backend=None, detector=None, timeout=None, mpspdz_home=None, verbose=False,
