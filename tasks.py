@@ -640,10 +640,14 @@ def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, b
     "verbose": "debug logging",
     "service": "recognise through the running service (the default when service.hosts is set in invoke.yaml)",
     "one_job": "one MPC job per batch even when a service is configured",
+    "realtime": "read --video at its own frame rate and drop frames when recognition falls behind, as a camera "
+                "(which always does); default: every frame of a file is processed",
+    "upsample": "detector upsampling (default face.upsample): 0 is 4x faster on 640x480 frames and finds faces from "
+                "about 70 px, 1 from 40 px (benchmarks/video_stages.py)",
 })
 def recognize(c, video=None, camera=None, output=None, frames=None, every=1, threshold=None, show=False,
               max_frames=None, backend=None, detector=None, timeout=None, mpspdz_home=None, verbose=False,
-              service=False, one_job=False):
+              service=False, one_job=False, realtime=False, upsample=None):
     """Recognise every face of a video or camera privately (one MPC run per frame) and write an annotated video.
 
     Prints CSV `frame,name,confidence,top,right,bottom,left` (one line per face, as frames are
@@ -674,10 +678,13 @@ def recognize(c, video=None, camera=None, output=None, frames=None, every=1, thr
         every = int(every)
         max_frames = int(max_frames) if max_frames is not None else None
         thr = float(threshold) if threshold is not None else None
+        upsample = int(upsample) if upsample is not None else None
     except ValueError as exc:
         raise Exit(f"bad number: {exc}", code=1)
     if every < 1:
         raise Exit(f"--every {every}: must be 1 or more", code=1)
+    if upsample is not None and upsample < 0:
+        raise Exit(f"--upsample {upsample}: must be 0 or more", code=1)
     layout = _layout(c)
     _say_protocol(layout)
     out = Path(output) if output else layout.root / "recognize" / f"{stem}-annotated.mp4"
@@ -686,7 +693,7 @@ def recognize(c, video=None, camera=None, output=None, frames=None, every=1, thr
     except ValueError as exc:
         raise Exit(f"--output {exc}", code=1)
     mp = _mp(c, mpspdz_home)
-    face = _face(c, backend, detector)
+    face = _face(c, backend, detector, upsample)
     svc = _service(c, False if one_job else (True if service else None))
     rows = csv.writer(sys.stdout)
     rows.writerow(["frame", "name", "confidence", "top", "right", "bottom", "left"])
@@ -703,7 +710,7 @@ def recognize(c, video=None, camera=None, output=None, frames=None, every=1, thr
         recognizer = FaceRecognizer(mp, layout, face, thr, host=_cfg(c, "mpspdz", "host", None),
                                      timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), service=svc)
         report = recognizer.run(source, out, frames_dir=frames, every=every, show=bool(show), max_frames=max_frames,
-                                on_frame=on_frame)
+                                on_frame=on_frame, realtime=bool(realtime))
     except FileNotFoundError as exc:
         raise Exit(str(exc), code=1)
     except (MPSPDZError, ServiceError, RecognizerError, PreprocessingError, ValueError, OSError) as exc:
@@ -711,9 +718,11 @@ def recognize(c, video=None, camera=None, output=None, frames=None, every=1, thr
     finally:
         if svc is not None:
             svc.close()
-    print(f"# {report.frames_read} frames read, {report.frames_processed} processed, {report.faces} faces, "
-          f"{report.mpc_runs} MPC runs ({report.mpc_seconds:.1f} s, {report.mb_sent:.1f} MB between the servers), "
-          f"{report.seconds:.1f} s in all, threshold {recognizer.threshold:.4f}")
+    how = "through the service" if report.service else (f"{report.mpc_runs} MPC runs ({report.mpc_seconds:.1f} s, "
+                                                         f"{report.mb_sent:.1f} MB between the servers)")
+    print(f"# {report.frames_read} frames read, {report.frames_processed} processed, {report.frames_dropped} dropped, "
+          f"{report.faces} faces {how}, {report.seconds:.1f} s in all ({report.processed_fps:.1f} frames/s processed), "
+          f"threshold {recognizer.threshold:.4f}")
     print(f"# annotated video: {report.output} ({report.codec}, {report.fps:.1f} fps)"
           + (f"; {len(report.stills)} stills in {frames}" if frames else ""))
 

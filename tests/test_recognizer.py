@@ -6,6 +6,7 @@ by side. Needs MP-SPDZ: without it these tests FAIL (see tests/test_mpc.py).
 """
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -226,6 +227,50 @@ def test_unknown_faces_get_another_colour() -> None:
                                                                                   0.2)])
     assert tuple(out[100, 35]) == KNOWN_COLOUR and tuple(out[100, 150]) == UNKNOWN_COLOUR
     assert np.array_equal(frame, np.full_like(frame, 128))  # the input is not drawn on
+
+
+def _free_service_port() -> int:
+    """A first port for the local service with all of its ports free (base + 0..2, +100.., +200.., +300..)."""
+    from orchestration.service_server import CLIENT_OFFSET, LINK_OFFSET, SPDZ_OFFSET
+
+    offsets = [k + off for off in (0, CLIENT_OFFSET, LINK_OFFSET, SPDZ_OFFSET) for k in range(3)]
+    for base in range(23000, 30000, 400):
+        socks = []
+        try:
+            for off in offsets:
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + off))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    pytest.fail("no free ports for the local service between 23000 and 30000")
+
+
+def test_through_the_service_every_frame(mp, trained: Layout, video: Path, every1, tmp_path: Path) -> None:
+    """The same video through the running service: pipelined, every frame, the one-job mode's names."""
+    from orchestration.mpspdz import protocol
+    from orchestration.service_client import ServiceClient
+    from orchestration.service_local import LocalService
+
+    one_job, _ = every1
+    with LocalService(mp, trained, protocol(trained.protocol), port=_free_service_port(),
+                      log_dir=tmp_path / "logs") as svc:
+        svc.wait_ready(timeout=300)
+        with ServiceClient(trained.client, svc.hosts) as client:
+            report = FaceRecognizer(None, trained, FACE, threshold=0.0, service=client).run(video, tmp_path / "s.mp4")
+    assert report.pipelined and report.service and report.mpc_runs == 0
+    assert report.frames_read == report.frames_processed == N_FRAMES and report.frames_dropped == 0
+    assert {r.index: _names_left_to_right(r.faces) for r in report.frames} == EXPECTED
+    before = {r.index: sorted(f.confidence for f in r.faces) for r in one_job.frames}
+    for r in report.frames:  # the same model shares, the same computation: confidences agree to fixed-point noise
+        assert np.allclose(sorted(f.confidence for f in r.faces), before[r.index], atol=0.02)
+    stages = report.stage_ms()
+    assert stages["recognise"] > 0 and stages["detect"] > 0 and stages["embed"] > 0
+    assert len(_read_video(tmp_path / "s.mp4")) == N_FRAMES
 
 
 def test_task_reports_a_missing_video(tmp_path: Path) -> None:
