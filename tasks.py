@@ -648,7 +648,11 @@ def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, b
 def recognize(c, video=None, camera=None, output=None, frames=None, every=1, threshold=None, show=False,
               max_frames=None, backend=None, detector=None, timeout=None, mpspdz_home=None, verbose=False,
               service=False, one_job=False, realtime=False, upsample=None):
-    """Recognise every face of a video or camera privately (one MPC run per frame) and write an annotated video.
+    """Recognise every face of a video or camera privately and write an annotated video.
+
+    Through the running service when one is configured (detection, embedding and recognition then run
+    as a pipeline; a camera, or --realtime, drops frames rather than queue them), else one MPC run per
+    frame.
 
     Prints CSV `frame,name,confidence,top,right,bottom,left` (one line per face, as frames are
     processed), then a summary on lines starting with `#`.
