@@ -110,7 +110,21 @@ class ServiceClient:
         self.close()
 
     def _exchange(self, messages: Sequence[tuple[dict[str, Any], bytes]]) -> list[tuple[dict[str, Any], bytes]]:
-        """Send message i to server i (both first, then read both); any failure closes both connections."""
+        """Send message i to server i (both first, then read both); any failure closes both connections.
+
+        A connection kept from an earlier request may have died with a server that restarted since:
+        then the exchange is tried once more on fresh connections (a request is only a computation on
+        fresh shares, so asking twice is harmless)."""
+        reused = any(s is not None for s in self.socks)
+        try:
+            return self._exchange_once(messages)
+        except ServiceError as exc:
+            if not reused or exc.code != "unavailable" or "connection lost" not in str(exc):
+                raise
+            logger.info("a kept connection was gone (%s); asking again on fresh connections", exc)
+            return self._exchange_once(messages)
+
+    def _exchange_once(self, messages: Sequence[tuple[dict[str, Any], bytes]]) -> list[tuple[dict[str, Any], bytes]]:
         try:
             for i, (head, body) in enumerate(messages):
                 try:
@@ -237,6 +251,7 @@ def run_service_dealer(mp: MPSPDZ, client_dir: Path, build: Path, hosts: Hosts, 
         while not stop.is_set():
             try:
                 st = client.status()[0]
+                client.close()  # polls are rare: no connection is kept across a restart of the servers
             except (ServiceError, certs_mod.CertError) as exc:
                 if not warned:
                     logger.info("dealer: waiting for the service (%s)", exc)

@@ -320,6 +320,18 @@ def _protocol_pid(server_dir: Path, timeout: float = 60) -> int:
     raise AssertionError(f"no protocol process in {server_dir}")
 
 
+def _wait_for_line(log: Path, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if text in log.read_text(errors="replace"):
+                return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"{log}: no {text!r} within {timeout:.0f} s")
+
+
 @pytest.fixture(scope="module")
 def wan(net_ok, tmp_path_factory, data):
     """20 ms round trips, so that a run lasts long enough to be killed in the middle."""
@@ -341,12 +353,12 @@ def test_killing_a_server_mid_run_keeps_the_model_and_a_rerun_succeeds(wan, data
     if kind == "train":
         sent = client.share_train(dep.client, x[tr], [labels[k] for k in tr], PARAMS, jobs)
     else:
-        # 96 queries: the dealer mode answers 12 in about a second at 20 ms, too soon for a kill after 1 s
-        sent = client.share_predict(dep.client, np.tile(x[te], (8, 1)), 0.0, jobs)
+        # 384 queries: the dealer mode answers a few in about 15 round trips at 20 ms, too soon for a late kill
+        sent = client.share_predict(dep.client, np.tile(x[te], (32, 1)), 0.0, jobs)
     procs = [dep.start(i, jobs, timeout=90) for i in range(2)]
     dealer = dep.start_dealer(jobs, timeout=90)
     pid = _protocol_pid(dep.servers[victim])
-    time.sleep(1.0)  # connected and computing
+    _wait_for_line(dep.servers[victim] / "logs" / f"{sent.job}.log", "Setup took")  # connected, computing now
     assert procs[victim].poll() is None and procs[1 - victim].poll() is None, "the run ended before the kill"
     os.kill(pid, signal.SIGKILL)
     start = time.monotonic()
@@ -372,6 +384,6 @@ def test_killing_a_server_mid_run_keeps_the_model_and_a_rerun_succeeds(wan, data
     assert all(rc == 0 for rc, _ in res), res
     done = client.collect(dep.client, sent.job, dep.outputs(sent.job))
     if kind == "predict":
-        assert [done.record["classes"][p.best] for p in done.predictions] == [labels[k] for k in te] * 8
+        assert [done.record["classes"][p.best] for p in done.predictions] == [labels[k] for k in te] * 32
     else:
         assert done.record["run_id"] == sent.job.split("-", 1)[1]
