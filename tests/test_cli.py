@@ -74,6 +74,54 @@ def test_predict_prints_csv_with_names_and_sentinels(workspace, lfw10, lfw_unkno
     assert 0.0 < float(by_path[str(images[0])][2]) <= 1.0
 
 
+def test_serve_answers_predict_and_stops_on_sigterm(workspace, lfw10, lfw_unknown):
+    """Local mode: `invoke serve` runs both servers and the dealer; `invoke predict` with service.hosts
+    set goes through it (and says so) with the one-job mode's answers; SIGTERM stops it all."""
+    import signal
+    import socket
+    import time
+
+    _, _, var, held, _ = workspace
+    with socket.socket() as s:  # a free base port (the service uses base..base+302)
+        s.bind(("127.0.0.1", 0))
+        base = 20000 + s.getsockname()[1] % 20000
+    env = dict(os.environ, INVOKE_PATHS_VAR=str(var), INVOKE_SERVICE_PORT=str(base), TF_CPP_MIN_LOG_LEVEL="3")
+    serve = subprocess.Popen([sys.executable, "-m", "invoke", "serve"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = serve.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("serving model generation"):
+                break
+        assert any(ln.startswith("serving model generation") for ln in lines), "".join(lines)
+        images = [held["Tony_Blair"][0], held["Vladimir_Putin"][0], sorted(lfw_unknown.glob("*.jpg"))[5]]
+        args = ["predict", "--backend", "dlib"] + [a for img in images for a in ("--image", str(img))]
+        one_job = invoke(var, *args)
+        os.environ["INVOKE_SERVICE_HOSTS"] = "local"
+        os.environ["INVOKE_SERVICE_PORT"] = str(base)
+        try:
+            through = invoke(var, *args)
+        finally:
+            del os.environ["INVOKE_SERVICE_HOSTS"], os.environ["INVOKE_SERVICE_PORT"]
+        assert "recognition: through the running service" in through.stderr, through.stderr
+        assert "recognition: one MPC job per batch" in one_job.stderr
+        rows = [r[:2] for r in csv.reader(io.StringIO(through.stdout))]
+        assert rows == [r[:2] for r in csv.reader(io.StringIO(one_job.stdout))]
+        assert [r[1] for r in rows[1:]] == ["Tony_Blair", "Vladimir_Putin", "unknown_person"]
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        out, _ = serve.communicate(timeout=60)
+    assert serve.returncode == 0, "".join(lines) + out
+    assert "stopped (servers exited with 0 and 0)" in out
+    left = subprocess.run(["pgrep", "-f", str(var)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left behind: {left}"
+
+
 def test_predict_dir_and_bad_inputs(workspace, tmp_path):
     _, _, var, held, _ = workspace
     d = tmp_path / "queries"
