@@ -87,6 +87,17 @@ def inspect(pem: Path) -> CertInfo:
     return CertInfo(pem, cn, not_after, hash_line.strip(), fp)
 
 
+def _make_self_signed(key: Path, pem: Path, common_name: str, days: int) -> None:
+    private_dir(key.parent)
+    with tempfile.TemporaryDirectory(dir=key.parent, prefix=".new-") as tmp:  # 0700; openssl runs under umask 077
+        tkey, tpem = Path(tmp) / "key", Path(tmp) / "pem"
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-days", str(days), "-subj", f"/CN={common_name}", "-keyout", str(tkey), "-out", str(tpem))
+        os.chmod(tkey, 0o600)
+        os.replace(tkey, key)
+        os.replace(tpem, pem)
+
+
 @owner_only()
 def make_party_cert(server_dir: Path, party: int, *, days: int = DEFAULT_DAYS, force: bool = False) -> CertInfo:
     """Create server ``party``'s key and self-signed certificate in ``<server_dir>/certs``."""
@@ -95,14 +106,7 @@ def make_party_cert(server_dir: Path, party: int, *, days: int = DEFAULT_DAYS, f
     if (key.exists() or pem.exists()) and not force:
         raise CertError(f"{key if key.exists() else pem} exists; use --force to replace server {party}'s key "
                         "(the other server must then receive the new certificate)")
-    private_dir(d)
-    with tempfile.TemporaryDirectory(dir=d, prefix=".new-") as tmp:  # 0700; openssl runs under umask 077
-        tkey, tpem = Path(tmp) / "key", Path(tmp) / "pem"
-        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                 "-days", str(days), "-subj", f"/CN=P{party}", "-keyout", str(tkey), "-out", str(tpem))
-        os.chmod(tkey, 0o600)
-        os.replace(tkey, key)
-        os.replace(tpem, pem)
+    _make_self_signed(key, pem, f"P{party}", days)
     logger.info("server %d: new key %s and certificate %s", party, key, pem)
     return inspect(pem)
 
@@ -215,17 +219,6 @@ def install_for_run(certs: PartyCerts, player_data: Path) -> None:
 # anew for every connection, so neither takes a restart).
 
 CLIENT_PREFIX = "client-"
-
-
-def _make_self_signed(key: Path, pem: Path, common_name: str, days: int) -> None:
-    private_dir(key.parent)
-    with tempfile.TemporaryDirectory(dir=key.parent, prefix=".new-") as tmp:
-        tkey, tpem = Path(tmp) / "key", Path(tmp) / "pem"
-        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                 "-days", str(days), "-subj", f"/CN={common_name}", "-keyout", str(tkey), "-out", str(tpem))
-        os.chmod(tkey, 0o600)
-        os.replace(tkey, key)
-        os.replace(tpem, pem)
 
 
 def fingerprint(pem: Path | str) -> str:

@@ -57,7 +57,7 @@ from preprocessing.fileio import copy_private, destroy_file, destroy_tree, open_
 
 from . import certs as certs_mod
 from .hosts import Hosts
-from .launcher import _child_setup, bind_shim, party_command
+from .launcher import _child_setup, _kill, bind_shim, party_command
 from .mpspdz import MPSPDZ, MPSPDZError, Protocol, compile_program, programs_dir
 from .server import PREDICT_PROGRAM, ModelError, Server, current_generation, model_generations
 from .service_wire import (WireError, body_shares, int_field, receive, recv_exact, send, shares_body,
@@ -417,16 +417,8 @@ class ServiceServer:
                     self.proc.pid)
 
     def _stop_party(self) -> None:
-        p = self.proc
-        if p is not None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(timeout=3)
-            except (ProcessLookupError, PermissionError):
-                pass
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        if self.proc is not None:
+            _kill(self.proc)  # SIGTERM to its process group, SIGKILL after 3 s
             self.proc = None
             self._log.close()
         destroy_tree(self.rundir)
