@@ -276,16 +276,23 @@ def allow_client(server_dir: Path, pem: Path) -> CertInfo:
     return inspect(dest)
 
 
-def allowed_clients(server_dir: Path) -> dict[str, str]:
-    """{fingerprint: client name} of every client this server accepts now."""
-    out: dict[str, str] = {}
+@dataclass(frozen=True)
+class PinnedClient:
+    name: str
+    pem: str  # the certificate, PEM text
+
+
+def allowed_clients(server_dir: Path) -> dict[str, PinnedClient]:
+    """{fingerprint: client} of every client this server accepts now (each file read once)."""
+    out: dict[str, PinnedClient] = {}
     d = client_dir_of(server_dir)
     if d.is_dir():
-        for pem in sorted(d.glob("*.pem")):
+        for path in sorted(d.glob("*.pem")):
             try:
-                out[fingerprint(pem)] = pem.stem
+                text = path.read_text()
+                out[fingerprint(text)] = PinnedClient(path.stem, text)
             except (OSError, CertError) as exc:
-                logger.warning("%s: ignored (%s)", pem, exc)
+                logger.warning("%s: ignored (%s)", path, exc)
     return out
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from preprocessing.fileio import PRIVATE_UMASK, open_private, owner_only, private_dir
 
@@ -147,6 +147,29 @@ def party_command(mp: MPSPDZ, party: int, program: str, hosts_file: Path, *, enc
     return [*cmd, *(party_args(proto) if extra_args is None else extra_args), program]
 
 
+def party_env(shim: Path | None, spec: PartySpec) -> dict[str, str]:
+    """A party's environment: the bind shim keeps its listeners on its hosts-file address."""
+    env = dict(os.environ)
+    if shim is not None:
+        env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD", "")]))
+        env["FACEREC_BIND_ADDR"] = spec.bind_address
+        env["FACEREC_SELF_PORT"] = str(spec.port)
+    return env
+
+
+def start_party(mp: MPSPDZ, spec: PartySpec, program: str, hosts_file: Path, *, shim: Path,
+                proto: Protocol) -> tuple[subprocess.Popen[bytes], Any]:
+    """A long-lived party (the service's): TLS always, its output into ``spec.log``; stop it with :func:`_kill`.
+
+    Returns the process and its open log file (close it after the process ended)."""
+    cmd = party_command(mp, spec.party, program, hosts_file, encrypted=True, proto=proto)
+    private_dir(Path(spec.log).parent)
+    log = open_private(spec.log, "w")
+    proc = subprocess.Popen(cmd, cwd=spec.workdir, stdout=log, stderr=subprocess.STDOUT, env=party_env(shim, spec),
+                            start_new_session=True, preexec_fn=_child_setup)
+    return proc, log
+
+
 def _parse(line: str, res: PartyResult) -> None:
     if m := _DATA_SENT.match(line):
         res.data_sent_mb, res.rounds = float(m.group(1)), int(m.group(2))
@@ -222,14 +245,9 @@ def run_parties(
     for s in specs:
         private_dir(Path(s.log).parent)
         cmd = party_command(mp, s.party, program, hosts_file, encrypted=encrypted, extra_args=extra_args, proto=proto)
-        env = dict(os.environ)
-        if shim is not None:
-            env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD", "")]))
-            env["FACEREC_BIND_ADDR"] = s.bind_address
-            env["FACEREC_SELF_PORT"] = str(s.port)
         logger.debug("party %d: %s (cwd %s)", s.party, " ".join(cmd), s.workdir)
         procs.append(subprocess.Popen(cmd, cwd=s.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, bufsize=1, start_new_session=True, env=env,
+                                      text=True, bufsize=1, start_new_session=True, env=party_env(shim, s),
                                       preexec_fn=_child_setup))
 
     if on_spawn:  # fault-injection hook for tests

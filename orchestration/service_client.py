@@ -13,13 +13,10 @@ every session the servers start, with the very program they run (it asks server 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import select
-import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -29,17 +26,17 @@ from typing import Any, Sequence
 import numpy as np
 
 from preprocessing import sharing
-from preprocessing.fileio import destroy_tree, open_private, private_dir
+from preprocessing.fileio import destroy_tree
 from preprocessing.sharing import FRAC_BITS
 
 from . import certs as certs_mod
 from . import reference
 from .client import UNKNOWN, ModelError, Prediction, load_model_record
 from .hosts import Hosts
-from .launcher import _child_setup, bind_shim, party_command
-from .mpspdz import MPSPDZ, Protocol, compile_program, programs_dir
+from .launcher import PartySpec, _kill, bind_shim, start_party
+from .mpspdz import MPSPDZ, Protocol, compile_program
 from .server import PREDICT_PROGRAM
-from .service_server import ServicePorts, link_programs, service_program_args
+from .service_server import ServicePorts, prepare_run, service_program_args
 from .service_wire import ServiceError, WireError, body_shares, receive, send, shares_body
 
 logger = logging.getLogger(__name__)
@@ -264,33 +261,19 @@ def run_service_dealer(mp: MPSPDZ, client_dir: Path, build: Path, hosts: Hosts, 
             warned = False
             args = service_program_args(int(st["batch"]), int(st["d1"]), int(st["c"]), int(st["exp_bits"]))
             program = compile_program(mp, PREDICT_PROGRAM, args, build, proto=proto)
-            destroy_tree(run)
-            private_dir(run)
-            (run / "Player-Data").mkdir()
-            (run / "Persistence").mkdir()
-            link_programs(run, programs_dir(Path(build).resolve(), proto), program)
-            certs_mod.install_for_run(party_certs, run / "Player-Data")
-            hosts_file = run / "hosts"
-            hosts_file.write_text("".join(f"{e.address}:{e.port}\n" for e in hosts.parties[:proto.n_parties]))
-            cmd = party_command(mp, proto.dealer, program, hosts_file, encrypted=True, proto=proto)
-            env = dict(os.environ, LD_PRELOAD=str(bind_shim(build)), FACEREC_BIND_ADDR=me.address,
-                       FACEREC_SELF_PORT=str(me.port))
-            private_dir(log_path.parent)
-            with open_private(log_path, "w") as log:
-                proc = subprocess.Popen(cmd, cwd=run, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True, preexec_fn=_child_setup)
+            hosts_file = prepare_run(run, party_certs, build, proto, program, hosts)
+            spec = PartySpec(proto.dealer, run, log_path, me.address, me.port)
+            proc, log = start_party(mp, spec, program, hosts_file, shim=bind_shim(build), proto=proto)
+            try:
                 logger.info("dealer: dealing for generation %s (%s, pid %d)", st["gen"], program, proc.pid)
                 while proc.poll() is None and not stop.wait(0.2):
                     pass
                 if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=3)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait()
+                    _kill(proc)
                 else:
                     logger.info("dealer: the session ended (dealer exit code %s)", proc.returncode)
+            finally:
+                log.close()
             destroy_tree(run)
             stop.wait(0.3)
     finally:

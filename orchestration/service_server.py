@@ -40,7 +40,6 @@ import collections
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -53,15 +52,24 @@ from typing import Any
 
 import numpy as np
 
-from preprocessing.fileio import copy_private, destroy_file, destroy_tree, open_private, owner_only, private_dir
+from preprocessing.fileio import copy_private, destroy_file, destroy_tree, private_dir
+from preprocessing.sharing import SharingError
 
 from . import certs as certs_mod
-from .hosts import Hosts
-from .launcher import _child_setup, _kill, bind_shim, party_command
+from .hosts import Hosts, write_hosts
+from .launcher import PartySpec, _kill, _tail, bind_shim, start_party
 from .mpspdz import MPSPDZ, MPSPDZError, Protocol, compile_program, programs_dir
-from .server import PREDICT_PROGRAM, ModelError, Server, current_generation, model_generations
-from .service_wire import (WireError, body_shares, int_field, receive, recv_exact, send, shares_body,
-                           str_field)
+from .server import PREDICT_PROGRAM, ModelError, Server, current_generation, plain_id
+from .service_wire import (
+    WireError,
+    body_shares,
+    int_field,
+    receive,
+    recv_exact,
+    send,
+    shares_body,
+    str_field,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +105,23 @@ def service_program_args(batch: int, d1: int, c: int, exp_bits: int) -> list[str
     return [str(batch), str(d1), str(c), str(exp_bits), "serve"]
 
 
-def link_programs(run: Path, build_programs: Path, program: str, listen_base: int | None = None) -> None:
-    """``run/Programs``: the compiled bytecode (linked) and, for a server, its own public input (the port)."""
+def prepare_run(run: Path, party_certs: certs_mod.PartyCerts, build: Path, proto: Protocol, program: str,
+                hosts: Hosts, listen_base: int | None = None) -> Path:
+    """A service party's working folder, made afresh (owner-only): its key and the pinned certificates
+    in Player-Data/, an empty Persistence/, the compiled bytecode (linked) and, for a server, its own
+    public input (the port base it listens on for its gateway). Returns the folder's hosts file."""
+    destroy_tree(run)
+    private_dir(run)
+    (run / "Persistence").mkdir()
+    certs_mod.install_for_run(party_certs, run / "Player-Data")
     d = run / "Programs"
     d.mkdir()
     for sub in ("Bytecode", "Schedules"):
-        (d / sub).symlink_to(build_programs / sub)
+        (d / sub).symlink_to(programs_dir(Path(build).resolve(), proto) / sub)
     (d / "Public-Input").mkdir()
     if listen_base is not None:
         (d / "Public-Input" / program).write_text(f"{listen_base}\n")
+    return write_hosts(run / "hosts", [(e.address, e.port) for e in hosts.parties[:proto.n_parties]]).path
 
 
 # ---- clients ------------------------------------------------------------------------------------
@@ -188,36 +204,32 @@ class ServiceServer:
         self.stop = threading.Event()
         self.session_broken = threading.Event()
         self.link: ssl.SSLSocket | None = None
-        self.link_lock = threading.Lock()
-        self.proc: subprocess.Popen[str] | None = None
+        self.link_lock = threading.Condition()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.certs: certs_mod.PartyCerts  # set by _check_certs before anything listens
         self.rundir = server.root / "service"
         self.served = 0
         self._listeners: list[socket.socket] = []
 
     # -- TLS contexts -------------------------------------------------------------------------------
 
-    def _own_certs(self) -> certs_mod.PartyCerts:
-        return certs_mod.check_party_certs(self.server.root, self.party, self.proto.n_parties)
+    def _check_certs(self) -> None:
+        """This server's key and the pinned certificates, checked (openssl) at start and at every session."""
+        self.certs = certs_mod.check_party_certs(self.server.root, self.party, self.proto.n_parties)
 
-    def _client_context(self) -> ssl.SSLContext:
-        pc = self._own_certs()
+    def _allowed_context(self) -> tuple[ssl.SSLContext, dict[str, certs_mod.PinnedClient]]:
+        """The context for a new client connection, trusting exactly the clients pinned right now."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(pc.own.path, pc.key)
+        ctx.load_cert_chain(self.certs.own.path, self.certs.key)
         ctx.verify_mode = ssl.CERT_REQUIRED
-        return ctx
-
-    def _allowed_context(self) -> tuple[ssl.SSLContext, dict[str, str]]:
-        """The context for a new client connection, trusting exactly the clients pinned right now."""
-        ctx = self._client_context()
         allowed = certs_mod.allowed_clients(self.server.root)
-        pems = "".join(Path(p).read_text() for p in sorted(certs_mod.client_dir_of(self.server.root).glob("*.pem")))
-        if pems:
-            ctx.load_verify_locations(cadata=pems)
+        if allowed:
+            ctx.load_verify_locations(cadata="".join(c.pem for c in allowed.values()))
         return ctx, allowed
 
     def _link_context(self, server_side: bool) -> ssl.SSLContext:
-        pc = self._own_certs()
+        pc = self.certs
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(pc.own.path, pc.key)
@@ -266,7 +278,7 @@ class ServiceServer:
             logger.warning("refused client connection from %s: %s", peer, _one_line(exc))
             raw.close()
             return
-        conn = ClientConn(sock, allowed[fp], peer)
+        conn = ClientConn(sock, allowed[fp].name, peer)
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         logger.info("client %s connected from %s", conn.name, peer)
@@ -360,16 +372,22 @@ class ServiceServer:
     # -- the model ----------------------------------------------------------------------------------
 
     def _generation(self, gen: str) -> dict[str, Any]:
-        meta = model_generations(self.server).get(gen)
-        if meta is None:
-            raise ModelError(f"server {self.party} does not hold model generation {gen}")
+        """Sizes of generation ``gen`` (a name from the ``model`` link or from server 0: checked before use)."""
+        try:
+            meta = json.loads((self.server.models / plain_id(gen, "gen", self.server.models) / "manifest.json")
+                              .read_text())
+        except (OSError, ValueError, SharingError):
+            raise ModelError(f"server {self.party} does not hold model generation {gen}") from None
         return {"gen": gen, "d1": int(meta["d1"]), "c": int(meta["c"]),
                 "exp_bits": int(meta.get("exp_bits", DEFAULT_EXP_BITS))}
 
     def _current(self) -> dict[str, Any] | None:
+        """The generation the ``model`` link points at; only a readlink while it is the one served."""
         gen = current_generation(self.server)
         if gen is None:
             return None
+        if self.serving is not None and gen == self.serving["gen"]:
+            return self.serving
         try:
             return self._generation(gen)
         except (ModelError, KeyError, ValueError):
@@ -390,29 +408,14 @@ class ServiceServer:
     def _start_party(self, model: dict[str, Any]) -> None:
         args = service_program_args(self.batch, model["d1"], model["c"], model["exp_bits"])
         program = compile_program(self.mp, PREDICT_PROGRAM, args, self.build, proto=self.proto)
-        destroy_tree(self.rundir)
-        private_dir(self.rundir)
-        pdata = self.rundir / "Player-Data"
-        pdata.mkdir()
-        (self.rundir / "Persistence").mkdir()
-        link_programs(self.rundir, programs_dir(self.build.resolve(), self.proto), program,
-                      self.ports.spdz(self.party)[1] - self.party)
-        certs_mod.install_for_run(self._own_certs(), pdata)
-        certs_mod.make_gateway_cert(pdata, self.party)
+        hosts_file = prepare_run(self.rundir, self.certs, self.build, self.proto, program, self.ports.hosts,
+                                 self.ports.spdz(self.party)[1] - self.party)
+        certs_mod.make_gateway_cert(self.rundir / "Player-Data", self.party)
         self._install_model(model["gen"])
-        hosts_path = self.rundir / "hosts"
-        hosts_path.write_text("".join(f"{e.address}:{e.port}\n" for e in self.ports.hosts.parties[:self.proto.n_parties]))
-        cmd = party_command(self.mp, self.party, program, hosts_path, encrypted=True, proto=self.proto)
-        env = dict(os.environ)
-        shim = bind_shim(self.build)
-        env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD", "")]))
-        env["FACEREC_BIND_ADDR"] = self.ports.hosts[self.party].address
-        env["FACEREC_SELF_PORT"] = str(self.ports.hosts[self.party].port)
-        log = self.server.logs / "service-party.log"
-        private_dir(log.parent)
-        self._log = open_private(log, "w")
-        self.proc = subprocess.Popen(cmd, cwd=self.rundir, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, preexec_fn=_child_setup)
+        me = self.ports.hosts[self.party]
+        spec = PartySpec(self.party, self.rundir, self.server.logs / "service-party.log", me.address, me.port)
+        self.proc, self._log = start_party(self.mp, spec, program, hosts_file, shim=bind_shim(self.build),
+                                           proto=self.proto)
         logger.info("server %d: party started (%s, program %s, pid %d)", self.party, self.proto.name, program,
                     self.proc.pid)
 
@@ -455,7 +458,7 @@ class ServiceServer:
 
     def _check_party_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
-            tail = _tail(self.server.logs / "service-party.log")
+            tail = " | ".join(_tail(self.server.logs / "service-party.log", 3).splitlines())
             raise SessionEnded(f"party {self.party} exited with code {self.proc.returncode}: {tail}")
 
     def _open_link(self) -> ssl.SSLSocket:
@@ -478,9 +481,7 @@ class ServiceServer:
             raise SessionEnded("stopping")
         with self.link_lock:
             while self.link is None and not self.stop.is_set():
-                self.link_lock.release()
-                time.sleep(0.05)
-                self.link_lock.acquire()
+                self.link_lock.wait(0.5)
             if self.link is None:
                 raise SessionEnded("stopping")
             sock, self.link = self.link, None
@@ -502,12 +503,13 @@ class ServiceServer:
             if self.link is not None:
                 self.link.close()
             self.link = sock
+            self.link_lock.notify_all()
         self.session_broken.set()  # a new link from server 0 means it started a new session
 
     def serve(self) -> None:
         """Run until :attr:`stop` is set (SIGTERM / SIGINT in ``invoke serve``)."""
         private_dir(self.server.root)
-        self._own_certs()  # fail now when a certificate is missing
+        self._check_certs()  # fail now when a certificate is missing
         if not certs_mod.allowed_clients(self.server.root):
             logger.warning("server %d: no client is allowed yet (%s is empty): every connection will be refused",
                            self.party, certs_mod.client_dir_of(self.server.root))
@@ -549,6 +551,7 @@ class ServiceServer:
 
     def _session(self) -> None:
         self.session_broken.clear()
+        self._check_certs()
         model = self._current()
         while model is None:
             logger.info("server %d: no model yet; waiting for `invoke train`", self.party)
@@ -791,15 +794,7 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if len(text.splitlines()) == 1 else " ".join(text.split())[:300]
 
 
-def _tail(path: Path, n: int = 3) -> str:
-    try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return " | ".join(lines[-n:])
-
-
-__all__ = ["CLIENT_OFFSET", "LINK_OFFSET", "SPDZ_OFFSET", "ServicePorts", "ServiceServer", "link_programs",
+__all__ = ["CLIENT_OFFSET", "LINK_OFFSET", "SPDZ_OFFSET", "ServicePorts", "ServiceServer", "prepare_run",
            "service_program_args"]
 
 
