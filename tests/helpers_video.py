@@ -50,3 +50,17 @@ def write_video(path: Path, frames: Sequence[np.ndarray], repeat: int = 1, fps: 
     finally:
         writer.release()
     return path
+
+
+def read_video(path: Path) -> list[np.ndarray]:
+    """Every frame of a video file (BGR), as OpenCV decodes it."""
+    cap = cv2.VideoCapture(str(path))
+    assert cap.isOpened(), f"cv2 cannot open {path}"
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    cap.release()
+    return frames

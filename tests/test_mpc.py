@@ -109,6 +109,16 @@ def _fixed_point_needles(values: np.ndarray) -> set[bytes]:
     return out
 
 
+def assert_no_plaintext(files: list[Path], names: list[bytes], needles: set[bytes]) -> None:
+    """No file holds a name or any of the byte patterns of plaintext values (:func:`_fixed_point_needles`)."""
+    for path in files:
+        data = path.read_bytes()
+        for name in names:
+            assert name not in data, f"{path} contains the name {name!r}"
+        for needle in needles:
+            assert needle not in data, f"{path} contains a plaintext value"
+
+
 SERVER_JSON_KEYS = {"c", "created", "d1", "frac_bits", "n", "program", "program_version", "run_id", "job", "q",
                     "values", "d", "extra", "file", "kind", "n_classes", "n_values", "party", "ring_bits", "sha256",
                     "gen", "model_gen", "program_args", "status", "finished", "seconds", "data_sent_mb",
@@ -140,16 +150,12 @@ def test_server_folders_hold_no_plaintext(mp, trained, lfw10_split):
     needles |= _fixed_point_needles(w[:20])
     needles |= _fixed_point_needles([p.confidence for p in rep.predictions])
     names = [n.encode() for n in report.classes] + [n.replace("_", " ").encode() for n in report.classes]
+    assert_no_plaintext(files, names, needles)
     for path in files:
-        data = path.read_bytes()
-        for name in names:
-            assert name not in data, f"{path} contains the name {name!r}"
-        for needle in needles:
-            assert needle not in data, f"{path} contains a plaintext value"
         if path.suffix == ".json":  # manifests: sizes and ids only
             import json
 
-            assert set(json.loads(data)) <= SERVER_JSON_KEYS, f"{path}: unexpected fields"
+            assert set(json.loads(path.read_bytes())) <= SERVER_JSON_KEYS, f"{path}: unexpected fields"
     # the labels: the share files' class outputs are no small integers
     outs = [p for p in files if p.suffix == ".bin"]
     for p in outs:

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from helpers_video import FRAME_SIZE, blank_frame, pair_frame, read_rgb, single_frame, write_video
+from helpers_video import FRAME_SIZE, blank_frame, pair_frame, read_rgb, read_video, single_frame, write_video
 from orchestration import reference
 from orchestration.app import UNKNOWN_PERSON, FaceSettings
 from orchestration.private import Layout, ModelError, train_private
@@ -86,19 +86,6 @@ def every1(recognizer: FaceRecognizer, video: Path, tmp_path_factory: pytest.Tem
     return report, out
 
 
-def _read_video(path: Path) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(path))
-    assert cap.isOpened(), f"cv2 cannot open {path}"
-    frames = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
-    cap.release()
-    return frames
-
-
 def _names_left_to_right(faces: list[FaceResult]) -> list[str]:
     return [f.name for f in sorted(faces, key=lambda f: f.location[3])]
 
@@ -142,7 +129,7 @@ def test_output_video(every1, video: Path) -> None:
     assert report.output == out / "annotated.mp4" and report.codec == "mp4v"
     assert report.size == FRAME_SIZE
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file left
-    annotated, source = _read_video(report.output), _read_video(video)
+    annotated, source = read_video(report.output), read_video(video)
     assert len(annotated) == len(source) == N_FRAMES
     assert all(f.shape == (FRAME_SIZE[1], FRAME_SIZE[0], 3) for f in annotated)
     for r in report.frames:
@@ -158,7 +145,7 @@ def test_stills(every1, video: Path) -> None:
     report, out = every1
     stills = sorted((out / "stills").iterdir())
     assert stills == report.stills == [out / "stills" / f"frame_{i:06d}.png" for i in range(N_FRAMES)]
-    source = _read_video(video)
+    source = read_video(video)
     for r in report.frames:
         path = out / "stills" / f"frame_{r.index:06d}.png"
         assert path.stat().st_size > 0 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -183,7 +170,7 @@ def test_every_2_processes_half_the_frames(recognizer: FaceRecognizer, video: Pa
     assert [r.index for r in report.frames] == [0, 2, 4, 6, 8]
     assert {r.index: _names_left_to_right(r.faces) for r in report.frames} == {i: EXPECTED[i] for i in (0, 2, 4, 6, 8)}
     assert report.mpc_runs == 4 and report.codec == "MJPG"
-    frames, source = _read_video(tmp_path / "every2.avi"), _read_video(video)
+    frames, source = read_video(tmp_path / "every2.avi"), read_video(video)
     assert len(frames) == N_FRAMES
     # an unprocessed frame carries the boxes of the last processed one
     for f in report.frames[0].faces:
@@ -270,7 +257,7 @@ def test_through_the_service_every_frame(mp, trained: Layout, video: Path, every
         assert np.allclose(sorted(f.confidence for f in r.faces), before[r.index], atol=0.02)
     stages = report.stage_ms()
     assert stages["recognise"] > 0 and stages["detect"] > 0 and stages["embed"] > 0
-    assert len(_read_video(tmp_path / "s.mp4")) == N_FRAMES
+    assert len(read_video(tmp_path / "s.mp4")) == N_FRAMES
 
 
 def test_task_reports_a_missing_video(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from orchestration.service_client import ServiceClient
 from orchestration.service_wire import ServiceError, encode
 from service_lab import NsClients, ServiceLab
 from synthetic import split
-from test_mpc import _fixed_point_needles
+from test_mpc import _fixed_point_needles, assert_no_plaintext
 from test_two_hosts import Deployment, invoke, net_ok  # noqa: F401 - net_ok is a fixture
 
 import netlab
@@ -295,12 +295,7 @@ def test_nothing_a_server_stores_or_logs_holds_a_plaintext_value(svc, data):
     needles |= _fixed_point_needles([p.confidence for p in ans.predictions])
     needles |= _fixed_point_needles([1.0 / p.confidence for p in ans.predictions])
     names = [n.encode() for n in record["classes"]]
-    for path in files:
-        blob = path.read_bytes()
-        for name in names:
-            assert name not in blob, f"{path} contains the name {name!r}"
-        for needle in needles:
-            assert needle not in blob, f"{path} contains a plaintext value"
+    assert_no_plaintext(files, names, needles)
     for log in lab.logs[:2]:
         for line in log.read_text().splitlines():
             if "request " in line and " queries" in line:

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from helpers_video import FRAME_SIZE, blank_frame, read_rgb, single_frame, write_video
+from helpers_video import FRAME_SIZE, blank_frame, read_rgb, read_video, single_frame, write_video
 from orchestration import recognizer as recognizer_mod
 from orchestration.app import FaceSettings
 from orchestration.client import Prediction
@@ -108,19 +108,6 @@ def video(frames_bgr: list[np.ndarray], tmp_path_factory: pytest.TempPathFactory
     return write_video(tmp_path_factory.mktemp("video") / "faces.avi", rgb, fps=FPS)
 
 
-def _count_frames(path: Path) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(path))
-    assert cap.isOpened(), f"cv2 cannot open {path}"
-    out = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        out.append(frame)
-    cap.release()
-    return out
-
-
 def _boxed(frame: np.ndarray, source: np.ndarray, location) -> bool:
     """Is the box of ``location`` drawn on ``frame`` (its border differs from the source)?"""
     top, right, bottom, left = location
@@ -197,7 +184,7 @@ def test_a_file_is_processed_frame_by_frame_by_default(layout: Layout, video: Pa
     assert report.max_waiting == 1
     stages = report.stage_ms()
     assert stages["detect"] > 0 and stages["embed"] > 0 and stages["recognise"] >= 20
-    assert len(_count_frames(tmp_path / "out.avi")) == N_FRAMES
+    assert len(read_video(tmp_path / "out.avi")) == N_FRAMES
     assert _no_pipeline_threads_left()
 
 
@@ -219,7 +206,7 @@ def test_realtime_drops_frames_when_recognition_is_slow(layout: Layout, video: P
     assert indices == sorted(set(indices))
     # the output keeps every frame; from the first processed one on, each carries the boxes of the last
     # processed frame before it (its own when it was processed)
-    out = _count_frames(tmp_path / "out.mp4")
+    out = read_video(tmp_path / "out.mp4")
     assert len(out) == N_FRAMES
     for k in range(indices[0], N_FRAMES):
         last = max((r for r in report.frames if r.index <= k), key=lambda r: r.index)
@@ -234,7 +221,7 @@ def test_a_camera_always_drops(layout: Layout, frames_bgr: list[np.ndarray], tmp
     report = FaceRecognizer(None, layout, FACE, service=SlowService(0.2)).run(0, tmp_path / "cam.avi", max_frames=30)
     assert report.frames_read == 30 and report.frames_dropped > 0
     assert report.frames_processed + report.frames_dropped == 30
-    assert report.max_waiting == 1 and len(_count_frames(tmp_path / "cam.avi")) == 30
+    assert report.max_waiting == 1 and len(read_video(tmp_path / "cam.avi")) == 30
     with pytest.raises(ValueError, match="camera 0: a camera is always read pipelined"):
         FaceRecognizer(None, layout, FACE, service=SlowService(0.0)).run(0, pipeline=False)
 
@@ -255,7 +242,7 @@ def test_ctrl_c_on_a_camera_keeps_what_was_read(layout: Layout, frames_bgr: list
     assert report.frames_read < 5 * N_FRAMES  # stopped early
     assert report.frames_processed >= 2 and report.frames_processed + report.frames_dropped == report.frames_read
     assert report.output == tmp_path / "cam.mp4"
-    assert len(_count_frames(report.output)) == report.frames_read
+    assert len(read_video(report.output)) == report.frames_read
     assert _no_pipeline_threads_left()
 
 
@@ -263,7 +250,7 @@ def test_every_k_with_the_pipeline(layout: Layout, video: Path, tmp_path: Path) 
     report = FaceRecognizer(None, layout, FACE, service=SlowService(0.0)).run(video, tmp_path / "e.avi", every=3)
     assert [r.index for r in report.frames] == list(range(0, N_FRAMES, 3))
     assert report.frames_dropped == 0 and report.frames_read == N_FRAMES
-    assert len(_count_frames(tmp_path / "e.avi")) == N_FRAMES
+    assert len(read_video(tmp_path / "e.avi")) == N_FRAMES
 
 
 def test_frames_without_faces_need_no_recognition(layout: Layout, tmp_path: Path) -> None:
