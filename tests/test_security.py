@@ -25,7 +25,7 @@ from synthetic import split
 from orchestration import certs, client, reference
 from orchestration.launcher import PartyFailed, PartySpec, _blame
 from orchestration.private import Layout, predict_private, refresh_private, run_local, train_private
-from orchestration.server import Server, check_bundle, model_generations, prepare_job, read_shares
+from orchestration.server import ModelError, Server, check_bundle, model_generations, prepare_job, read_shares
 from preprocessing import sharing
 from preprocessing.sharing import FRAC_BITS, SharingError
 
@@ -444,3 +444,23 @@ def test_killed_server_is_named_even_when_the_survivors_output_lags(mp, trained,
         seen.append((delay, err.value.party, first))
     wrong = [s for s in seen if s[1] != 1 or "server 1 was killed (signal 9)" not in s[2]]
     assert not wrong, wrong
+
+
+def test_a_wrapped_share_in_a_recognition_answer_is_an_error_never_a_name(mp, trained, data, tmp_path):
+    """README, *Local truncation in recognition*: a wrap puts one server's share of the softmax
+    denominator off by 2^(64-16); the client's range check refuses the answer instead of naming anyone."""
+    x, _, _, te = data
+    layout = _copy(trained, tmp_path / "var")
+    sent = client.share_predict(layout.client, x[te[:2]], 0.0,
+                                [layout.server(i) / "inputs" / "{job}" for i in range(2)])
+    _, outs = run_local(mp, layout, sent)
+    blob = (outs[0] / "shares.bin").read_bytes()
+    shares = np.frombuffer(blob, "<u8").copy()
+    shares[len(shares) // 2] += np.uint64(1 << 48)  # the first query's denominator
+    wrapped = shares.tobytes()
+    (outs[0] / "shares.bin").write_bytes(wrapped)
+    receipt = json.loads((outs[0] / "receipt.json").read_text())
+    receipt["sha256"] = sharing.sha256_bytes(wrapped)
+    (outs[0] / "receipt.json").write_text(json.dumps(receipt))
+    with pytest.raises(ModelError, match="out of range"):
+        client.collect(layout.client, sent.job, outs)
