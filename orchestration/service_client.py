@@ -123,6 +123,8 @@ class ServiceClient:
 
     def _exchange_once(self, messages: Sequence[tuple[dict[str, Any], bytes]]) -> list[tuple[dict[str, Any], bytes]]:
         try:
+            for i in range(2):  # both connections before anything is sent: a server that cannot be
+                self._sock(i)   # reached must not leave the other holding half a request
             for i, (head, body) in enumerate(messages):
                 try:
                     send(self._sock(i), head, body)

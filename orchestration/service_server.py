@@ -14,8 +14,11 @@ server's shares of its answers. Everything a gateway handles is a share, a size 
 Both parties must compute on the same queries in the same order, so the two gateways talk over a
 link of their own (TLS, the servers' certificates pinned): server 0 *leads*. It forms each batch
 from the requests it has received, sends the batch's plan (request ids and positions, model
-generation) to server 1, and both feed their party. Server 1 waits for every request of the plan to
-have reached it too. A request is answered by both servers or reported failed by at least one;
+generation) to server 1, and both feed their party. Server 1 tells server 0 over the link which
+requests have reached it, and server 0 plans only requests both servers hold: a request that
+reached one server only (a client that died between its two sends, a network cut) delays no other
+request and is answered as failed after twice ``follower_wait``. A request is answered by both servers
+or reported failed by at least one;
 the client (orchestration.service_client) adds two shares only when both answered the same
 request id for the same generation.
 
@@ -40,6 +43,7 @@ import collections
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import ssl
@@ -63,6 +67,7 @@ from .server import PREDICT_PROGRAM, ModelError, Server, current_generation, pla
 from .service_wire import (
     WireError,
     body_shares,
+    encode,
     int_field,
     receive,
     recv_exact,
@@ -124,32 +129,79 @@ def prepare_run(run: Path, party_certs: certs_mod.PartyCerts, build: Path, proto
     return write_hosts(run / "hosts", [(e.address, e.port) for e in hosts.parties[:proto.n_parties]]).path
 
 
-# ---- clients ------------------------------------------------------------------------------------
+# ---- connections ----------------------------------------------------------------------------------
+
+class Outbox:
+    """Frames other threads want written on a TLS connection that one thread owns.
+
+    OpenSSL forbids reading and writing one connection from two threads at once, so every TLS
+    connection of the gateway has an owner that alone reads and writes it: other threads
+    :meth:`put` frames here (never blocking on the network, so a client that stops reading delays
+    nobody but itself) and the owner, woken through a socket pair, writes them with :meth:`flush`."""
+
+    def __init__(self) -> None:
+        self._frames: collections.deque[bytes] = collections.deque()
+        self._lock = threading.Lock()
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+
+    def put(self, frame: bytes | None = None) -> None:
+        """Queue ``frame`` (None: only wake the owner)."""
+        with self._lock:
+            if frame is not None:
+                self._frames.append(frame)
+        try:
+            self._w.send(b"\0")
+        except (BlockingIOError, OSError):  # already woken, or closed with its connection
+            pass
+
+    def wait(self, sock: ssl.SSLSocket, timeout: float) -> bool:
+        """Wait until ``sock`` has data or a frame (or wake-up) is queued; True when ``sock`` has data."""
+        if sock.pending():
+            return True
+        ready = select.select([sock, self._r], [], [], timeout)[0]
+        if self._r in ready:
+            try:
+                while self._r.recv(4096):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+        return sock in ready
+
+    def flush(self, sock: ssl.SSLSocket) -> None:
+        """Owner only: write every queued frame."""
+        while True:
+            with self._lock:
+                if not self._frames:
+                    return
+                frame = self._frames.popleft()
+            sock.sendall(frame)
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
+
 
 class ClientConn:
-    """One authenticated client connection; replies may come from the batch thread."""
+    """One authenticated client connection, owned by its thread; replies from the batch thread are queued."""
 
     def __init__(self, sock: ssl.SSLSocket, name: str, peer: str):
         self.sock, self.name, self.peer = sock, name, peer
-        self.lock = threading.Lock()
+        self.outbox = Outbox()
         self.open = True
 
     def reply(self, header: dict[str, Any], body: bytes = b"") -> None:
-        with self.lock:
-            if not self.open:
-                return
-            try:
-                send(self.sock, header, body)
-            except OSError:
-                self.open = False
+        if self.open:
+            self.outbox.put(encode(header, body))
 
     def close(self) -> None:
-        with self.lock:
-            self.open = False
+        self.open = False
         try:
             self.sock.close()
         except OSError:
             pass
+        self.outbox.close()
 
 
 @dataclass
@@ -164,6 +216,7 @@ class Request:
     denom: np.ndarray | None = None
     filled: int = 0
     scheduled: int = 0  # leader: queries already put into a plan
+    both: bool = False  # leader: server 1 said it holds this request too
     finished: bool = False
 
 
@@ -205,6 +258,9 @@ class ServiceServer:
         self.session_broken = threading.Event()
         self.link: ssl.SSLSocket | None = None
         self.link_lock = threading.Condition()
+        self.partner_has: dict[str, float] = {}  # leader: ids server 1 announced before they reached us
+        self.link_box: Outbox | None = None  # the session's link: announcements (server 1), wake-ups (server 0)
+        self._acked: str | None = None  # leader: the generation server 1 reported in its last answer
         self.proc: subprocess.Popen[bytes] | None = None
         self.certs: certs_mod.PartyCerts  # set by _check_certs before anything listens
         self.rundir = server.root / "service"
@@ -279,15 +335,19 @@ class ServiceServer:
             raw.close()
             return
         conn = ClientConn(sock, allowed[fp].name, peer)
-        sock.settimeout(None)
+        sock.settimeout(self.party_timeout)  # within a frame; between frames the client may idle
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         logger.info("client %s connected from %s", conn.name, peer)
         try:
             while not self.stop.is_set():
+                readable = conn.outbox.wait(sock, 0.5)
+                conn.outbox.flush(sock)
+                if not readable:
+                    continue
                 header, body = receive(sock)
                 kind = header["type"]
                 if kind == "status":
-                    conn.reply(self._status())
+                    send(sock, self._status())
                 elif kind == "recognize":
                     self._take_request(conn, header, body)
                 else:
@@ -295,7 +355,10 @@ class ServiceServer:
         except WireError as exc:
             if str(exc) != "connection closed":
                 logger.warning("client %s (%s): %s; connection dropped", conn.name, peer, exc)
-                conn.reply({"type": "error", "id": None, "code": "bad-request", "message": str(exc)})
+                try:
+                    send(sock, {"type": "error", "id": None, "code": "bad-request", "message": str(exc)})
+                except OSError:
+                    pass
         except (OSError, ssl.SSLError) as exc:
             logger.info("client %s (%s): connection lost (%s)", conn.name, peer, _one_line(exc))
         finally:
@@ -329,22 +392,33 @@ class ServiceServer:
                 return
             self.requests[rid] = req
             if self.party == 0:
+                req.both = self.partner_has.pop(rid, None) is not None
                 self.queue.append(rid)
             self.lock.notify_all()
+            box = self.link_box
+        if box is not None:  # server 0: wake the leader; server 1: tell server 0 this request is here
+            box.put(None if self.party == 0 else encode({"type": "have", "ids": [rid]}))
 
     def _janitor(self) -> None:
-        """Server 1: a request no plan of server 0 has named for a while (server 0 refused or lost it) is
-        answered as failed, so no client waits for it and no share stays in memory."""
+        """A request that reached this server only is answered as failed after a while, so no client
+        waits for it and no share stays in memory: on server 1 one that no plan of server 0 has named
+        (server 0 refused or lost it), on server 0 one that server 1 never announced."""
         limit = 2 * self.follower_wait
         while not self.stop.wait(1.0):
-            if self.party != 1:
-                continue
             now = time.monotonic()
             with self.lock:
                 for req in list(self.requests.values()):
-                    if req.scheduled == 0 and now - req.t0 > limit:
+                    if now - req.t0 <= limit:
+                        continue
+                    if self.party == 1 and req.scheduled == 0:
                         self._answer_error(req, "unavailable", f"server 0 did not schedule request {req.id} within "
                                                                f"{limit:.0f} s (it refused or lost it); retry")
+                    elif self.party == 0 and not req.both:
+                        self._answer_error(req, "unavailable", f"request {req.id} did not reach server 1 within "
+                                                               f"{limit:.0f} s; retry")
+                for rid, t in list(self.partner_has.items()):
+                    if now - t > limit:
+                        del self.partner_has[rid]
 
     def _answer_error(self, req: Request, code: str, message: str) -> None:
         req.finished = True
@@ -559,6 +633,7 @@ class ServiceServer:
                 return
             model = self._current()
         link = self._open_link()
+        box = Outbox()
         try:
             link.settimeout(self.party_timeout + self.follower_wait)
             if self.party == 0:
@@ -566,6 +641,11 @@ class ServiceServer:
                 answer, _ = receive(link)
                 if answer.get("type") != "hello" or not answer.get("ok"):
                     raise SessionEnded(f"server 1 cannot serve generation {model['gen']}: {answer.get('message')}")
+                with self.lock:  # server 1 announces, on this link, every request it holds
+                    self.partner_has.clear()
+                    for req in self.requests.values():
+                        req.both = False
+                    self.link_box = box
             else:
                 hello, _ = receive(link)
                 gen = hello.get("gen")
@@ -575,6 +655,11 @@ class ServiceServer:
                     send(link, {"type": "hello", "ok": False, "message": str(exc)})
                     raise SessionEnded(str(exc)) from None
                 send(link, {"type": "hello", "ok": True})
+                with self.lock:  # from now on each request is announced as it comes; these came before
+                    self.link_box = box
+                    held = list(self.requests)
+                if held:
+                    send(link, {"type": "have", "ids": held})
             self.starting = model
             self._start_party(model)
             party = self._connect_party()
@@ -582,15 +667,18 @@ class ServiceServer:
             logger.info("server %d: serving model generation %s (%d classes)", self.party, model["gen"], model["c"])
             try:
                 if self.party == 0:
-                    self._lead(link, party)
+                    self._lead(link, box, party)
                 else:
-                    self._follow(link, party)
+                    self._follow(link, box, party)
             finally:
                 party.close()
         except (WireError, OSError, ssl.SSLError) as exc:
             raise SessionEnded(_one_line(exc)) from None
         finally:
+            with self.lock:
+                self.link_box = None
             link.close()
+            box.close()
 
     # -- batches --------------------------------------------------------------------------------------
 
@@ -630,15 +718,17 @@ class ServiceServer:
                         self._answer(req, gen)
                 pos += count
 
-    def _lead(self, link: ssl.SSLSocket, party: ssl.SSLSocket) -> None:
+    def _lead(self, link: ssl.SSLSocket, box: Outbox, party: ssl.SSLSocket) -> None:
+        """Server 0, the link's one reader and writer: plans batches of requests both servers hold."""
         seq = 0
         follower_gen: str | None = None
         last_contact = time.monotonic()
         while not self.stop.is_set():
             self._check_party_alive()
             with self.lock:
-                if not self.queue:
-                    self.lock.wait(0.5)
+                ready = any(self.requests[rid].both for rid in self.queue if rid in self.requests)
+            if not ready and box.wait(link, 0.5):  # woken by a new request, or server 1 announced some
+                self._leader_read(link)
             assert self.serving is not None
             command, gen = CMD_SERVE, self.serving["gen"]
             mine = self._current()
@@ -655,13 +745,13 @@ class ServiceServer:
                         send(link, {"type": "plan", "seq": seq, "restart": mine["gen"]})
                         raise Switching(f"switching to generation {mine['gen']}, of other sizes: restarting")
                     command, gen = CMD_RELOAD, mine["gen"]
-            slots, rejects = self._plan(gen, pending=mine["gen"] if mine is not None else None)
+            slots, rejects, held = self._plan(gen, pending=mine["gen"] if mine is not None else None)
             if not slots and command == CMD_SERVE:
                 if rejects:
                     send(link, {"type": "plan", "seq": seq, "gen": gen, "slots": [], "reject": rejects})
                     follower_gen = self._ack(link, seq)
                     seq += 1
-                elif self.queue:  # requests wait for a switch server 1 is not ready for yet
+                elif held:  # requests wait for a switch server 1 is not ready for yet
                     self.stop.wait(0.05)
                 continue
             send(link, {"type": "plan", "seq": seq, "gen": gen, "reload": command == CMD_RELOAD,
@@ -677,20 +767,48 @@ class ServiceServer:
             seq += 1
 
     def _ack(self, link: ssl.SSLSocket, seq: int) -> str | None:
-        ack, _ = receive(link)
-        if ack.get("type") != "done" or ack.get("seq") != seq:
-            raise SessionEnded(f"server 1 answered {ack.get('type')} {ack.get('seq')} to plan {seq}")
-        return ack.get("current")
+        """Server 1's answer to plan ``seq`` (announcements that come first are taken on the way)."""
+        while True:
+            if self._leader_read(link, seq) == "done":
+                return self._acked
 
-    def _plan(self, gen: str, pending: str | None) -> tuple[list[tuple[Request, int, int]], list[list[str]]]:
-        """Up to ``batch`` queries from the oldest requests for ``gen``.
+    def _leader_read(self, link: ssl.SSLSocket, seq: int | None = None) -> str:
+        """One message from server 1: an announcement of requests it holds, or (only while plan
+        ``seq`` is out) the answer to that plan, whose ``current`` is kept in :attr:`_acked`."""
+        msg, _ = receive(link)
+        kind = msg.get("type")
+        if kind == "have":
+            ids = msg.get("ids")
+            if not isinstance(ids, list):
+                raise SessionEnded("server 1 announced requests without a list of ids")
+            now = time.monotonic()
+            with self.lock:
+                for rid in ids:
+                    req = self.requests.get(str(rid))
+                    if req is not None:
+                        req.both = True
+                    elif len(self.partner_has) < 100_000:  # it may reach this server a moment later
+                        self.partner_has[str(rid)] = now
+            return kind
+        if kind != "done" or seq is None or msg.get("seq") != seq:
+            raise SessionEnded(f"server 1 sent {kind} {msg.get('seq')} " +
+                               (f"in answer to plan {seq}" if seq is not None else "with no plan out"))
+        self._acked = msg.get("current")
+        return kind
+
+    def _plan(self, gen: str, pending: str | None
+              ) -> tuple[list[tuple[Request, int, int]], list[list[str]], int]:
+        """Up to ``batch`` queries from the oldest requests for ``gen`` that server 1 holds too;
+        also the requests refused, and how many wait for a switch.
 
         A request for ``pending`` (the generation this server installed, not yet served because
         server 1 does not hold it yet) waits up to :attr:`follower_wait`; a request for any other
-        generation is refused."""
+        generation is refused. A request server 1 has not announced stays queued (the janitor fails
+        it if server 1 never does)."""
         slots: list[tuple[Request, int, int]] = []
         rejects: list[list[str]] = []
         room = self.batch
+        held = 0
         with self.lock:
             waiting: list[str] = []
             while self.queue and room > 0:
@@ -698,9 +816,13 @@ class ServiceServer:
                 req = self.requests.get(rid)
                 if req is None or req.finished:
                     continue
+                if not req.both:
+                    waiting.append(rid)
+                    continue
                 if req.gen != gen:
                     if req.gen == pending and time.monotonic() - req.t0 < self.follower_wait:
                         waiting.append(rid)
+                        held += 1
                         continue
                     msg = f"the service serves model generation {gen}, the request expects {req.gen}"
                     rejects.append([req.id, "generation", msg])
@@ -713,13 +835,25 @@ class ServiceServer:
                 if req.scheduled < req.n:
                     self.queue.appendleft(rid)
             self.queue.extendleft(reversed(waiting))
-        return slots, rejects
+        return slots, rejects, held
 
-    def _follow(self, link: ssl.SSLSocket, party: ssl.SSLSocket) -> None:
-        link.settimeout(3 * HEARTBEAT + self.party_timeout)  # server 0 writes at least every HEARTBEAT seconds
+    def _follow(self, link: ssl.SSLSocket, box: Outbox, party: ssl.SSLSocket) -> None:
+        """Server 1, the link's one reader and writer: runs server 0's plans, announces requests."""
+        silence = 3 * HEARTBEAT + self.party_timeout  # server 0 writes at least every HEARTBEAT seconds
+        link.settimeout(self.party_timeout)  # within a message
+        heard = time.monotonic()
         while not self.stop.is_set():
             self._check_party_alive()
+            if self.session_broken.is_set():
+                raise SessionEnded("server 0 opened a new link")
+            readable = box.wait(link, 0.5)
+            box.flush(link)  # announcements go out before anything else this server sends
+            if not readable:
+                if time.monotonic() - heard > silence:
+                    raise SessionEnded(f"server 0 sent nothing for {silence:.0f} s")
+                continue
             plan, _ = receive(link)
+            heard = time.monotonic()
             if plan.get("type") != "plan":
                 raise SessionEnded(f"server 0 sent {plan.get('type')!r} instead of a plan")
             if "restart" in plan:
@@ -748,6 +882,7 @@ class ServiceServer:
             slots = self._gather(plan["slots"], gen)
             best, denom = self._run_batch(party, command, slots)
             self._deliver(slots, best, denom, gen)
+            box.flush(link)
             send(link, {"type": "done", "seq": plan["seq"], "current": current_generation(self.server)})
 
     def _gather(self, wanted: list[list[Any]], gen: str) -> list[tuple[Request | None, int, int]]:

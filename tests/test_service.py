@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestration import certs, client
+from orchestration import certs, client, reference
 from orchestration.service_client import ServiceClient
-from orchestration.service_wire import ServiceError, encode
+from orchestration.service_wire import ServiceError, encode, receive, send, shares_body
+from preprocessing import sharing
 from service_lab import NsClients, ServiceLab
 from synthetic import split
 from test_mpc import _fixed_point_needles, assert_no_plaintext
@@ -190,6 +191,42 @@ def test_concurrent_clients_get_their_own_answers(svc, data):
     for f in futures:
         for idx, got in f.result(timeout=300):
             assert got == [expect[k] for k in idx]
+
+
+def test_a_request_that_reaches_one_server_only_delays_nobody(svc, data):
+    """Half a request (a client that died between its two sends, or a network cut) stays on one
+    server: requests both servers hold are served without waiting for it, and the half is answered
+    as failed (``unavailable``), never computed."""
+    lab, clients = svc
+    x, _, _, te = data
+    record = client.load_model_record(lab.dep.client)
+    gen = record.get("gen", record["run_id"])
+    padded = reference.with_bias(np.concatenate([x] * 60))  # 3,600 faces: 225 batches, were it planned
+    follower_wait = 10.0  # ServiceServer's default: how long server 1 waits for a planned request
+
+    for only in (0, 1):
+        rid = f"half-request-at-server-{only}"
+
+        def send_half() -> ServiceClient:
+            cl = lab.new_client(timeout=60)
+            shares = sharing.share(sharing.encode_fixed(padded, sharing.FRAC_BITS))[only]
+            send(cl._sock(only), {"type": "recognize", "id": rid, "gen": gen, "n": len(padded),
+                                  "d1": padded.shape[1]}, shares_body(shares))
+            return cl
+
+        half = clients.call(send_half)
+        try:
+            time.sleep(0.5)  # the half is queued before the whole request comes
+            t0 = time.monotonic()
+            ans = _recognise(lab, clients, x[te[:4]])
+            waited = time.monotonic() - t0
+            assert len(ans.predictions) == 4
+            assert waited < follower_wait / 2, f"a request waited {waited:.1f} s behind half a request at server {only}"
+            # within twice the follower wait (and the janitor's second) the half is answered as failed
+            head, _ = clients.call(lambda: receive(half._sock(only)))
+            assert head["type"] == "error" and head["id"] == rid and head["code"] == "unavailable", head
+        finally:
+            clients.call(half.close)
 
 
 def test_model_switches_between_requests_and_never_mixes_generations(svc, data):
