@@ -216,7 +216,7 @@ class Request:
     denom: np.ndarray | None = None
     filled: int = 0
     scheduled: int = 0  # leader: queries already put into a plan
-    both: bool = False  # leader: server 1 said it holds this request too
+    both: bool = False  # the other server announced that it holds this request too
     finished: bool = False
 
 
@@ -258,7 +258,8 @@ class ServiceServer:
         self.session_broken = threading.Event()
         self.link: ssl.SSLSocket | None = None
         self.link_lock = threading.Condition()
-        self.partner_has: dict[str, float] = {}  # leader: ids server 1 announced before they reached us
+        self.partner_has: dict[str, float] = {}  # ids the other server announced before they reached us
+        self.to_announce: list[str] = []  # leader: ids that reached us since our last message to server 1
         self.link_box: Outbox | None = None  # the session's link: announcements (server 1), wake-ups (server 0)
         self._acked: str | None = None  # leader: the generation server 1 reported in its last answer
         self.proc: subprocess.Popen[bytes] | None = None
@@ -391,31 +392,28 @@ class ServiceServer:
                 self._answer_error(req, code, msg)
                 return
             self.requests[rid] = req
+            req.both = self.partner_has.pop(rid, None) is not None
             if self.party == 0:
-                req.both = self.partner_has.pop(rid, None) is not None
                 self.queue.append(rid)
+                self.to_announce.append(rid)
             self.lock.notify_all()
             box = self.link_box
         if box is not None:  # server 0: wake the leader; server 1: tell server 0 this request is here
             box.put(None if self.party == 0 else encode({"type": "have", "ids": [rid]}))
 
     def _janitor(self) -> None:
-        """A request that reached this server only is answered as failed after a while, so no client
-        waits for it and no share stays in memory: on server 1 one that no plan of server 0 has named
-        (server 0 refused or lost it), on server 0 one that server 1 never announced."""
+        """A request that reached this server only (the other never announced it) is answered as
+        failed after twice :attr:`follower_wait`, so no client waits for it and no share stays in
+        memory; one both servers hold waits its turn, however long the queue."""
         limit = 2 * self.follower_wait
+        other = 1 - self.party
         while not self.stop.wait(1.0):
             now = time.monotonic()
             with self.lock:
                 for req in list(self.requests.values()):
-                    if now - req.t0 <= limit:
-                        continue
-                    if self.party == 1 and req.scheduled == 0:
-                        self._answer_error(req, "unavailable", f"server 0 did not schedule request {req.id} within "
-                                                               f"{limit:.0f} s (it refused or lost it); retry")
-                    elif self.party == 0 and not req.both:
-                        self._answer_error(req, "unavailable", f"request {req.id} did not reach server 1 within "
-                                                               f"{limit:.0f} s; retry")
+                    if not req.both and now - req.t0 > limit:
+                        self._answer_error(req, "unavailable", f"request {req.id} did not reach server {other} "
+                                                               f"within {limit:.0f} s; retry")
                 for rid, t in list(self.partner_has.items()):
                     if now - t > limit:
                         del self.partner_has[rid]
@@ -641,11 +639,9 @@ class ServiceServer:
                 answer, _ = receive(link)
                 if answer.get("type") != "hello" or not answer.get("ok"):
                     raise SessionEnded(f"server 1 cannot serve generation {model['gen']}: {answer.get('message')}")
-                with self.lock:  # server 1 announces, on this link, every request it holds
-                    self.partner_has.clear()
-                    for req in self.requests.values():
-                        req.both = False
-                    self.link_box = box
+                with self.lock:  # each server announces, on this link, every request it holds
+                    self._new_link(box)
+                    self.to_announce = list(self.requests)
             else:
                 hello, _ = receive(link)
                 gen = hello.get("gen")
@@ -656,7 +652,7 @@ class ServiceServer:
                     raise SessionEnded(str(exc)) from None
                 send(link, {"type": "hello", "ok": True})
                 with self.lock:  # from now on each request is announced as it comes; these came before
-                    self.link_box = box
+                    self._new_link(box)
                     held = list(self.requests)
                 if held:
                     send(link, {"type": "have", "ids": held})
@@ -679,6 +675,32 @@ class ServiceServer:
                 self.link_box = None
             link.close()
             box.close()
+
+    def _new_link(self, box: Outbox) -> None:
+        """(Under :attr:`lock`.) What the other server announced on the old link is void."""
+        self.partner_has.clear()
+        for req in self.requests.values():
+            req.both = False
+        self.link_box = box
+
+    def _mark_held(self, ids: Any) -> None:
+        """The other server announced that requests ``ids`` reached it."""
+        if not isinstance(ids, list):
+            raise SessionEnded(f"server {1 - self.party} announced requests without a list of ids")
+        now = time.monotonic()
+        with self.lock:
+            for rid in ids:
+                req = self.requests.get(str(rid))
+                if req is not None:
+                    req.both = True
+                elif len(self.partner_has) < 100_000:  # it may reach this server a moment later
+                    self.partner_has[str(rid)] = now
+
+    def _send_plan(self, link: ssl.SSLSocket, msg: dict[str, Any]) -> None:
+        """Server 0: a message to server 1, announcing the requests that reached server 0 since the last."""
+        with self.lock:
+            msg["have"], self.to_announce = self.to_announce, []
+        send(link, msg)
 
     # -- batches --------------------------------------------------------------------------------------
 
@@ -736,25 +758,25 @@ class ServiceServer:
             if idle or (mine is not None and mine["gen"] != gen):
                 last_contact = time.monotonic()
                 if idle or follower_gen != mine["gen"]:  # ask server 1 what it holds now (and that it is there)
-                    send(link, {"type": "plan", "seq": seq, "probe": True})
+                    self._send_plan(link, {"type": "plan", "seq": seq, "probe": True})
                     follower_gen = self._ack(link, seq)
                     seq += 1
                 if mine is not None and mine["gen"] != gen and follower_gen == mine["gen"]:
                     if tuple(mine[k] for k in ("d1", "c", "exp_bits")) != tuple(
                             self.serving[k] for k in ("d1", "c", "exp_bits")):
-                        send(link, {"type": "plan", "seq": seq, "restart": mine["gen"]})
+                        self._send_plan(link, {"type": "plan", "seq": seq, "restart": mine["gen"]})
                         raise Switching(f"switching to generation {mine['gen']}, of other sizes: restarting")
                     command, gen = CMD_RELOAD, mine["gen"]
             slots, rejects, held = self._plan(gen, pending=mine["gen"] if mine is not None else None)
             if not slots and command == CMD_SERVE:
                 if rejects:
-                    send(link, {"type": "plan", "seq": seq, "gen": gen, "slots": [], "reject": rejects})
+                    self._send_plan(link, {"type": "plan", "seq": seq, "gen": gen, "slots": [], "reject": rejects})
                     follower_gen = self._ack(link, seq)
                     seq += 1
                 elif held:  # requests wait for a switch server 1 is not ready for yet
                     self.stop.wait(0.05)
                 continue
-            send(link, {"type": "plan", "seq": seq, "gen": gen, "reload": command == CMD_RELOAD,
+            self._send_plan(link, {"type": "plan", "seq": seq, "gen": gen, "reload": command == CMD_RELOAD,
                         "slots": [[r.id, s, c] for r, s, c in slots], "reject": rejects})
             if command == CMD_RELOAD:
                 self._install_model(gen)
@@ -778,17 +800,7 @@ class ServiceServer:
         msg, _ = receive(link)
         kind = msg.get("type")
         if kind == "have":
-            ids = msg.get("ids")
-            if not isinstance(ids, list):
-                raise SessionEnded("server 1 announced requests without a list of ids")
-            now = time.monotonic()
-            with self.lock:
-                for rid in ids:
-                    req = self.requests.get(str(rid))
-                    if req is not None:
-                        req.both = True
-                    elif len(self.partner_has) < 100_000:  # it may reach this server a moment later
-                        self.partner_has[str(rid)] = now
+            self._mark_held(msg.get("ids"))
             return kind
         if kind != "done" or seq is None or msg.get("seq") != seq:
             raise SessionEnded(f"server 1 sent {kind} {msg.get('seq')} " +
@@ -856,6 +868,7 @@ class ServiceServer:
             heard = time.monotonic()
             if plan.get("type") != "plan":
                 raise SessionEnded(f"server 0 sent {plan.get('type')!r} instead of a plan")
+            self._mark_held(plan.get("have", []))
             if "restart" in plan:
                 raise Switching(f"server 0 switches to generation {plan['restart']} of other sizes: restarting")
             if plan.get("probe"):
@@ -886,24 +899,18 @@ class ServiceServer:
             send(link, {"type": "done", "seq": plan["seq"], "current": current_generation(self.server)})
 
     def _gather(self, wanted: list[list[Any]], gen: str) -> list[tuple[Request | None, int, int]]:
-        """The plan's requests as they reach this server; one that does not come in time is fed as zeros
-        and answered as failed (server 0 computed on it, but its shares alone are worthless)."""
-        deadline = time.monotonic() + self.follower_wait
+        """The plan's requests. Server 0 plans only requests this server announced, so one that is
+        not here any more was answered already (as failed): it is fed as zeros at once, never waited for (server 0's shares of it alone are worthless)."""
         slots: list[tuple[Request | None, int, int]] = []
         with self.lock:
             for rid, start, count in wanted:
-                while rid not in self.requests and time.monotonic() < deadline:
-                    self.lock.wait(max(0.0, deadline - time.monotonic()))
                 req = self.requests.get(rid)
                 if req is None:
-                    self._remember(rid, "unavailable", f"request {rid} reached server 0 but not server 1 within "
-                                                       f"{self.follower_wait:.0f} s")
+                    self._remember(rid, "unavailable", f"request {rid} is no longer on server 1")
                 elif req.gen != gen:
                     self._answer_error(req, "generation", f"the service serves model generation {gen}, the request "
                                                           f"expects {req.gen}")
                     req = None
-                else:
-                    req.scheduled = max(req.scheduled, 1)
                 slots.append((req, int(start), int(count)))
         return slots
 
@@ -948,7 +955,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protocol", default="dealer", help="dealer | semi2k")
     ap.add_argument("--batch", type=int, default=16, help="queries per MPC batch")
     ap.add_argument("--mpspdz-home", default=None, help="MP-SPDZ folder")
-    ap.add_argument("--follower-wait", type=float, default=10.0, help="server 1: seconds to wait for a planned request")
+    ap.add_argument("--follower-wait", type=float, default=10.0, help="seconds the servers wait for each other: for a model generation both hold; "
+                    "half a request (one server only) is failed after twice this")
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr, force=True,

@@ -229,6 +229,31 @@ def test_a_request_that_reaches_one_server_only_delays_nobody(svc, data):
             clients.call(half.close)
 
 
+def test_a_queue_longer_than_the_servers_wait_for_each_other_is_served_in_full(svc, data):
+    """Requests both servers hold wait their turn, however long the queue: 16 clients send 4,096 faces
+    each at once (4,096 batches, about 2 s per request here), and the last ones, which wait longer than
+    the 20 s after which half a request is failed, are answered right too."""
+    lab, clients = svc
+    x, _, _, _ = data
+    expect = [p.best for p in _recognise(lab, clients, x).predictions]
+    idx = np.arange(4096) % len(x)
+    many = NsClients(lab.net.ns[lab.client_ns], n=16)
+
+    def one() -> list[int]:
+        cl = lab.new_client(timeout=120)
+        try:
+            return [p.best for p in cl.recognise(x[idx], 0.0).predictions]
+        finally:
+            cl.close()
+
+    try:
+        futures = [many.submit(one) for _ in range(16)]
+        for f in futures:
+            assert f.result(timeout=300) == [expect[k] for k in idx]
+    finally:
+        many.close()
+
+
 def test_model_switches_between_requests_and_never_mixes_generations(svc, data):
     lab, clients = svc
     dep = lab.dep
