@@ -125,7 +125,8 @@ class ServiceClient:
         try:
             for i in range(2):  # both connections before anything is sent: a server that cannot be
                 self._sock(i)   # reached must not leave the other holding half a request
-            for i, (head, body) in enumerate(messages):
+            for i in (1, 0):  # server 0 plans a request once server 1 announced it: server 1's copy goes first
+                head, body = messages[i]
                 try:
                     send(self._sock(i), head, body)
                 except OSError as exc:
