@@ -928,10 +928,11 @@ def deal(c, job=None, hosts=None, timeout=None, mpspdz_home=None, verbose=False,
     "hosts": "two hosts: the service's hosts file (server 0, server 1[, the client's dealer]); default service.hosts",
     "server_dir": "this server's folder: certs, model shares, allowed clients (default <var>/server<id>)",
     "batch": "queries per MPC batch (default service.batch)",
+    "max_queued": "queries a server holds waiting before it answers busy (default service.max_queued)",
     "mpspdz_home": "MP-SPDZ folder",
     "verbose": "debug logging",
 })
-def serve(c, id=None, hosts=None, server_dir=None, batch=None, mpspdz_home=None, verbose=False):
+def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, mpspdz_home=None, verbose=False):
     """Run the recognition service until SIGTERM or Ctrl-C: servers that stay up and answer in milliseconds.
 
     Each server runs one long-lived MP-SPDZ party with its model share loaded and a gateway that
@@ -951,6 +952,7 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, mpspdz_home=None,
     _say_protocol(layout)
     proto = protocol(layout.protocol)
     n_batch = int(_cfg(c, "service", "batch", batch))
+    n_queued = int(_cfg(c, "service", "max_queued", max_queued))
     if id is not None:
         from orchestration import service_server
 
@@ -960,7 +962,8 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, mpspdz_home=None,
             raise Exit("--id needs the service's hosts file: --hosts FILE (or service.hosts in invoke.yaml)", code=1)
         code = service_server.main(["--server-dir", str(_server_dir(c, party, server_dir)), "--id", str(party),
                                     "--hosts", str(hosts_value), "--protocol", proto.name, "--batch", str(n_batch),
-                                    "--mpspdz-home", str(mp.home)] + (["--verbose"] if verbose else []))
+                                    "--max-queued", str(n_queued), "--mpspdz-home", str(mp.home)]
+                                   + (["--verbose"] if verbose else []))
         if code:
             raise Exit(f"server {party}: the service stopped with an error (see above)", code=code)
         return
@@ -974,7 +977,7 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, mpspdz_home=None,
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     svc = LocalService(mp, layout, proto, host=_cfg(c, "mpspdz", "host", None),
-                       port=int(_cfg(c, "service", "port", None)), batch=n_batch)
+                       port=int(_cfg(c, "service", "port", None)), batch=n_batch, max_queued=n_queued)
     try:
         svc.start()
         st = svc.wait_ready(timeout=300)

@@ -81,6 +81,7 @@ logger = logging.getLogger(__name__)
 CLIENT_OFFSET, LINK_OFFSET, SPDZ_OFFSET = 100, 200, 300
 CMD_SERVE, CMD_RELOAD = 1, 2
 MAX_QUERIES = 4096  # per request
+MAX_QUEUED = 131072  # queries a gateway holds waiting, by default (about 135 MB of shares at 128-d embeddings)
 HEARTBEAT = 5.0  # seconds: an idle server 0 asks server 1 at least this often, which finds a dead link
 DEFAULT_EXP_BITS = 8
 
@@ -234,11 +235,14 @@ class ServiceServer:
     """Server ``server.party``'s gateway and party supervisor. :meth:`serve` runs until ``stop`` is set."""
 
     def __init__(self, mp: MPSPDZ, server: Server, build: Path, hosts: Hosts, proto: Protocol, *, batch: int = 16,
-                 follower_wait: float = 10.0, party_timeout: float = 30.0, start_timeout: float = 120.0):
+                 follower_wait: float = 10.0, party_timeout: float = 30.0, start_timeout: float = 120.0,
+                 max_queued: int = MAX_QUEUED):
         if server.party not in (0, 1):
             raise ValueError(f"server id {server.party}: expected 0 or 1")
         if batch < 1 or batch > 1024:
             raise ValueError(f"service batch {batch}: expected 1..1024")
+        if max_queued < MAX_QUERIES:
+            raise ValueError(f"service max_queued {max_queued}: expected at least {MAX_QUERIES} (one request's maximum)")
         n_lines = proto.n_parties
         if len(hosts) < n_lines:
             raise ValueError(f"{hosts.path}: {len(hosts)} lines, the {proto.name} service needs {n_lines} "
@@ -250,6 +254,8 @@ class ServiceServer:
         self.follower_wait, self.party_timeout, self.start_timeout = follower_wait, party_timeout, start_timeout
         self.lock = threading.Condition()
         self.requests: dict[str, Request] = {}
+        self.max_queued = max_queued
+        self.queued = 0  # queries of the requests held (sum of their n)
         self.queue: collections.deque[str] = collections.deque()  # leader: ids in arrival order
         self.verdicts: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()  # follower
         self.serving: dict[str, Any] | None = None  # {"gen", "d1", "c", "exp_bits"} of the running session
@@ -370,7 +376,8 @@ class ServiceServer:
         s = self.serving or self.starting or {}
         state = "serving" if self.serving else "starting" if self.starting else "waiting"
         return {"type": "status", "party": self.party, "state": state, "gen": s.get("gen"), "d1": s.get("d1"),
-                "c": s.get("c"), "exp_bits": s.get("exp_bits"), "batch": self.batch, "protocol": self.proto.name}
+                "c": s.get("c"), "exp_bits": s.get("exp_bits"), "batch": self.batch, "protocol": self.proto.name,
+                "queued": self.queued, "max_queued": self.max_queued}
 
     def _take_request(self, conn: ClientConn, header: dict[str, Any], body: bytes) -> None:
         rid = str_field(header, "id", 64)
@@ -391,7 +398,12 @@ class ServiceServer:
                 code, msg = self.verdicts.pop(rid)
                 self._answer_error(req, code, msg)
                 return
+            if self.queued + n > self.max_queued:
+                self._answer_error(req, "busy", f"server {self.party} holds {self.queued} queries waiting (at most "
+                                                f"{self.max_queued}, service.max_queued); retry later")
+                return
             self.requests[rid] = req
+            self.queued += n
             req.both = self.partner_has.pop(rid, None) is not None
             if self.party == 0:
                 self.queue.append(rid)
@@ -418,17 +430,22 @@ class ServiceServer:
                     if now - t > limit:
                         del self.partner_has[rid]
 
-    def _answer_error(self, req: Request, code: str, message: str) -> None:
+    def _forget(self, req: Request) -> None:
+        """(Under :attr:`lock`.) ``req`` is answered: no longer held."""
         req.finished = True
-        self.requests.pop(req.id, None)
+        if self.requests.get(req.id) is req:
+            del self.requests[req.id]
+            self.queued -= req.n
+
+    def _answer_error(self, req: Request, code: str, message: str) -> None:
+        self._forget(req)
         req.conn.reply({"type": "error", "id": req.id, "code": code, "message": message})
         logger.info("request %s: %d queries, generation %s, %.1f ms, error %s", req.id[:12], req.n, req.gen,
                     1000 * (time.monotonic() - req.t0), code)
 
     def _answer(self, req: Request, gen: str) -> None:
         assert req.best is not None and req.denom is not None
-        req.finished = True
-        self.requests.pop(req.id, None)
+        self._forget(req)
         req.conn.reply({"type": "result", "id": req.id, "gen": gen, "n": req.n},
                        shares_body(np.concatenate([req.best, req.denom])))
         self.served += 1
@@ -957,6 +974,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mpspdz-home", default=None, help="MP-SPDZ folder")
     ap.add_argument("--follower-wait", type=float, default=10.0, help="seconds the servers wait for each other: for a model generation both hold; "
                     "half a request (one server only) is failed after twice this")
+    ap.add_argument("--max-queued", type=int, default=MAX_QUEUED,
+                    help="queries this gateway holds waiting; beyond it a request gets the error busy")
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr, force=True,
@@ -966,7 +985,8 @@ def main(argv: list[str] | None = None) -> int:
         proto = protocol(a.protocol)
         hosts = load_hosts(a.hosts)
         server = Server(a.server_dir.resolve(), a.id)
-        svc = ServiceServer(mp, server, server.build_dir, hosts, proto, batch=a.batch, follower_wait=a.follower_wait)
+        svc = ServiceServer(mp, server, server.build_dir, hosts, proto, batch=a.batch, follower_wait=a.follower_wait,
+                            max_queued=a.max_queued)
     except (MPSPDZError, HostsError, ValueError, OSError) as exc:
         print(f"serve: {exc}", file=sys.stderr)
         return 1

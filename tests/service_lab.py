@@ -57,10 +57,12 @@ class NsClients:
 class ServiceLab:
     """The service of a two-namespace deployment (``Deployment`` of tests/test_two_hosts.py)."""
 
-    def __init__(self, dep: Any, ports: tuple[int, int, int] = (7200, 7201, 7202), batch: int = 16):
+    def __init__(self, dep: Any, ports: tuple[int, int, int] = (7200, 7201, 7202), batch: int = 16,
+                 max_queued: int = 100_000):
         self.dep, self.net = dep, dep.net
         self.root = Path(dep.root)
         self.batch = batch
+        self.max_queued = max_queued
         n = 3 if dep.protocol == "dealer" else 2
         self.hosts_files = [self.root / f"service-hosts{i}" for i in range(n)]
         texts = [self.net.hosts_text(i, ports[:n] if n == 3 else ports[:2]) for i in range(n)]
@@ -84,7 +86,7 @@ class ServiceLab:
 
     def env(self) -> dict[str, str]:
         return dict(os.environ, INVOKE_PATHS_VAR=str(self.root), INVOKE_MPSPDZ_PROTOCOL=self.dep.protocol,
-                    INVOKE_SERVICE_BATCH=str(self.batch))
+                    INVOKE_SERVICE_BATCH=str(self.batch), INVOKE_SERVICE_MAX_QUEUED=str(self.max_queued))
 
     def start_server(self, i: int) -> subprocess.Popen:
         argv = [sys.executable, "-m", "invoke", "serve", "--id", str(i), "--hosts", str(self.hosts_files[i]),

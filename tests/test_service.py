@@ -254,6 +254,52 @@ def test_a_queue_longer_than_the_servers_wait_for_each_other_is_served_in_full(s
         many.close()
 
 
+def test_a_server_holding_too_many_queries_answers_busy_at_once(svc, data):
+    """Memory is bounded: a server holding service.max_queued queries (the lab sets 100,000) answers a
+    request that would pass it with the error busy at once, still takes smaller ones, and takes large
+    ones again once its queue drains."""
+    lab, clients = svc
+    x, _, _, te = data
+    assert lab.max_queued == 100_000
+    record = client.load_model_record(lab.dep.client)
+    gen = record.get("gen", record["run_id"])
+    padded = reference.with_bias(np.resize(x, (4096, x.shape[1])))
+    held = lab.new_client(timeout=60)
+
+    def hold_24_halves_at_server_1() -> None:  # never planned (server 0 lacks them): held until failed
+        shares = sharing.share(sharing.encode_fixed(padded, sharing.FRAC_BITS))[1]
+        for k in range(24):
+            send(held._sock(1), {"type": "recognize", "id": f"held-{k}", "gen": gen, "n": 4096,
+                                 "d1": padded.shape[1]}, shares_body(shares))
+
+    def queued() -> list[int]:
+        cl = lab.new_client(timeout=10)
+        try:
+            return [st["queued"] for st in cl.status()]
+        finally:
+            cl.close()
+
+    try:
+        clients.call(hold_24_halves_at_server_1)
+        deadline = time.monotonic() + 30
+        while clients.call(queued)[1] < 24 * 4096 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert clients.call(queued)[1] == 24 * 4096
+        with pytest.raises(ServiceError) as busy:  # 98,304 + 4,096 > 100,000
+            _recognise(lab, clients, padded[:, :-1])
+        assert busy.value.code == "busy" and "server 1" in str(busy.value), busy.value
+        assert len(_recognise(lab, clients, x[te[:4]]).predictions) == 4  # 98,304 + 4 fit
+        for k in range(24):  # the halves are failed after 20 s, which drains the queue
+            head, _ = clients.call(lambda: receive(held._sock(1)))
+            assert head["type"] == "error" and head["code"] == "unavailable", head
+        while clients.call(queued) != [0, 0] and time.monotonic() < deadline + 30:
+            time.sleep(0.5)  # server 0 fails its half of the busy request the same way
+        assert clients.call(queued) == [0, 0]
+        assert len(_recognise(lab, clients, padded[:, :-1]).predictions) == 4096
+    finally:
+        clients.call(held.close)
+
+
 def test_model_switches_between_requests_and_never_mixes_generations(svc, data):
     lab, clients = svc
     dep = lab.dep
