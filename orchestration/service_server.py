@@ -424,8 +424,9 @@ class ServiceServer:
             with self.lock:
                 for req in list(self.requests.values()):
                     if not req.both and now - req.t0 > limit:
-                        self._answer_error(req, "unavailable", f"request {req.id} did not reach server {other} "
-                                                               f"within {limit:.0f} s; retry")
+                        self._answer_error(req, "unavailable", f"server {other} did not confirm request {req.id} "
+                                                               f"within {limit:.0f} s (it did not get it, or the "
+                                                               "service is restarting); retry")
                 for rid, t in list(self.partner_has.items()):
                     if now - t > limit:
                         del self.partner_has[rid]
