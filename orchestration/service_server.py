@@ -267,7 +267,6 @@ class ServiceServer:
         self.partner_has: dict[str, float] = {}  # ids the other server announced before they reached us
         self.to_announce: list[str] = []  # leader: ids that reached us since our last message to server 1
         self.link_box: Outbox | None = None  # the session's link: announcements (server 1), wake-ups (server 0)
-        self._acked: str | None = None  # leader: the generation server 1 reported in its last answer
         self.proc: subprocess.Popen[bytes] | None = None
         self.certs: certs_mod.PartyCerts  # set by _check_certs before anything listens
         self.rundir = server.root / "service"
@@ -809,22 +808,22 @@ class ServiceServer:
     def _ack(self, link: ssl.SSLSocket, seq: int) -> str | None:
         """Server 1's answer to plan ``seq`` (announcements that come first are taken on the way)."""
         while True:
-            if self._leader_read(link, seq) == "done":
-                return self._acked
+            answer = self._leader_read(link, seq)
+            if answer is not None:
+                return answer.get("current")
 
-    def _leader_read(self, link: ssl.SSLSocket, seq: int | None = None) -> str:
-        """One message from server 1: an announcement of requests it holds, or (only while plan
-        ``seq`` is out) the answer to that plan, whose ``current`` is kept in :attr:`_acked`."""
+    def _leader_read(self, link: ssl.SSLSocket, seq: int | None = None) -> dict[str, Any] | None:
+        """One message from server 1: an announcement of requests it holds (taken, None), or (only
+        while plan ``seq`` is out) the answer to that plan, returned."""
         msg, _ = receive(link)
         kind = msg.get("type")
         if kind == "have":
             self._mark_held(msg.get("ids"))
-            return kind
+            return None
         if kind != "done" or seq is None or msg.get("seq") != seq:
             raise SessionEnded(f"server 1 sent {kind} {msg.get('seq')} " +
                                (f"in answer to plan {seq}" if seq is not None else "with no plan out"))
-        self._acked = msg.get("current")
-        return kind
+        return msg
 
     def _plan(self, gen: str, pending: str | None
               ) -> tuple[list[tuple[Request, int, int]], list[list[str]], int]:
