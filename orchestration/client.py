@@ -69,6 +69,12 @@ def load_model_record(client: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def model_generation(record: dict[str, Any]) -> str:
+    """The model generation a record (:func:`load_model_record`) names: its ``gen``, or for a model trained
+    before generations had names, its ``run_id``."""
+    return record.get("gen", record["run_id"])
+
+
 def _pending_path(client: Path, job: str) -> Path:
     return Path(client) / "jobs" / f"{job}.json"
 
@@ -167,7 +173,7 @@ def share_predict(client: Path, embeddings: np.ndarray, threshold: float, out: P
     sharing.write_share_bundle([(padded, FRAC_BITS)], dirs,
                                program=PREDICT_PROGRAM, program_version=program_version(PREDICT_PROGRAM),
                                kind="predict", n=q, d=d1, n_classes=c, run_id=record["run_id"], job=job,
-                               program_args=args, model_gen=record.get("gen", record["run_id"]), protocol=protocol)
+                               program_args=args, model_gen=model_generation(record), protocol=protocol)
     atomic_write_json(_pending_path(client, job), {"kind": "predict", "job": job, "q": q, "q_real": q_real,
                                                    "run_id": record["run_id"], "c": c, "threshold": float(threshold),
                                                    "info": info or {}, **_dealing(PREDICT_PROGRAM, args, protocol)})
@@ -185,7 +191,7 @@ def share_refresh(client: Path, out: Path | Sequence[Path], *, protocol: str = D
     dirs = _bundle_dirs(out, job)
     sharing.write_share_bundle([], dirs, program=REFRESH_PROGRAM, program_version=program_version(REFRESH_PROGRAM),
                                kind="refresh", n=0, d=d1, n_classes=c, run_id=record["run_id"], job=job,
-                               program_args=[str(d1), str(c)], model_gen=record.get("gen", record["run_id"]),
+                               program_args=[str(d1), str(c)], model_gen=model_generation(record),
                                protocol=protocol)
     atomic_write_json(_pending_path(client, job), {"kind": "refresh", "job": job, "run_id": record["run_id"],
                                                    **_dealing(REFRESH_PROGRAM, [str(d1), str(c)], protocol)})
@@ -202,7 +208,7 @@ def share_confirm(client: Path, out: Path | Sequence[Path]) -> Outgoing:
     """
     private_dir(client)
     record = load_model_record(client)
-    gen = record.get("gen", record["run_id"])
+    gen = model_generation(record)
     job = f"confirm-{gen}"
     dirs = _bundle_dirs(out, job)
     for party, d in enumerate(dirs):

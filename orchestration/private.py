@@ -229,7 +229,7 @@ def confirm_local(layout: Layout, record: dict[str, Any]) -> list[list[str]]:
     """Local mode: the client holds ``record``'s generation now; each server destroys the older ones.
 
     (Two hosts: ``invoke share-confirm``, then ``invoke confirm`` on each server.) Returns what each destroyed."""
-    gen = record.get("gen", record["run_id"])
+    gen = client.model_generation(record)
     return [confirm_generation(s, gen, record["run_id"]) for s in layout.servers()]
 
 

@@ -31,7 +31,7 @@ from preprocessing.sharing import FRAC_BITS
 
 from . import certs as certs_mod
 from . import reference
-from .client import UNKNOWN, ModelError, Prediction, load_model_record
+from .client import UNKNOWN, ModelError, Prediction, load_model_record, model_generation
 from .hosts import Hosts
 from .launcher import PartySpec, _kill, bind_shim, start_party
 from .mpspdz import MPSPDZ, Protocol, compile_program
@@ -165,13 +165,19 @@ class ServiceClient:
     def status(self) -> list[dict[str, Any]]:
         return [h for h, _ in self._exchange([({"type": "status"}, b""), ({"type": "status"}, b"")])]
 
+    @staticmethod
+    def request_frames(padded: np.ndarray, gen: str, rid: str) -> list[tuple[dict[str, Any], bytes]]:
+        """Request ``rid`` for queries ``padded`` (n x d1 with the trailing 1) on model generation ``gen``:
+        (header, body) for server 0 and for server 1, each body that server's fresh shares."""
+        n, d1 = padded.shape
+        head = {"type": "recognize", "id": rid, "gen": gen, "n": n, "d1": d1}
+        return [(head, shares_body(s)) for s in sharing.share(sharing.encode_fixed(padded, FRAC_BITS))]
+
     def recognise_shares(self, padded: np.ndarray, gen: str) -> tuple[np.ndarray, np.ndarray, str]:
         """Raw answer for queries ``padded`` (n x d1 with the trailing 1): (best class, denominator, generation)."""
-        n, d1 = padded.shape
-        s0, s1 = sharing.share(sharing.encode_fixed(padded, FRAC_BITS))
+        n = len(padded)
         rid = secrets.token_hex(16)
-        head = {"type": "recognize", "id": rid, "gen": gen, "n": n, "d1": d1}
-        answers = self._exchange([(head, shares_body(s0)), (head, shares_body(s1))])
+        answers = self._exchange(self.request_frames(padded, gen, rid))
         errors = [(i, h) for i, (h, _) in enumerate(answers) if h.get("type") == "error"]
         if errors:
             i, h = errors[0]
@@ -209,7 +215,7 @@ class ServiceClient:
         while True:
             c = len(record["classes"])
             try:
-                best, denom, gen = self.recognise_shares(padded, record.get("gen", record["run_id"]))
+                best, denom, gen = self.recognise_shares(padded, model_generation(record))
             except ServiceError as exc:
                 if exc.code != "generation" or time.monotonic() > deadline:
                     raise

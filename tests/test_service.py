@@ -21,8 +21,7 @@ import pytest
 
 from orchestration import certs, client, reference
 from orchestration.service_client import ServiceClient
-from orchestration.service_wire import ServiceError, encode, receive, send, shares_body
-from preprocessing import sharing
+from orchestration.service_wire import ServiceError, encode, receive, send
 from service_lab import NsClients, ServiceLab
 from synthetic import split
 from test_mpc import _fixed_point_needles, assert_no_plaintext
@@ -76,7 +75,7 @@ def test_service_answers_equal_the_one_job_mode(svc, data):
     assert [p.best for p in ans.predictions] == [p.best for p in one_job]
     assert np.allclose([p.confidence for p in ans.predictions], [p.confidence for p in one_job], atol=2e-3)
     record = client.load_model_record(lab.dep.client)
-    assert ans.gen == record.get("gen", record["run_id"])
+    assert ans.gen == client.model_generation(record)
     # and both are right on held-out faces of this easy synthetic set
     classes = record["classes"]
     assert np.mean([classes[p.best] == labels[k] for p, k in zip(ans.predictions, te)]) >= 0.9
@@ -200,18 +199,16 @@ def test_a_request_that_reaches_one_server_only_delays_nobody(svc, data):
     lab, clients = svc
     x, _, _, te = data
     record = client.load_model_record(lab.dep.client)
-    gen = record.get("gen", record["run_id"])
+    gen = client.model_generation(record)
     padded = reference.with_bias(np.concatenate([x] * 60))  # 3,600 faces: 225 batches, were it planned
-    follower_wait = 10.0  # ServiceServer's default: how long server 1 waits for a planned request
+    follower_wait = 10.0  # ServiceServer's default: how long the servers wait for each other
 
     for only in (0, 1):
         rid = f"half-request-at-server-{only}"
 
         def send_half() -> ServiceClient:
             cl = lab.new_client(timeout=60)
-            shares = sharing.share(sharing.encode_fixed(padded, sharing.FRAC_BITS))[only]
-            send(cl._sock(only), {"type": "recognize", "id": rid, "gen": gen, "n": len(padded),
-                                  "d1": padded.shape[1]}, shares_body(shares))
+            send(cl._sock(only), *ServiceClient.request_frames(padded, gen, rid)[only])
             return cl
 
         half = clients.call(send_half)
@@ -262,15 +259,13 @@ def test_a_server_holding_too_many_queries_answers_busy_at_once(svc, data):
     x, _, _, te = data
     assert lab.max_queued == 100_000
     record = client.load_model_record(lab.dep.client)
-    gen = record.get("gen", record["run_id"])
+    gen = client.model_generation(record)
     padded = reference.with_bias(np.resize(x, (4096, x.shape[1])))
     held = lab.new_client(timeout=60)
 
     def hold_24_halves_at_server_1() -> None:  # never planned (server 0 lacks them): held until failed
-        shares = sharing.share(sharing.encode_fixed(padded, sharing.FRAC_BITS))[1]
         for k in range(24):
-            send(held._sock(1), {"type": "recognize", "id": f"held-{k}", "gen": gen, "n": 4096,
-                                 "d1": padded.shape[1]}, shares_body(shares))
+            send(held._sock(1), *ServiceClient.request_frames(padded, gen, f"held-{k}")[1])
 
     def queued() -> list[int]:
         cl = lab.new_client(timeout=10)
