@@ -217,7 +217,7 @@ ENV INVOKE_PATHS_VAR=/work/var \
 WORKDIR /src
 USER ${APP_UID}:${APP_UID}
 
-RUN python -c "from orchestration.mpspdz import find_mpspdz; print('MP-SPDZ:', find_mpspdz().home)"
+RUN python -c "from orchestration.mpspdz.toolchain import find_mpspdz; print('MP-SPDZ:', find_mpspdz().home)"
 
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["invoke", "--list"]

@@ -38,8 +38,8 @@ def _cfg(c, section: str, key: str, flag=None):
 
 def _layout(c):
     """Run state under paths.var, computing with mpspdz.protocol (dealer | semi2k)."""
-    from orchestration.mpspdz import MPSPDZError, protocol
-    from orchestration.private import Layout
+    from orchestration.mpspdz.toolchain import MPSPDZError, protocol
+    from orchestration.client.private import Layout
 
     try:
         proto = protocol(c.config.get("mpspdz", {}).get("protocol"))
@@ -50,7 +50,7 @@ def _layout(c):
 
 def _say_protocol(layout) -> None:
     """Every task that runs the servers says how they compute (on stderr: stdout may be CSV)."""
-    from orchestration.mpspdz import protocol
+    from orchestration.mpspdz.toolchain import protocol
 
     print(f"protocol: {layout.protocol} ({protocol(layout.protocol).summary}; mpspdz.protocol in invoke.yaml)",
           file=sys.stderr)
@@ -63,7 +63,7 @@ def _gallery(c, flag=None) -> Path:
 
 
 def _mp(c, home=None):
-    from orchestration.mpspdz import MPSPDZError, find_mpspdz
+    from orchestration.mpspdz.toolchain import MPSPDZError, find_mpspdz
 
     try:
         return find_mpspdz(_cfg(c, "mpspdz", "home", home))
@@ -85,7 +85,7 @@ def _tls(c) -> bool:
 
 
 def _face(c, backend=None, detector=None, upsample=None):
-    from orchestration.app import FaceSettings
+    from orchestration.client.app import FaceSettings
 
     backend = _cfg(c, "face", "backend", backend)
     detector = _cfg(c, "face", "detector", detector)
@@ -98,16 +98,16 @@ def _face(c, backend=None, detector=None, upsample=None):
 
 def _service_hosts(c, hosts=None):
     """The service's hosts: a --hosts flag or service.hosts; "local" means the local service's file."""
-    from orchestration.hosts import HostsError, load_hosts
+    from orchestration.mpspdz.hosts import HostsError, load_hosts
 
     value = _cfg(c, "service", "hosts", hosts)
     if not value:
         return None
     if str(value) == "local":
-        from orchestration.service_local import local_hosts
+        from orchestration.client.local_service import local_hosts
 
         layout = _layout(c)
-        from orchestration.mpspdz import protocol
+        from orchestration.mpspdz.toolchain import protocol
 
         return local_hosts(layout, _cfg(c, "mpspdz", "host", None), int(_cfg(c, "service", "port", None)),
                            protocol(layout.protocol).n_parties)
@@ -132,8 +132,8 @@ def _service(c, use=None):
         print("recognition: one MPC job per batch (no service configured: service.hosts in invoke.yaml)",
               file=sys.stderr)
         return None
-    from orchestration.service_client import ServiceClient
-    from orchestration.service_wire import ServiceError
+    from orchestration.client.service import ServiceClient
+    from orchestration.shared.wire import ServiceError
 
     client = ServiceClient(_layout(c).client, hosts, timeout=float(_cfg(c, "service", "timeout", None)))
     try:
@@ -206,8 +206,8 @@ def setup(c, home=None, archive=None, sha256=None, from_source=None, force=False
     the model weights, then runs a two-party (semi2k) and a three-party dealer program. Run again, it only checks.
     """
     _logging()
-    from orchestration import install
-    from orchestration.mpspdz import MPSPDZError, mpspdz_home
+    from orchestration.mpspdz import install
+    from orchestration.mpspdz.toolchain import MPSPDZError, mpspdz_home
 
     configured = _cfg(c, "mpspdz", "home", None)
     target = Path(home).expanduser().absolute() if home else mpspdz_home(configured)[0]
@@ -262,9 +262,9 @@ def setup(c, home=None, archive=None, sha256=None, from_source=None, force=False
 def build_mpc(c, n=0, classes=0, batches="", force=False, mpspdz_home=None):
     """Compile the MPC programs (cached; rebuilt when a program, size or MP-SPDZ changes)."""
     _logging()
-    from orchestration.mpspdz import MPSPDZError, compile_program, protocol
-    from orchestration.private import PREDICT_PROGRAM, TRAIN_PROGRAM
-    from orchestration.reference import TrainParams
+    from orchestration.mpspdz.toolchain import MPSPDZError, compile_program, protocol
+    from orchestration.client.private import PREDICT_PROGRAM, TRAIN_PROGRAM
+    from orchestration.shared.reference import TrainParams
 
     mp = _mp(c, mpspdz_home)
     layout = _layout(c)
@@ -296,7 +296,7 @@ def build_mpc(c, n=0, classes=0, batches="", force=False, mpspdz_home=None):
 
 
 def _train_params(c, epochs=None, batch=None, lr=None, alpha=None, backend=None):
-    from orchestration.reference import TrainParams
+    from orchestration.shared.reference import TrainParams
 
     if alpha in (None, ""):
         per_backend = c.config.get("train", {}).get("alpha", {})
@@ -324,7 +324,7 @@ TRAIN_HELP = {
 
 def _embedded_gallery(layout, face, dataset):
     """Embed the gallery (incremental cache); print what was skipped and what changed since last time."""
-    from orchestration import app
+    from orchestration.client import app
     from preprocessing.errors import PreprocessingError
 
     try:
@@ -351,8 +351,8 @@ def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None,
           mpspdz_home=None, verbose=False):
     """Embed a gallery on the client, secret-share it and train the classifier on the two servers."""
     _logging(verbose)
-    from orchestration import app
-    from orchestration.mpspdz import MPSPDZError
+    from orchestration.client import app
+    from orchestration.mpspdz.toolchain import MPSPDZError
 
     mp = _mp(c, mpspdz_home)
     layout = _layout(c)
@@ -389,9 +389,9 @@ def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, det
             mpspdz_home=None, verbose=False, service=False, one_job=False):
     """Recognise faces privately; prints CSV `path,name,confidence` (one line per face)."""
     _logging(verbose)
-    from orchestration import app
-    from orchestration.mpspdz import MPSPDZError
-    from orchestration.service_wire import ServiceError
+    from orchestration.client import app
+    from orchestration.mpspdz.toolchain import MPSPDZError
+    from orchestration.shared.wire import ServiceError
 
     mp = _mp(c, mpspdz_home)
     layout = _layout(c)
@@ -427,7 +427,7 @@ def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, det
 
 def _query_paths(image, dir) -> list[Path]:
     """The images given by --image/--dir, all existing; Exit naming what is wrong otherwise."""
-    from orchestration import app
+    from orchestration.client import app
 
     try:
         paths = app.image_paths(image or [], dir)
@@ -445,7 +445,7 @@ def _flush(mp, layout, pending, thr, out, c, timeout, batch, service=None):
     """Recognise the faces among ``pending`` (one MPC run, or one service request); print every entry in input order."""
     import numpy as np
 
-    from orchestration import app
+    from orchestration.client import app
 
     faces = [q for q in pending if q.embedding is not None]
     results = iter([])
@@ -522,8 +522,8 @@ def test(c, k="", x=False):
 def demo(c, dataset=None, people=10, held_out=2, backend=None, detector=None, seed=0, mpspdz_home=None):
     """The main job: enrol a sample gallery, train privately, recognise held-out photos and an unknown face."""
     _logging()
-    from orchestration.demo import lfw_sample, run_demo
-    from orchestration.mpspdz import MPSPDZError
+    from orchestration.client.demo import lfw_sample, run_demo
+    from orchestration.mpspdz.toolchain import MPSPDZError
     from preprocessing.errors import PreprocessingError
 
     mp = _mp(c, mpspdz_home)
@@ -588,9 +588,9 @@ def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, b
     _logging()
     import time as _time
 
-    from orchestration.evaluate import evaluate as run_eval
-    from orchestration.mpspdz import MPSPDZError
-    from orchestration.service_wire import ServiceError
+    from orchestration.client.evaluate import evaluate as run_eval
+    from orchestration.mpspdz.toolchain import MPSPDZError
+    from orchestration.shared.wire import ServiceError
     from preprocessing.errors import PreprocessingError
 
     mp = _mp(c, mpspdz_home)
@@ -658,9 +658,9 @@ def recognize(c, video=None, camera=None, output=None, frames=None, every=1, thr
     processed), then a summary on lines starting with `#`.
     """
     _logging(verbose)
-    from orchestration.mpspdz import MPSPDZError
-    from orchestration.recognizer import FaceRecognizer, RecognizerError, codec_for
-    from orchestration.service_wire import ServiceError
+    from orchestration.mpspdz.toolchain import MPSPDZError
+    from orchestration.client.recognizer import FaceRecognizer, RecognizerError, codec_for
+    from orchestration.shared.wire import ServiceError
     from preprocessing.errors import PreprocessingError
 
     if (video is None) == (camera is None):
@@ -708,7 +708,7 @@ def recognize(c, video=None, camera=None, output=None, frames=None, every=1, thr
         sys.stdout.flush()
 
     try:
-        from orchestration.app import check_backend
+        from orchestration.client.app import check_backend
 
         check_backend(layout, face.backend)
         recognizer = FaceRecognizer(mp, layout, face, thr, host=_cfg(c, "mpspdz", "host", None),
@@ -742,7 +742,7 @@ def _server_dir(c, party: int, server_dir=None) -> Path:
 
 def _say_dealer(sent) -> None:
     """After share-*: in the dealer mode the client must deal while the servers run the job."""
-    from orchestration.mpspdz import protocol
+    from orchestration.mpspdz.toolchain import protocol
 
     if protocol(sent.protocol).dealer is not None:
         print(f"then, while both servers run it, on this client: invoke deal --job {sent.job} --hosts HOSTS "
@@ -778,7 +778,7 @@ def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False, cl
     server installs the client's P2.pem the same way.
     """
     _logging()
-    from orchestration import certs as certs_mod
+    from orchestration.mpspdz import certs as certs_mod
 
     try:
         if client:
@@ -840,7 +840,7 @@ def party(c, id, hosts, job, server_dir=None, timeout=None, mpspdz_home=None, ve
     its hosts-file address, and on success writes <server_dir>/outputs/<job>/ for the client.
     """
     _logging(verbose)
-    from orchestration import remote
+    from orchestration.server import remote
 
     import signal
 
@@ -880,7 +880,8 @@ def deal(c, job=None, hosts=None, timeout=None, mpspdz_home=None, verbose=False,
     _logging(verbose)
     import signal
 
-    from orchestration import dealer, remote
+    from orchestration.client import dealer
+    from orchestration.server import remote
 
     mp = _mp(c, mpspdz_home)
     layout = _layout(c)
@@ -888,8 +889,8 @@ def deal(c, job=None, hosts=None, timeout=None, mpspdz_home=None, verbose=False,
     if serve:
         import threading
 
-        from orchestration.mpspdz import protocol
-        from orchestration.service_client import run_service_dealer
+        from orchestration.mpspdz.toolchain import protocol
+        from orchestration.client.service import run_service_dealer
 
         service_hosts = _service_hosts(c, hosts)
         if service_hosts is None:
@@ -944,8 +945,8 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, 
     import signal
     import threading
 
-    from orchestration.mpspdz import protocol
-    from orchestration.service_wire import ServiceError
+    from orchestration.mpspdz.toolchain import protocol
+    from orchestration.shared.wire import ServiceError
 
     mp = _mp(c, mpspdz_home)
     layout = _layout(c)
@@ -954,7 +955,7 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, 
     n_batch = int(_cfg(c, "service", "batch", batch))
     n_queued = int(_cfg(c, "service", "max_queued", max_queued))
     if id is not None:
-        from orchestration import service_server
+        from orchestration.server import gateway as service_server
 
         party = _party_id(id)
         hosts_value = _cfg(c, "service", "hosts", hosts)
@@ -967,7 +968,7 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, 
         if code:
             raise Exit(f"server {party}: the service stopped with an error (see above)", code=code)
         return
-    from orchestration.service_local import LocalService
+    from orchestration.client.local_service import LocalService
 
     done = threading.Event()
 
@@ -1009,7 +1010,7 @@ def _out_folder(out) -> Path:
 def share_train(c, out, dataset=None, backend=None, detector=None, epochs=None, batch=None, lr=None, alpha=None):
     """Client, two hosts: embed the gallery and write one training share bundle per server."""
     _logging()
-    from orchestration import client
+    from orchestration.client import jobs as client
 
     layout = _layout(c)
     _say_protocol(layout)
@@ -1043,8 +1044,9 @@ def share_predict(c, out, image=None, dir=None, threshold=None, backend=None, de
     _logging()
     import numpy as np
 
-    from orchestration import app, client
-    from orchestration.mpspdz import MPSPDZError
+    from orchestration.client import app
+    from orchestration.client import jobs as client
+    from orchestration.mpspdz.toolchain import MPSPDZError
 
     layout = _layout(c)
     _say_protocol(layout)
@@ -1072,8 +1074,8 @@ def share_predict(c, out, image=None, dir=None, threshold=None, backend=None, de
 def share_refresh(c, out):
     """Client, two hosts: a share-refresh job for both servers (no data; they re-randomise their model shares)."""
     _logging()
-    from orchestration import client
-    from orchestration.mpspdz import MPSPDZError
+    from orchestration.client import jobs as client
+    from orchestration.mpspdz.toolchain import MPSPDZError
 
     try:
         layout = _layout(c)
@@ -1093,8 +1095,9 @@ def share_refresh(c, out):
 def collect(c, job, result=None):
     """Client, two hosts: check both servers' results of a job and finish it (reconstructs predictions as CSV)."""
     _logging()
-    from orchestration import app, client
-    from orchestration.mpspdz import MPSPDZError
+    from orchestration.client import app
+    from orchestration.client import jobs as client
+    from orchestration.mpspdz.toolchain import MPSPDZError
 
     if not result or len(result) != 2:
         raise Exit("give --result twice: server 0's outputs/<job> folder, then server 1's", code=1)
@@ -1132,8 +1135,8 @@ def share_confirm(c, out):
     generations of its model shares (`invoke confirm`). Until then each server keeps the previous one too.
     """
     _logging()
-    from orchestration import client
-    from orchestration.mpspdz import MPSPDZError
+    from orchestration.client import jobs as client
+    from orchestration.mpspdz.toolchain import MPSPDZError
 
     try:
         sent = client.share_confirm(_layout(c).client, _out_folder(out))
@@ -1152,8 +1155,8 @@ def share_confirm(c, out):
 def confirm(c, id, job, server_dir=None):
     """Server, two hosts: the client confirmed a model generation; destroy every older one (overwrite, unlink)."""
     _logging()
-    from orchestration import server as server_mod
-    from orchestration.mpspdz import MPSPDZError
+    from orchestration.server import job as server_mod
+    from orchestration.mpspdz.toolchain import MPSPDZError
 
     party_no = _party_id(id)
     sdir = _server_dir(c, party_no, server_dir)
@@ -1175,8 +1178,8 @@ def refresh_shares(c, timeout=None, mpspdz_home=None):
     Two hosts: share-refresh, party on each server, collect, then share-confirm and confirm on each server.
     """
     _logging()
-    from orchestration.mpspdz import MPSPDZError
-    from orchestration.private import refresh_private
+    from orchestration.mpspdz.toolchain import MPSPDZError
+    from orchestration.client.private import refresh_private
 
     mp = _mp(c, mpspdz_home)
     try:

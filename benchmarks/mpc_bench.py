@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from orchestration import reference  # noqa: E402
-from orchestration.mpspdz import find_mpspdz  # noqa: E402
-from orchestration.private import Layout, predict_private, train_private  # noqa: E402
+from orchestration.shared import reference  # noqa: E402
+from orchestration.mpspdz.toolchain import find_mpspdz  # noqa: E402
+from orchestration.client.private import Layout, predict_private, train_private  # noqa: E402
 
 FACES = REPO.parent / "shared" / "faces"
 ENCRYPTED = True

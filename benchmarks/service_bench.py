@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO))
 
 from synthetic import clusters  # noqa: E402
 
-from orchestration import reference  # noqa: E402
-from orchestration.mpspdz import find_mpspdz, protocol  # noqa: E402
-from orchestration.service_wire import ServiceError  # noqa: E402
+from orchestration.shared import reference  # noqa: E402
+from orchestration.mpspdz.toolchain import find_mpspdz, protocol  # noqa: E402
+from orchestration.shared.wire import ServiceError  # noqa: E402
 
 PARAMS = reference.TrainParams(epochs=1, batch=32, lr=1.0, alpha=16.0, exp_bits=8, seed=1)
 
@@ -143,9 +143,9 @@ class NsCall:
 
 
 def run_local(mp, proto, c: int, args: argparse.Namespace, tmp: Path) -> list[dict]:
-    from orchestration.private import Layout, train_private
-    from orchestration.service_client import ServiceClient
-    from orchestration.service_local import LocalService
+    from orchestration.client.private import Layout, train_private
+    from orchestration.client.service import ServiceClient
+    from orchestration.client.local_service import LocalService
 
     x, labels = clusters(people=c, per=args.per, seed=c)
     layout = Layout(tmp / f"local-{proto.name}-{c}", proto.name)

@@ -32,8 +32,9 @@ import netlab  # noqa: E402
 from synthetic import clusters  # noqa: E402
 from test_two_hosts import PORTS, Deployment  # noqa: E402
 
-from orchestration import client, reference  # noqa: E402
-from orchestration.mpspdz import compile_program, find_mpspdz, protocol  # noqa: E402
+from orchestration.client import jobs as client
+from orchestration.shared import reference  # noqa: E402
+from orchestration.mpspdz.toolchain import compile_program, find_mpspdz, protocol  # noqa: E402
 
 
 def path_rtt_ms(net: netlab.TwoHosts, hosts1: str) -> float:

@@ -40,10 +40,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestration import reference  # noqa: E402
-from orchestration.app import FaceSettings  # noqa: E402
-from orchestration.mpspdz import find_mpspdz, protocol  # noqa: E402
-from orchestration.private import Layout  # noqa: E402
+from orchestration.shared import reference  # noqa: E402
+from orchestration.client.app import FaceSettings  # noqa: E402
+from orchestration.mpspdz.toolchain import find_mpspdz, protocol  # noqa: E402
+from orchestration.client.private import Layout  # noqa: E402
 
 logger = logging.getLogger("video_service")
 
@@ -66,7 +66,7 @@ def person_images(dataset: Path, people: int) -> dict[str, list[Path]]:
 
 def train_model(layout: Layout, images: dict[str, list[Path]], held_out: int, face: FaceSettings, mp) -> int:
     """Train on every image but the first ``held_out`` of each person; the number of training images."""
-    from orchestration import app
+    from orchestration.client import app
 
     gallery = layout.root / "bench-gallery"
     n = 0
@@ -164,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--frames, --hold, --people and --held-out must be 1 or more")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from orchestration.recognizer import FaceRecognizer
-    from orchestration.service_client import ServiceClient
-    from orchestration.service_local import LocalService
+    from orchestration.client.recognizer import FaceRecognizer
+    from orchestration.client.service import ServiceClient
+    from orchestration.client.local_service import LocalService
 
     cfg = _config()
     upsample = int(cfg["face"]["upsample"]) if args.upsample is None else args.upsample

@@ -36,7 +36,7 @@ def devtrain_people() -> Path:
 @pytest.fixture(scope="session")
 def mp():
     """The MP-SPDZ installation. Missing MP-SPDZ FAILS the protocol tests: skipping would prove nothing."""
-    from orchestration.mpspdz import MPSPDZError, find_mpspdz
+    from orchestration.mpspdz.toolchain import MPSPDZError, find_mpspdz
 
     try:
         return find_mpspdz()

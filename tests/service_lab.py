@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import netlab
 
-from orchestration.hosts import load_hosts
-from orchestration.service_client import ServiceClient
-from orchestration.service_wire import ServiceError
+from orchestration.mpspdz.hosts import load_hosts
+from orchestration.client.service import ServiceClient
+from orchestration.shared.wire import ServiceError
 
 REPO = Path(__file__).resolve().parents[1]
 CLONE_NEWNET = 0x40000000
@@ -70,7 +70,7 @@ class ServiceLab:
             # hosts_text delays the MPC links (server 1 and the dealer reach server 0 through a relay);
             # the service adds two more cross-namespace links: server 0's gateway to server 1's link
             # port, and the client (in namespace 1) to server 0's gateway
-            from orchestration.service_server import CLIENT_OFFSET, LINK_OFFSET
+            from orchestration.server.gateway import CLIENT_OFFSET, LINK_OFFSET
 
             relay0 = int(texts[1].splitlines()[0].rsplit(":", 1)[1])  # server 0 as namespace 1 sees it
             self.net.add_relay(1, relay0 + CLIENT_OFFSET, (self.net.addr[0], ports[0] + CLIENT_OFFSET))

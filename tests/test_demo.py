@@ -10,7 +10,7 @@ from PIL import Image
 def test_lfw_sample_writes_a_gallery(tmp_path, monkeypatch):
     import sklearn.datasets
 
-    from orchestration.demo import lfw_sample
+    from orchestration.client.demo import lfw_sample
 
     rng = np.random.default_rng(0)
     fake = types.SimpleNamespace(

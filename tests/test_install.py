@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestration import install
-from orchestration.install import SetupError
-from orchestration.mpspdz import find_mpspdz
+from orchestration.mpspdz import install
+from orchestration.mpspdz.install import SetupError
+from orchestration.mpspdz.toolchain import find_mpspdz
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MPSPDZ = REPO.parent / "shared" / "mp-spdz"
@@ -359,7 +359,7 @@ def test_online_install_without_a_pinned_checksum_fails_clearly(tmp_path, monkey
         install.install_mpspdz(target / "mp-spdz")
     msg = str(err.value)
     for part in ("mp-spdz-0.4.2.tar.xz", "sha256 (64 hex digits) is not pinned", "RELEASE_SHA256 in "
-                 "orchestration/install.py is empty", "GitHub could not be reached", "--sha256 <hex>",
+                 "orchestration/mpspdz/install.py is empty", "GitHub could not be reached", "--sha256 <hex>",
                  "invoke setup --archive FILE", "--from-source DIR", "docs/docker.md"):
         assert part in msg
     assert not target.exists()

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestration import reference
-from orchestration.launcher import PartyFailed
-from orchestration.mpspdz import MPSPDZError, find_mpspdz
-from orchestration.private import UNKNOWN, Layout, ModelError, predict_private, train_private
+from orchestration.shared import reference
+from orchestration.mpspdz.launcher import PartyFailed
+from orchestration.mpspdz.toolchain import MPSPDZError, find_mpspdz
+from orchestration.client.private import UNKNOWN, Layout, ModelError, predict_private, train_private
 from preprocessing import sharing
 
 pytestmark = pytest.mark.mpc
@@ -77,7 +77,7 @@ def test_model_shares_reconstruct_to_reference_weights(trained, lfw10_split):
     g, tr, _ = lfw10_split
     layout, report = trained
     d1, c = g.embeddings.shape[1] + 1, len(report.classes)
-    from orchestration.private import _read_shares
+    from orchestration.client.private import _read_shares
 
     shares = [_read_shares(layout.model_dir(i) / f"Transactions-P{i}.data", 0, d1 * c) for i in range(2)]
     w = sharing.decode_fixed(sharing.reconstruct(*shares)).reshape(d1, c)
@@ -135,8 +135,8 @@ def _server_files(layout: Layout) -> list[Path]:
 def test_server_folders_hold_no_plaintext(mp, trained, lfw10_split):
     g, tr, te = lfw10_split
     layout, report = trained
-    from orchestration import client
-    from orchestration.private import run_local
+    from orchestration.client import jobs as client
+    from orchestration.client.private import run_local
 
     # the steps of predict_private, looking at the servers' folders before the client collects
     sent = client.share_predict(layout.client, g.embeddings[te[:4]], 0.0,
@@ -264,7 +264,7 @@ def test_missing_mpspdz_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_share_bundle_checks(tmp_path):
-    from orchestration.private import _check_bundle
+    from orchestration.client.private import _check_bundle
 
     dests = (tmp_path / "s0", tmp_path / "s1")
     sharing.write_share_bundle([(np.ones((2, 3)) * 0.5, sharing.FRAC_BITS)], dests, program="face_train",

@@ -18,13 +18,15 @@ import numpy as np
 import pytest
 from synthetic import split
 
-from orchestration import certs, client, reference
-from orchestration.certs import CertError
-from orchestration.hosts import HostsError, load_hosts
-from orchestration.launcher import PartyFailed
-from orchestration.private import Layout, ModelError, predict_private, refresh_private, train_private
-from orchestration.remote import run_party_job
-from orchestration.server import Server, current_generation, model_generations, read_shares
+from orchestration.mpspdz import certs
+from orchestration.client import jobs as client
+from orchestration.shared import reference
+from orchestration.mpspdz.certs import CertError
+from orchestration.mpspdz.hosts import HostsError, load_hosts
+from orchestration.mpspdz.launcher import PartyFailed
+from orchestration.client.private import Layout, ModelError, predict_private, refresh_private, train_private
+from orchestration.server.remote import run_party_job
+from orchestration.server.job import Server, current_generation, model_generations, read_shares
 from preprocessing import sharing
 
 pytestmark = [pytest.mark.mpc, pytest.mark.protocol]
@@ -408,7 +410,7 @@ def test_a_bundle_runs_once_and_a_replay_is_refused(mp, trained, data, tmp_path)
     sent = client.share_predict(layout.client, x[te[:2]], 0.0, tmp_path / "jobs")
     keep = tmp_path / "copy"
     shutil.copytree(tmp_path / "jobs", keep)
-    from orchestration.private import run_local
+    from orchestration.client.private import run_local
 
     run_local(mp, layout, sent)
     replay = client.Outgoing(sent.job, sent.kind, (keep / "server0", keep / "server1"), sent.program_args,
@@ -438,7 +440,7 @@ def test_killed_dealer_mid_training_is_named_and_changes_nothing(mp, trained, da
 
 
 def test_dealer_errors_name_the_job_and_the_hosts_file(mp, trained, data, tmp_path):
-    from orchestration.dealer import run_dealer
+    from orchestration.client.dealer import run_dealer
 
     layout = _copy(trained[0], tmp_path / "var")
     x, _, _, te = data

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from helpers_video import FRAME_SIZE, blank_frame, pair_frame, read_rgb, read_video, single_frame, write_video
-from orchestration import reference
-from orchestration.app import UNKNOWN_PERSON, FaceSettings
-from orchestration.private import Layout, ModelError, train_private
-from orchestration.recognizer import (
+from orchestration.shared import reference
+from orchestration.client.app import UNKNOWN_PERSON, FaceSettings
+from orchestration.client.private import Layout, ModelError, train_private
+from orchestration.client.recognizer import (
     KNOWN_COLOUR,
     UNKNOWN_COLOUR,
     FaceRecognizer,
@@ -218,7 +218,7 @@ def test_unknown_faces_get_another_colour() -> None:
 
 def _free_service_port() -> int:
     """A first port for the local service with all of its ports free (base + 0..2, +100.., +200.., +300..)."""
-    from orchestration.service_server import CLIENT_OFFSET, LINK_OFFSET, SPDZ_OFFSET
+    from orchestration.server.gateway import CLIENT_OFFSET, LINK_OFFSET, SPDZ_OFFSET
 
     offsets = [k + off for off in (0, CLIENT_OFFSET, LINK_OFFSET, SPDZ_OFFSET) for k in range(3)]
     for base in range(23000, 30000, 400):
@@ -239,9 +239,9 @@ def _free_service_port() -> int:
 
 def test_through_the_service_every_frame(mp, trained: Layout, video: Path, every1, tmp_path: Path) -> None:
     """The same video through the running service: pipelined, every frame, the one-job mode's names."""
-    from orchestration.mpspdz import protocol
-    from orchestration.service_client import ServiceClient
-    from orchestration.service_local import LocalService
+    from orchestration.mpspdz.toolchain import protocol
+    from orchestration.client.service import ServiceClient
+    from orchestration.client.local_service import LocalService
 
     one_job, _ = every1
     with LocalService(mp, trained, protocol(trained.protocol), port=_free_service_port(),

@@ -22,10 +22,12 @@ import numpy as np
 import pytest
 from synthetic import split
 
-from orchestration import certs, client, reference
-from orchestration.launcher import PartyFailed, PartySpec, _blame
-from orchestration.private import Layout, predict_private, refresh_private, run_local, train_private
-from orchestration.server import ModelError, Server, check_bundle, model_generations, prepare_job, read_shares
+from orchestration.mpspdz import certs
+from orchestration.client import jobs as client
+from orchestration.shared import reference
+from orchestration.mpspdz.launcher import PartyFailed, PartySpec, _blame
+from orchestration.client.private import Layout, predict_private, refresh_private, run_local, train_private
+from orchestration.server.job import ModelError, Server, check_bundle, model_generations, prepare_job, read_shares
 from preprocessing import sharing
 from preprocessing.sharing import FRAC_BITS, SharingError
 

@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestration import certs, client, reference
-from orchestration.service_client import ServiceClient
-from orchestration.service_wire import ServiceError, encode, receive, send
+from orchestration.mpspdz import certs
+from orchestration.client import jobs as client
+from orchestration.shared import reference
+from orchestration.client.service import ServiceClient
+from orchestration.shared.wire import ServiceError, encode, receive, send
 from service_lab import NsClients, ServiceLab
 from synthetic import split
 from test_mpc import _fixed_point_needles, assert_no_plaintext
@@ -425,7 +427,7 @@ def test_everything_between_the_hosts_is_tls(svc, data, tmp_path):
     streams = netlab.tcp_streams(tmp_path / "veth.cap")
     between = {k: v for k, v in streams.items() if {k[0], k[2]} == set(lab.net.addr)}
     ports = {min(k[1], k[3]) for k in between}
-    from orchestration.service_server import CLIENT_OFFSET, LINK_OFFSET
+    from orchestration.server.gateway import CLIENT_OFFSET, LINK_OFFSET
 
     assert 7200 in ports, ports  # the MPC (server 1 and the dealer to server 0)
     assert 7200 + CLIENT_OFFSET in ports and 7201 + LINK_OFFSET in ports, ports  # the client; the gateways' link

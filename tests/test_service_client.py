@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from orchestration.client import UNKNOWN
-from orchestration.hosts import write_hosts
-from orchestration.server import ModelError
-from orchestration.service_client import ServiceClient
+from orchestration.client.jobs import UNKNOWN
+from orchestration.mpspdz.hosts import write_hosts
+from orchestration.server.job import ModelError
+from orchestration.client.service import ServiceClient
 
 GOOD = (np.array([1, 0]), np.array([1.25, 1.0]), "g1")
 # a local truncation that wrapped: the denominator's share is off by 2^(64-16), 2^32 once decoded

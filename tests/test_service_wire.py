@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from orchestration.service_wire import (MAX_FRAME, WireError, body_shares, encode, int_field, receive, shares_body,
+from orchestration.shared.wire import (MAX_FRAME, WireError, body_shares, encode, int_field, receive, shares_body,
                                         str_field)
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestration import client, reference
-from orchestration.server import Server, current_generation
+from orchestration.client import jobs as client
+from orchestration.shared import reference
+from orchestration.server.job import Server, current_generation
 import netlab
 from synthetic import split
 

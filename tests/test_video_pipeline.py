@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from helpers_video import FRAME_SIZE, blank_frame, read_rgb, read_video, single_frame, write_video
-from orchestration import recognizer as recognizer_mod
-from orchestration.app import FaceSettings
-from orchestration.client import Prediction
-from orchestration.private import Layout
-from orchestration.recognizer import FaceRecognizer, FrameResult
-from orchestration.service_client import ServiceAnswer
-from orchestration.service_wire import ServiceError
+from orchestration.client import recognizer as recognizer_mod
+from orchestration.client.app import FaceSettings
+from orchestration.client.jobs import Prediction
+from orchestration.client.private import Layout
+from orchestration.client.recognizer import FaceRecognizer, FrameResult
+from orchestration.client.service import ServiceAnswer
+from orchestration.shared.wire import ServiceError
 from preprocessing.video import FrameSlot
 
 FACE = FaceSettings(backend="dlib", detector="hog", upsample=0)

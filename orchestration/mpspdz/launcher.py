@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from preprocessing.fileio import PRIVATE_UMASK, open_private, owner_only, private_dir
 
-from .mpspdz import MPSPDZ, MPSPDZError, Protocol, protocol
+from orchestration.mpspdz.toolchain import MPSPDZ, MPSPDZError, Protocol, protocol
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def bind_shim(build_dir: Path) -> Path:
         return out
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
-        raise MPSPDZError("a C compiler (cc or gcc) is needed once to build orchestration/bindshim.c, which keeps "
+        raise MPSPDZError("a C compiler (cc or gcc) is needed once to build orchestration/mpspdz/bindshim.c, which keeps "
                           "MP-SPDZ from listening on every interface (Debian: apt install gcc libc6-dev)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

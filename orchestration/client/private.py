@@ -1,7 +1,7 @@
 """Private training and recognition with both servers on this machine (local mode).
 
-The client makes one share bundle per server (:mod:`.client`), each server checks it and runs
-its party (:mod:`.server`), and the client collects the results: the same steps, and the same
+The client makes one share bundle per server (:mod:`orchestration.client.jobs`), each server checks it and runs
+its party (:mod:`orchestration.server.job`), and the client collects the results: the same steps, and the same
 files, as with two real hosts (``invoke party``), only launched together here. After a training
 or a refresh the client confirms the new generation to both servers at once, and they destroy the
 older ones (two hosts: ``invoke share-confirm`` and ``invoke confirm``).
@@ -9,7 +9,7 @@ older ones (two hosts: ``invoke share-confirm`` and ``invoke confirm``).
 Folder layout under ``var``::
 
     client/            plaintext side: names, model record, jobs waiting for results
-    server0/, server1/ one folder per server (see :mod:`.server`), shares and sizes only
+    server0/, server1/ one folder per server (see :mod:`orchestration.server.job`), shares and sizes only
     build/             compiled programs shared by the local servers
 """
 from __future__ import annotations
@@ -24,13 +24,15 @@ import numpy as np
 
 from preprocessing.fileio import atomic_write_json, destroy_tree, owner_only
 
-from . import certs, client, reference
-from .dealer import DealerRun, cleanup_dealer, prepare_dealer
-from .client import UNKNOWN, Prediction  # noqa: F401  (re-exported)
-from .hosts import write_hosts
-from .launcher import RunResult, PartySpec, bind_shim, free_ports, run_parties
-from .mpspdz import DEFAULT_PROTOCOL, MPSPDZ, compile_program, protocol as get_protocol
-from .server import (  # noqa: F401  (re-exported)
+from orchestration.mpspdz import certs
+from orchestration.client import jobs as client
+from orchestration.shared import reference
+from orchestration.client.dealer import DealerRun, cleanup_dealer, prepare_dealer
+from orchestration.client.jobs import UNKNOWN, Prediction  # noqa: F401  (re-exported)
+from orchestration.mpspdz.hosts import write_hosts
+from orchestration.mpspdz.launcher import RunResult, PartySpec, bind_shim, free_ports, run_parties
+from orchestration.mpspdz.toolchain import DEFAULT_PROTOCOL, MPSPDZ, compile_program, protocol as get_protocol
+from orchestration.server.job import (  # noqa: F401  (re-exported)
     PREDICT_PROGRAM,
     REFRESH_PROGRAM,
     TRAIN_PROGRAM,

@@ -1,7 +1,7 @@
 """Local mode of the service: both servers' gateways (and the client's dealer) on this machine.
 
 ``invoke serve`` without ``--id`` runs this; tests and benchmarks use it too. Each server is its own
-process (``python -m orchestration.service_server``), as on two hosts, with its own folder, key and
+process (``python -m orchestration.server.gateway``), as on two hosts, with its own folder, key and
 log; the dealer (dealer mode) runs in the calling process, as the client's part.
 """
 from __future__ import annotations
@@ -17,16 +17,16 @@ from pathlib import Path
 
 from preprocessing.fileio import open_private, private_dir
 
-from . import certs as certs_mod
-from .hosts import Hosts, write_hosts
-from .mpspdz import MPSPDZ, Protocol
-from .private import Layout, ensure_local_certs
-from .service_client import ServiceClient, run_service_dealer
-from .service_wire import ServiceError
+from orchestration.mpspdz import certs as certs_mod
+from orchestration.mpspdz.hosts import Hosts, write_hosts
+from orchestration.mpspdz.toolchain import MPSPDZ, Protocol
+from orchestration.client.private import Layout, ensure_local_certs
+from orchestration.client.service import ServiceClient, run_service_dealer
+from orchestration.shared.wire import ServiceError
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def local_hosts(layout: Layout, host: str, port: int, n_parties: int) -> Hosts:
@@ -82,7 +82,7 @@ class LocalService:
 
     def server_command(self, i: int) -> list[str]:
         assert self.hosts is not None
-        return [sys.executable, "-m", "orchestration.service_server", "--server-dir", str(self.layout.server(i)),
+        return [sys.executable, "-m", "orchestration.server.gateway", "--server-dir", str(self.layout.server(i)),
                 "--id", str(i), "--hosts", str(self.hosts.path), "--protocol", self.proto.name,
                 "--batch", str(self.batch), "--mpspdz-home", str(self.mp.home),
                 "--follower-wait", str(self.follower_wait)] + (

@@ -17,9 +17,9 @@ import numpy as np
 
 from preprocessing.fileio import atomic_write_json, atomic_write_text
 
-from . import reference
-from .mpspdz import DEFAULT_PROTOCOL, MPSPDZ
-from .private import Layout, Prediction, predict_private, train_private
+from orchestration.shared import reference
+from orchestration.mpspdz.toolchain import DEFAULT_PROTOCOL, MPSPDZ
+from orchestration.client.private import Layout, Prediction, predict_private, train_private
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +117,9 @@ def evaluate(mp: MPSPDZ, dataset: Path, unknown: Path | None, out_dir: Path, par
     with contextlib.ExitStack() as stack:
         client = None
         if service is not None:
-            from .mpspdz import protocol as get_protocol
-            from .service_client import ServiceClient
-            from .service_local import LocalService
+            from orchestration.mpspdz.toolchain import protocol as get_protocol
+            from orchestration.client.service import ServiceClient
+            from orchestration.client.local_service import LocalService
 
             svc = stack.enter_context(LocalService(mp, layout, get_protocol(protocol), host=host,
                                                    port=int(service["port"]), batch=int(service["batch"]),

@@ -43,9 +43,9 @@ from preprocessing.fileio import (atomic_write_bytes, atomic_write_json, copy_pr
                                   owner_only, private_dir)
 from preprocessing.sharing import FRAC_BITS, RING_BITS, ShareManifest, SharingError
 
-from . import certs as certs_mod
-from .launcher import PartyResult
-from .mpspdz import PROTOCOLS, MPSPDZ, MPSPDZError, Protocol, compile_program, program_version, programs_dir
+from orchestration.mpspdz import certs as certs_mod
+from orchestration.mpspdz.launcher import PartyResult
+from orchestration.mpspdz.toolchain import PROTOCOLS, MPSPDZ, MPSPDZError, Protocol, compile_program, program_version, programs_dir
 
 logger = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from typing import Callable, Sequence
 
 from preprocessing.fileio import atomic_write_json
 
-from .launcher import PartySpec, free_ports, run_parties
-from .mpspdz import DEALER_BINARY, MPSPDZ, PARTY_BINARY, PROTOCOLS, MPSPDZError, compile_program, programs_dir
+from orchestration.mpspdz.launcher import PartySpec, free_ports, run_parties
+from orchestration.mpspdz.toolchain import DEALER_BINARY, MPSPDZ, PARTY_BINARY, PROTOCOLS, MPSPDZError, compile_program, programs_dir
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class SetupError(RuntimeError):
 def no_release_checksum_message() -> str:
     """Why the online install cannot go ahead without a checksum, and what to do instead."""
     return (f"cannot install MP-SPDZ's official release {RELEASE_FILE} online: its sha256 (64 hex digits) is not "
-            f"pinned. RELEASE_SHA256 in orchestration/install.py is empty because GitHub could not be reached "
+            f"pinned. RELEASE_SHA256 in orchestration/mpspdz/install.py is empty because GitHub could not be reached "
             f"where this project was prepared, so the checksum could not be computed, and a download is never "
             f"installed unverified (the Dockerfile's MPSPDZ_SHA256 and the CI workflow stop for the same reason). "
             f"Either pass --sha256 <hex> with the sha256 of {RELEASE_FILE} from a download you trust (docs/docker.md, "

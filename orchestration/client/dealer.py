@@ -24,11 +24,11 @@ from pathlib import Path
 
 from preprocessing.fileio import destroy_tree, owner_only, private_dir
 
-from . import certs as certs_mod
-from .client import CollectError, load_pending
-from .hosts import check_can_listen, check_hosts_for, load_hosts
-from .launcher import PartySpec, RunResult, bind_shim, run_parties
-from .mpspdz import MPSPDZ, Protocol, compile_program, programs_dir, protocol
+from orchestration.mpspdz import certs as certs_mod
+from orchestration.client.jobs import CollectError, load_pending
+from orchestration.mpspdz.hosts import check_can_listen, check_hosts_for, load_hosts
+from orchestration.mpspdz.launcher import PartySpec, RunResult, bind_shim, run_parties
+from orchestration.mpspdz.toolchain import MPSPDZ, Protocol, compile_program, programs_dir, protocol
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 certificate, the servers' certificates pinned). A request splits the queries into fresh additive
 shares, sends server i only share i, and adds the two answers: the best class and the softmax
 denominator, from which the client alone derives the confidence and applies its threshold, as the
-one-job mode does (orchestration.client.collect). Both answers must carry the request's id and
+one-job mode does (orchestration.client.jobs.collect). Both answers must carry the request's id and
 the same model generation, or nothing is added.
 
 :func:`run_service_dealer` is the client's part in the dealer mode: MP-SPDZ's dealer party for
@@ -29,15 +29,15 @@ from preprocessing import sharing
 from preprocessing.fileio import destroy_tree
 from preprocessing.sharing import FRAC_BITS
 
-from . import certs as certs_mod
-from . import reference
-from .client import UNKNOWN, ModelError, Prediction, load_model_record, model_generation
-from .hosts import Hosts
-from .launcher import PartySpec, _kill, bind_shim, start_party
-from .mpspdz import MPSPDZ, Protocol, compile_program
-from .server import PREDICT_PROGRAM
-from .service_server import ServicePorts, prepare_run, service_program_args
-from .service_wire import ServiceError, WireError, body_shares, receive, send, shares_body
+from orchestration.mpspdz import certs as certs_mod
+from orchestration.shared import reference
+from orchestration.client.jobs import UNKNOWN, ModelError, Prediction, load_model_record, model_generation
+from orchestration.mpspdz.hosts import Hosts
+from orchestration.mpspdz.launcher import PartySpec, _kill, bind_shim, start_party
+from orchestration.mpspdz.toolchain import MPSPDZ, Protocol, compile_program
+from orchestration.server.job import PREDICT_PROGRAM
+from orchestration.server.gateway import ServicePorts, prepare_run, service_program_args
+from orchestration.shared.wire import ServiceError, WireError, body_shares, receive, send, shares_body
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class ServiceClient:
         return total[:n].view(np.int64), sharing.decode_fixed(total[n:]), str(answers[0][0]["gen"])
 
     def recognise(self, embeddings: np.ndarray, threshold: float) -> ServiceAnswer:
-        """Predictions for a batch of embeddings, as :func:`orchestration.client.collect` makes them."""
+        """Predictions for a batch of embeddings, as :func:`orchestration.client.jobs.collect` makes them."""
         t0 = time.monotonic()
         record = load_model_record(self.client_dir)
         x = np.asarray(embeddings, dtype=np.float64)

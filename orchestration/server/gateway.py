@@ -19,7 +19,7 @@ requests have reached it, and server 0 plans only requests both servers hold: a 
 reached one server only (a client that died between its two sends, a network cut) delays no other
 request and is answered as failed after twice ``follower_wait``. A request is answered by both servers
 or reported failed by at least one;
-the client (orchestration.service_client) adds two shares only when both answered the same
+the client (orchestration.client.service) adds two shares only when both answered the same
 request id for the same generation.
 
 Model generations: a client names the generation it holds. Server 0 switches the service to a new
@@ -59,12 +59,12 @@ import numpy as np
 from preprocessing.fileio import copy_private, destroy_file, destroy_tree, private_dir
 from preprocessing.sharing import SharingError
 
-from . import certs as certs_mod
-from .hosts import Hosts, write_hosts
-from .launcher import PartySpec, _kill, _tail, bind_shim, start_party
-from .mpspdz import MPSPDZ, MPSPDZError, Protocol, compile_program, programs_dir
-from .server import PREDICT_PROGRAM, ModelError, Server, current_generation, plain_id
-from .service_wire import (
+from orchestration.mpspdz import certs as certs_mod
+from orchestration.mpspdz.hosts import Hosts, write_hosts
+from orchestration.mpspdz.launcher import PartySpec, _kill, _tail, bind_shim, start_party
+from orchestration.mpspdz.toolchain import MPSPDZ, MPSPDZError, Protocol, compile_program, programs_dir
+from orchestration.server.job import PREDICT_PROGRAM, ModelError, Server, current_generation, plain_id
+from orchestration.shared.wire import (
     WireError,
     body_shares,
     encode,
@@ -958,14 +958,14 @@ __all__ = ["CLIENT_OFFSET", "LINK_OFFSET", "SPDZ_OFFSET", "ServicePorts", "Servi
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m orchestration.service_server``: one server's gateway (what ``invoke serve --id I`` runs)."""
+    """``python -m orchestration.server.gateway``: one server's gateway (what ``invoke serve --id I`` runs)."""
     import argparse
     import sys
 
-    from .hosts import HostsError, load_hosts
-    from .mpspdz import find_mpspdz, protocol
+    from orchestration.mpspdz.hosts import HostsError, load_hosts
+    from orchestration.mpspdz.toolchain import find_mpspdz, protocol
 
-    ap = argparse.ArgumentParser(prog="python -m orchestration.service_server", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m orchestration.server.gateway", description=main.__doc__)
     ap.add_argument("--server-dir", required=True, type=Path, help="this server's folder (certs, models, clients)")
     ap.add_argument("--id", required=True, type=int, choices=(0, 1), help="which server this is")
     ap.add_argument("--hosts", required=True, type=Path, help="the service's hosts file")

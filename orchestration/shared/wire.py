@@ -20,7 +20,7 @@ Messages (``type``):
     server -> client   status     party gen d1 c batch
                        result     id gen n + body       n best-class shares, then n denominator shares
                        error      id code message       code: see ERROR_CODES
-    server 0 <-> 1     hello / plan / done / have       the gateways' own link (orchestration.service_server)
+    server 0 <-> 1     hello / plan / done / have       the gateways' own link (orchestration.server.gateway)
 """
 from __future__ import annotations
 

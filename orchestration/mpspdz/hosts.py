@@ -16,7 +16,7 @@ from pathlib import Path
 
 from preprocessing.fileio import atomic_write_text
 
-from .mpspdz import Protocol
+from orchestration.mpspdz.toolchain import Protocol
 
 logger = logging.getLogger(__name__)
 

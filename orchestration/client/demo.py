@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import reference
-from .mpspdz import DEFAULT_PROTOCOL, MPSPDZ
-from .private import Layout, train_private
+from orchestration.shared import reference
+from orchestration.mpspdz.toolchain import DEFAULT_PROTOCOL, MPSPDZ
+from orchestration.client.private import Layout, train_private
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def run_demo(mp: MPSPDZ, dataset: Path, work: Path, params: reference.TrainParam
     from preprocessing.dataset import embed_gallery
     from preprocessing.enroll import enroll
 
-    from .app import FaceSettings, face_queries, recognise
+    from orchestration.client.app import FaceSettings, face_queries, recognise
 
     persons = sorted(p for p in Path(dataset).iterdir() if p.is_dir() and len(_images(p)) >= held_out + 2)
     if len(persons) < 3:

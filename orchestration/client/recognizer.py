@@ -46,9 +46,9 @@ import numpy as np
 from preprocessing.fileio import atomic_write_bytes
 from preprocessing.video import FrameSlot, read_frames
 
-from .app import UNKNOWN_PERSON, FaceSettings, default_threshold, recognise
-from .mpspdz import MPSPDZ
-from .private import Layout, PredictReport, load_client_model
+from orchestration.client.app import UNKNOWN_PERSON, FaceSettings, default_threshold, recognise
+from orchestration.mpspdz.toolchain import MPSPDZ
+from orchestration.client.private import Layout, PredictReport, load_client_model
 
 logger = logging.getLogger(__name__)
 

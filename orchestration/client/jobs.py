@@ -28,9 +28,9 @@ from preprocessing import sharing
 from preprocessing.fileio import atomic_write_json, owner_only, private_dir
 from preprocessing.sharing import FRAC_BITS
 
-from . import reference
-from .mpspdz import DEFAULT_PROTOCOL, program_version, protocol as get_protocol
-from .server import CONFIRM_FILE, PREDICT_PROGRAM, REFRESH_PROGRAM, TRAIN_PROGRAM, ModelError
+from orchestration.shared import reference
+from orchestration.mpspdz.toolchain import DEFAULT_PROTOCOL, program_version, protocol as get_protocol
+from orchestration.server.job import CONFIRM_FILE, PREDICT_PROGRAM, REFRESH_PROGRAM, TRAIN_PROGRAM, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def share_confirm(client: Path, out: Path | Sequence[Path]) -> Outgoing:
     """A confirmation ticket per server: the client now holds its current model generation.
 
     Each server, on its ticket, destroys every older generation of its model shares (see
-    :func:`orchestration.server.confirm`). Send it after :func:`collect` of a training or a refresh;
+    :func:`orchestration.server.job.confirm`). Send it after :func:`collect` of a training or a refresh;
     until a server gets it (or a job for the new generation) it keeps the previous generation too.
     """
     private_dir(client)

@@ -11,9 +11,9 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import reference
-from .mpspdz import MPSPDZ
-from .private import UNKNOWN, Layout, Prediction, PredictReport, TrainReport, load_client_model, predict_private, \
+from orchestration.shared import reference
+from orchestration.mpspdz.toolchain import MPSPDZ
+from orchestration.client.private import UNKNOWN, Layout, Prediction, PredictReport, TrainReport, load_client_model, predict_private, \
     train_private
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def recognise(mp: MPSPDZ | None, layout: Layout, embeddings: np.ndarray, thresho
               ) -> tuple[list[tuple[str, float]], list[PredictReport]]:
     """Names and confidences for embeddings.
 
-    With ``service`` (an :class:`orchestration.service_client.ServiceClient`) through the running
+    With ``service`` (an :class:`orchestration.client.service.ServiceClient`) through the running
     service, in requests of at most ``batch`` faces; otherwise one MPC run per batch of at most
     ``batch`` faces (the reports of those runs are returned; the service gives none)."""
     record = load_client_model(layout)

@@ -20,7 +20,7 @@ from preprocessing.fileio import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROGRAMS_SRC = REPO / "mpc_programs"
 DEFAULT_HOME = Path("/opt/mp-spdz")
 PARTY_BINARY = "semi2k-party.x"

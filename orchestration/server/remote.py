@@ -11,11 +11,11 @@ from pathlib import Path
 from preprocessing.fileio import owner_only
 from preprocessing.sharing import SharingError
 
-from .certs import CertError
-from .hosts import HostsError, check_can_listen, check_hosts_for, load_hosts
-from .launcher import PartySpec, bind_shim, run_parties
-from .mpspdz import MPSPDZ, MPSPDZError
-from .server import Server, cleanup_job, finish_job, prepare_job
+from orchestration.mpspdz.certs import CertError
+from orchestration.mpspdz.hosts import HostsError, check_can_listen, check_hosts_for, load_hosts
+from orchestration.mpspdz.launcher import PartySpec, bind_shim, run_parties
+from orchestration.mpspdz.toolchain import MPSPDZ, MPSPDZError
+from orchestration.server.job import Server, cleanup_job, finish_job, prepare_job
 
 logger = logging.getLogger(__name__)
 
