@@ -930,10 +930,14 @@ def deal(c, job=None, hosts=None, timeout=None, mpspdz_home=None, verbose=False,
     "server_dir": "this server's folder: certs, model shares, allowed clients (default <var>/server<id>)",
     "batch": "queries per MPC batch (default service.batch)",
     "max_queued": "queries a server holds waiting before it answers busy (default service.max_queued)",
+    "max_per_client": "queries one client certificate may have waiting (default service.max_per_client)",
+    "max_client_connections": "connections one client certificate may hold to a server (default "
+                              "service.max_client_connections)",
     "mpspdz_home": "MP-SPDZ folder",
     "verbose": "debug logging",
 })
-def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, mpspdz_home=None, verbose=False):
+def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, max_per_client=None,
+          max_client_connections=None, mpspdz_home=None, verbose=False):
     """Run the recognition service until SIGTERM or Ctrl-C: servers that stay up and answer in milliseconds.
 
     Each server runs one long-lived MP-SPDZ party with its model share loaded and a gateway that
@@ -954,6 +958,10 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, 
     proto = protocol(layout.protocol)
     n_batch = int(_cfg(c, "service", "batch", batch))
     n_queued = int(_cfg(c, "service", "max_queued", max_queued))
+    limits = [f"--{k.replace('_', '-')}={int(v)}" for k, v in
+              (("max_per_client", _cfg(c, "service", "max_per_client", max_per_client)),
+               ("max_client_connections", _cfg(c, "service", "max_client_connections", max_client_connections)))
+              if v is not None]
     if id is not None:
         from orchestration.server import gateway as service_server
 
@@ -963,7 +971,7 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, 
             raise Exit("--id needs the service's hosts file: --hosts FILE (or service.hosts in invoke.yaml)", code=1)
         code = service_server.main(["--server-dir", str(_server_dir(c, party, server_dir)), "--id", str(party),
                                     "--hosts", str(hosts_value), "--protocol", proto.name, "--batch", str(n_batch),
-                                    "--max-queued", str(n_queued), "--mpspdz-home", str(mp.home)]
+                                    "--max-queued", str(n_queued), "--mpspdz-home", str(mp.home), *limits]
                                    + (["--verbose"] if verbose else []))
         if code:
             raise Exit(f"server {party}: the service stopped with an error (see above)", code=code)
@@ -978,7 +986,8 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     svc = LocalService(mp, layout, proto, host=_cfg(c, "mpspdz", "host", None),
-                       port=int(_cfg(c, "service", "port", None)), batch=n_batch, max_queued=n_queued)
+                       port=int(_cfg(c, "service", "port", None)), batch=n_batch, max_queued=n_queued,
+                       extra_args=limits)
     try:
         svc.start()
         st = svc.wait_ready(timeout=300)

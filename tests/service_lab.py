@@ -70,7 +70,7 @@ class ServiceLab:
             # hosts_text delays the MPC links (server 1 and the dealer reach server 0 through a relay);
             # the service adds two more cross-namespace links: server 0's gateway to server 1's link
             # port, and the client (in namespace 1) to server 0's gateway
-            from orchestration.server.gateway import CLIENT_OFFSET, LINK_OFFSET
+            from orchestration.shared.ports import CLIENT_OFFSET, LINK_OFFSET
 
             relay0 = int(texts[1].splitlines()[0].rsplit(":", 1)[1])  # server 0 as namespace 1 sees it
             self.net.add_relay(1, relay0 + CLIENT_OFFSET, (self.net.addr[0], ports[0] + CLIENT_OFFSET))
@@ -86,7 +86,8 @@ class ServiceLab:
 
     def env(self) -> dict[str, str]:
         return dict(os.environ, INVOKE_PATHS_VAR=str(self.root), INVOKE_MPSPDZ_PROTOCOL=self.dep.protocol,
-                    INVOKE_SERVICE_BATCH=str(self.batch), INVOKE_SERVICE_MAX_QUEUED=str(self.max_queued))
+                    INVOKE_SERVICE_BATCH=str(self.batch), INVOKE_SERVICE_MAX_QUEUED=str(self.max_queued),
+                    INVOKE_SERVICE_MAX_PER_CLIENT=str(self.max_queued), INVOKE_SERVICE_MAX_CLIENT_CONNECTIONS="32")
 
     def start_server(self, i: int) -> subprocess.Popen:
         argv = [sys.executable, "-m", "invoke", "serve", "--id", str(i), "--hosts", str(self.hosts_files[i]),

@@ -218,7 +218,7 @@ def test_unknown_faces_get_another_colour() -> None:
 
 def _free_service_port() -> int:
     """A first port for the local service with all of its ports free (base + 0..2, +100.., +200.., +300..)."""
-    from orchestration.server.gateway import CLIENT_OFFSET, LINK_OFFSET, SPDZ_OFFSET
+    from orchestration.shared.ports import CLIENT_OFFSET, LINK_OFFSET, SPDZ_OFFSET
 
     offsets = [k + off for off in (0, CLIENT_OFFSET, LINK_OFFSET, SPDZ_OFFSET) for k in range(3)]
     for base in range(23000, 30000, 400):

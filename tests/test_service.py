@@ -427,7 +427,7 @@ def test_everything_between_the_hosts_is_tls(svc, data, tmp_path):
     streams = netlab.tcp_streams(tmp_path / "veth.cap")
     between = {k: v for k, v in streams.items() if {k[0], k[2]} == set(lab.net.addr)}
     ports = {min(k[1], k[3]) for k in between}
-    from orchestration.server.gateway import CLIENT_OFFSET, LINK_OFFSET
+    from orchestration.shared.ports import CLIENT_OFFSET, LINK_OFFSET
 
     assert 7200 in ports, ports  # the MPC (server 1 and the dealer to server 0)
     assert 7200 + CLIENT_OFFSET in ports and 7201 + LINK_OFFSET in ports, ports  # the client; the gateways' link

@@ -51,12 +51,13 @@ class LocalService:
 
     def __init__(self, mp: MPSPDZ, layout: Layout, proto: Protocol, *, host: str = "127.0.0.1", port: int = 7300,
                  batch: int = 16, log_dir: Path | None = None, follower_wait: float = 10.0,
-                 max_queued: int | None = None):
+                 max_queued: int | None = None, extra_args: list[str] | None = None):
         self.mp, self.layout, self.proto = mp, layout, proto
         self.host, self.port, self.batch = host, int(port), int(batch)
         self.log_dir = log_dir
         self.follower_wait = follower_wait
         self.max_queued = max_queued
+        self.extra_args = list(extra_args or [])  # more flags of orchestration.server.gateway (limits)
         self.procs: list[subprocess.Popen[bytes] | None] = [None, None]
         self.stop_dealer = threading.Event()
         self.dealer: threading.Thread | None = None
@@ -86,7 +87,7 @@ class LocalService:
                 "--id", str(i), "--hosts", str(self.hosts.path), "--protocol", self.proto.name,
                 "--batch", str(self.batch), "--mpspdz-home", str(self.mp.home),
                 "--follower-wait", str(self.follower_wait)] + (
-                    ["--max-queued", str(self.max_queued)] if self.max_queued is not None else [])
+                    ["--max-queued", str(self.max_queued)] if self.max_queued is not None else []) + self.extra_args
 
     def start_server(self, i: int) -> subprocess.Popen[bytes]:
         out = None

@@ -21,6 +21,7 @@ import calendar
 import logging
 import os
 import shutil
+import ssl
 import subprocess
 import tempfile
 import time
@@ -309,3 +310,10 @@ def make_gateway_cert(player_data: Path, client_id: int) -> tuple[Path, Path]:
         k += 1
     os.symlink(pem.name, player_data / f"{info.subject_hash}.{k}")
     return key, pem
+
+
+def harden_tls(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """TLS 1.2 exactly, ECDHE with AES-GCM or ChaCha20-Poly1305 only (no CBC)."""
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
+    return ctx

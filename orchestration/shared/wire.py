@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -67,8 +67,10 @@ def send(sock: socket.socket, header: dict[str, Any], body: bytes = b"") -> None
     sock.sendall(encode(header, body))
 
 
-def receive(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
-    """One frame: (header, body). Raises WireError on anything malformed."""
+def receive(sock: socket.socket, check: Callable[[dict[str, Any]], int] | None = None,
+            max_body: int = MAX_FRAME) -> tuple[dict[str, Any], bytes]:
+    """One frame: (header, body). The header is parsed first; ``check(header)`` returns the body size the
+    caller accepts. Raises WireError on anything malformed."""
     (length,) = struct.unpack("<I", recv_exact(sock, 4))
     if length < 4 or length > MAX_FRAME:
         raise WireError(f"frame of {length} bytes (expected 4..{MAX_FRAME}): not this service's protocol")
@@ -76,13 +78,17 @@ def receive(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
     if hlen > min(MAX_HEADER, length - 4):
         raise WireError(f"header of {hlen} bytes in a frame of {length}: not this service's protocol")
     head = recv_exact(sock, hlen)
-    body = recv_exact(sock, length - 4 - hlen)
     try:
         header = json.loads(head.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError):
         raise WireError("frame header is not JSON: not this service's protocol") from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise WireError("frame header has no type: not this service's protocol")
+    blen = length - 4 - hlen
+    want = check(header) if check is not None else None
+    if (want is not None and blen != want) or blen > max_body:
+        raise WireError(f"a body of {blen} bytes, expected {want if want is not None else max_body}")
+    body = recv_exact(sock, blen)
     return header, body
 
 

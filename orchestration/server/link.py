@@ -1,0 +1,251 @@
+"""Runs on a server: the link between the two gateways (TLS 1.2, AEAD, the servers' certificates pinned).
+
+Both parties must compute on the same queries in the same order, so server 0 *leads*: it forms each
+batch from the requests both servers hold (:meth:`orchestration.server.requests.RequestTable.plan`),
+sends the batch's plan (request ids and positions, model generation) to server 1, and both feed
+their party. Each gateway announces on the link every request that reaches it, with its sizes
+(``[id, n, d1]``): server 1 as they arrive, server 0 with each plan. Server 1 checks every plan
+against its own copies before a share is used (:meth:`~RequestTable.gather`).
+
+Messages (each a frame of :mod:`orchestration.shared.wire`)::
+
+    0 -> 1   hello {gen}                     at the start of a session
+             plan  {seq, probe}              are you there, which generation do you hold?
+             plan  {seq, restart}            both restart for a generation of other sizes
+             plan  {seq, gen, reload, slots, reject, have}
+    1 -> 0   hello {ok, message}
+             have  {ids}                     requests that reached server 1: [[id, n, d1], ...]
+             done  {seq, current}            plan seq computed; the generation server 1 holds now
+
+A message that is not one of these, from either side, ends the session (both start a new one).
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from orchestration.server.connections import Outbox
+from orchestration.server.party import CMD_RELOAD, CMD_SERVE, SessionEnded, Switching
+from orchestration.shared.wire import WireError, encode, int_field, receive, send, str_field
+
+if TYPE_CHECKING:
+    from orchestration.server.gateway import ServiceServer
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT = 5.0  # seconds: an idle server 0 asks server 1 at least this often, which finds a dead link
+MAX_LINK_FRAME = 1 << 20  # a link message holds ids and sizes only
+
+
+def link_receive(sock: ssl.SSLSocket) -> dict[str, Any]:
+    """One message of the other gateway (a header; link messages have no body)."""
+    header, _ = receive(sock, check=lambda h: 0, max_body=0)
+    return header
+
+
+class LinkListener:
+    """Server 1: takes server 0's link connections (only server 0's pinned certificate gets through)."""
+
+    def __init__(self, context: Callable[[], ssl.SSLContext], stop: threading.Event):
+        self.context, self.stop = context, stop
+        self.lock = threading.Condition()
+        self.fresh: ssl.SSLSocket | None = None
+        self.renewed = threading.Event()  # server 0 opened a new link: the session in progress is over
+
+    def accept(self, raw: socket.socket, addr: tuple[str, int]) -> None:
+        try:
+            raw.settimeout(10.0)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = self.context().wrap_socket(raw, server_side=True)
+            sock.settimeout(None)
+        except (ssl.SSLError, OSError) as exc:
+            logger.warning("refused link connection from %s:%d: %s", addr[0], addr[1], str(exc).strip()[:300])
+            raw.close()
+            return
+        with self.lock:
+            if self.fresh is not None:
+                self.fresh.close()
+            self.fresh = sock
+            self.lock.notify_all()
+        self.renewed.set()
+
+    def take(self) -> ssl.SSLSocket:
+        with self.lock:
+            while self.fresh is None and not self.stop.is_set():
+                self.lock.wait(0.5)
+            if self.fresh is None:
+                raise SessionEnded("stopping")
+            sock, self.fresh = self.fresh, None
+            self.renewed.clear()
+            return sock
+
+
+def connect_link(addr: tuple[str, int], context: ssl.SSLContext, stop: threading.Event) -> ssl.SSLSocket:
+    """Server 0: the link to server 1's gateway, tried until it answers or ``stop`` is set."""
+    warned = False
+    while not stop.is_set():
+        try:
+            raw = socket.create_connection(addr, timeout=2.0)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = context.wrap_socket(raw)
+            sock.settimeout(None)
+            return sock
+        except (OSError, ssl.SSLError) as exc:
+            if not warned:
+                logger.info("server 0: waiting for server 1's gateway at %s:%d (%s)", *addr, str(exc).strip()[:200])
+                warned = True
+            time.sleep(0.5)
+    raise SessionEnded("stopping")
+
+
+class Leader:
+    """Server 0, the link's one reader and writer: plans batches of requests both servers hold."""
+
+    def __init__(self, gw: "ServiceServer", link: ssl.SSLSocket, box: Outbox):
+        self.gw, self.link, self.box, self.table = gw, link, box, gw.table
+        self.seq = 0
+
+    def send_plan(self, msg: dict[str, Any]) -> None:
+        """A message to server 1, with the requests that reached server 0 since the last one."""
+        msg["have"] = self.table.take_announcements()
+        send(self.link, msg)
+
+    def read(self, seq: int | None = None) -> dict[str, Any] | None:
+        """One message from server 1: an announcement (taken, None), or (only while plan ``seq`` is out)
+        the answer to that plan, returned."""
+        msg = link_receive(self.link)
+        kind = msg.get("type")
+        if kind == "have":
+            try:
+                self.table.mark_held(msg.get("ids"))
+            except ValueError as exc:
+                raise SessionEnded(f"server 1: {exc}") from None
+            return None
+        if kind != "done" or seq is None or msg.get("seq") != seq:
+            raise SessionEnded(f"server 1 sent {kind} {msg.get('seq')} " +
+                               (f"in answer to plan {seq}" if seq is not None else "with no plan out"))
+        return msg
+
+    def ack(self) -> str | None:
+        """Server 1's answer to the plan out (announcements that come first are taken on the way)."""
+        while True:
+            answer = self.read(self.seq)
+            if answer is not None:
+                self.seq += 1
+                current = answer.get("current")
+                return current if isinstance(current, str) else None
+
+    def run(self) -> None:
+        gw, table = self.gw, self.table
+        follower_gen: str | None = None
+        last_contact = time.monotonic()
+        while not gw.stop.is_set():
+            gw.driver.check_alive()
+            if not table.ready() and self.box.wait(self.link, 0.5):  # a new request, or server 1 announced
+                self.read()
+            assert gw.serving is not None
+            command, gen = CMD_SERVE, gw.serving["gen"]
+            mine = gw.current()
+            idle = time.monotonic() - last_contact > HEARTBEAT
+            if idle or (mine is not None and mine["gen"] != gen):
+                last_contact = time.monotonic()
+                if idle or follower_gen != (mine or {}).get("gen"):  # what does server 1 hold now (and is it there)?
+                    self.send_plan({"type": "plan", "seq": self.seq, "probe": True})
+                    follower_gen = self.ack()
+                if mine is not None and mine["gen"] != gen and follower_gen == mine["gen"]:
+                    if tuple(mine[k] for k in ("d1", "c", "exp_bits")) != tuple(
+                            gw.serving[k] for k in ("d1", "c", "exp_bits")):
+                        self.send_plan({"type": "plan", "seq": self.seq, "restart": mine["gen"]})
+                        raise Switching(f"switching to generation {mine['gen']}, of other sizes: restarting")
+                    command, gen = CMD_RELOAD, mine["gen"]
+            slots, held = table.plan(gen, pending=mine["gen"] if mine is not None else None)
+            rejects = table.take_rejects()
+            if not slots and command == CMD_SERVE:
+                if rejects:
+                    self.send_plan({"type": "plan", "seq": self.seq, "gen": gen, "slots": [], "reject": rejects})
+                    follower_gen = self.ack()
+                elif held:  # requests wait for a switch server 1 is not ready for yet
+                    gw.stop.wait(0.05)
+                continue
+            self.send_plan({"type": "plan", "seq": self.seq, "gen": gen, "reload": command == CMD_RELOAD,
+                            "slots": [[r.id, s, c] for r, s, c in slots if r is not None], "reject": rejects})
+            if command == CMD_RELOAD:
+                gw.driver.install_model(gen)
+                gw.serving = mine
+                logger.info("server 0: switched to model generation %s between two batches", gen)
+            gw.compute(command, slots, gen)
+            follower_gen = self.ack()
+            last_contact = time.monotonic()
+
+
+class Follower:
+    """Server 1, the link's one reader and writer: runs server 0's plans (checked), announces requests."""
+
+    def __init__(self, gw: "ServiceServer", link: ssl.SSLSocket, box: Outbox, renewed: threading.Event):
+        self.gw, self.link, self.box, self.table, self.renewed = gw, link, box, gw.table, renewed
+
+    def done(self, seq: int) -> None:
+        self.box.flush(self.link)  # announcements go out before anything else this server sends
+        send(self.link, {"type": "done", "seq": seq, "current": self.gw.current_name()})
+
+    def run(self) -> None:
+        gw = self.gw
+        silence = 3 * HEARTBEAT + gw.party_timeout  # server 0 writes at least every HEARTBEAT seconds
+        self.link.settimeout(gw.party_timeout)  # within a message
+        heard = time.monotonic()
+        while not gw.stop.is_set():
+            gw.driver.check_alive()
+            if self.renewed.is_set():
+                raise SessionEnded("server 0 opened a new link")
+            readable = self.box.wait(self.link, 0.5)
+            self.box.flush(self.link)
+            if not readable:
+                if time.monotonic() - heard > silence:
+                    raise SessionEnded(f"server 0 sent nothing for {silence:.0f} s")
+                continue
+            plan = link_receive(self.link)
+            heard = time.monotonic()
+            try:
+                self.follow(plan)
+            except (WireError, ValueError, KeyError, TypeError) as exc:
+                raise SessionEnded(f"server 0 sent a plan this server cannot follow: {exc}") from None
+
+    def follow(self, plan: dict[str, Any]) -> None:
+        gw, table = self.gw, self.table
+        if plan.get("type") != "plan":
+            raise SessionEnded(f"server 0 sent {plan.get('type')!r} instead of a plan")
+        seq = int_field(plan, "seq", 0, 1 << 62)
+        table.mark_held(plan.get("have", []))
+        if "restart" in plan:
+            raise Switching(f"server 0 switches to generation {plan['restart']} of other sizes: restarting")
+        if plan.get("probe"):
+            self.done(seq)
+            return
+        table.apply_rejects(plan.get("reject", []))
+        if not plan.get("slots") and not plan.get("reload"):
+            self.done(seq)
+            return
+        gen = str_field(plan, "gen")
+        command = CMD_SERVE
+        if plan.get("reload"):
+            model = gw.generation(gen)
+            gw.driver.install_model(gen)
+            gw.serving = model
+            command = CMD_RELOAD
+            logger.info("server 1: switched to model generation %s between two batches", gen)
+        assert gw.serving is not None
+        slots = table.gather(plan.get("slots", []), gen, gw.serving["d1"])
+        gw.compute(command, slots, gen)
+        self.done(seq)
+
+
+def link_box_message(items: list[list[Any]]) -> bytes:
+    """Server 1's announcement of requests that reached it."""
+    return encode({"type": "have", "ids": items})
+
+
+__all__ = ["HEARTBEAT", "Follower", "Leader", "LinkListener", "connect_link", "link_box_message", "link_receive"]

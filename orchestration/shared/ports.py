@@ -1,0 +1,42 @@
+"""The service's ports and program sizes, which the client, both servers and the dealer must agree on.
+
+From the hosts file's line ``address:p`` of server i: ``p`` MPC, ``p + 100`` clients, ``p + 200`` the
+gateways' link (server 1 listens), ``p + 300`` MP-SPDZ's client listener (for the gateway only, on its
+own host). Each server takes its own ports from its own line and the other's from the other's line,
+so two hosts files may differ (NAT, relays).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestration.mpspdz.hosts import Hosts
+
+CLIENT_OFFSET, LINK_OFFSET, SPDZ_OFFSET = 100, 200, 300
+
+
+@dataclass(frozen=True)
+class ServicePorts:
+    """Every port of the service, from the hosts file (2 lines; a 3rd for the dealer)."""
+
+    hosts: Hosts
+
+    def mpc(self, i: int) -> tuple[str, int]:
+        return self.hosts[i].address, self.hosts[i].port
+
+    def client(self, i: int) -> tuple[str, int]:
+        return self.hosts[i].address, self.hosts[i].port + CLIENT_OFFSET
+
+    def link(self) -> tuple[str, int]:
+        return self.hosts[1].address, self.hosts[1].port + LINK_OFFSET
+
+    def spdz(self, i: int) -> tuple[str, int]:
+        """Where server i's party listens for its gateway (a run-time input of the party, not of the program)."""
+        return self.hosts[i].address, self.hosts[i].port + SPDZ_OFFSET
+
+
+def service_program_args(batch: int, d1: int, c: int, exp_bits: int) -> list[str]:
+    """The serve program's compile-time arguments: sizes only, the same for both servers and the dealer."""
+    return [str(batch), str(d1), str(c), str(exp_bits), "serve"]
+
+
+__all__ = ["CLIENT_OFFSET", "LINK_OFFSET", "SPDZ_OFFSET", "ServicePorts", "service_program_args"]
