@@ -49,7 +49,8 @@ import math
 import re
 import socket
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -260,6 +261,6 @@ def str_field(header: dict[str, Any], key: str, max_len: int = 128) -> str:
     return v
 
 
-__all__ = ["Check", "ERROR_CODES", "FrameTruncated", "MAX_DEPTH", "MAX_FRAME", "MAX_HEADER", "MAX_NUMBER",
-           "RECV_CHUNK", "ServiceError", "WireError", "body_shares", "encode", "int_field", "parse_frame",
-           "parse_header", "receive", "recv_exact", "send", "shares_body", "str_field"]
+__all__ = ["ERROR_CODES", "MAX_DEPTH", "MAX_FRAME", "MAX_HEADER", "MAX_NUMBER", "RECV_CHUNK", "Check", "FrameTruncated",
+           "ServiceError", "WireError", "body_shares", "encode", "int_field", "parse_frame", "parse_header", "receive",
+           "recv_exact", "send", "shares_body", "str_field"]
