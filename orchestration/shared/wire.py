@@ -200,7 +200,18 @@ def receive(sock: socket.socket, check: Check | None = None, max_body: int = MAX
     ``check(header)``, if given, is called once the header is parsed and before the body is read:
     it returns the number of body bytes it accepts for that header (or raises WireError); a frame
     with another body length is refused unread. ``max_body`` bounds the body in any case. Reads
-    exactly the frame's bytes, nothing of the next one."""
+    exactly the frame's bytes, nothing of the next one. What else ``check`` raises is the caller's
+    and passes through; a ``check`` that returns no byte count is a TypeError. A gateway, say::
+
+        def accept(header):  # the body a client may send with this header
+            if header["type"] == "recognize":
+                return 8 * int_field(header, "n", 1, MAX_QUERIES) * int_field(header, "d1", 1, 4096)
+            if header["type"] == "status":
+                return 0
+            raise WireError(f"unknown message type {header['type']!r}")
+
+        header, body = receive(sock, accept)
+    """
     return _read_frame(lambda n: recv_exact(sock, n), check, max_body)
 
 
