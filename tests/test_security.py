@@ -466,3 +466,91 @@ def test_a_wrapped_share_in_a_recognition_answer_is_an_error_never_a_name(mp, tr
     (outs[0] / "receipt.json").write_text(json.dumps(receipt))
     with pytest.raises(ModelError, match="out of range"):
         client.collect(layout.client, sent.job, outs)
+
+
+# ---- a certificate's name never becomes a path; no pin is replaced silently --------------------
+
+def _self_signed(tmp_path: Path, cn: str) -> Path:
+    """A certificate with any common name (a '/' inside it escaped for openssl -subj)."""
+    d = tmp_path / f"made-{len(list(tmp_path.glob('made-*')))}"
+    d.mkdir()
+    subj = "/CN=" + cn.replace("/", "\\/")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "2", "-subj", subj, "-keyout", str(d / "key"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True)
+    assert certs.inspect(d / "cert.pem").common_name == cn
+    return d / "cert.pem"
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("cn", ["client-../certs/P1", "client-../../../../escaped", "client-a/b", "client-..",
+                                "client-.hidden", "client-", "client-" + "x" * 49, "client-sp ace"])
+def test_allow_client_refuses_a_common_name_that_is_no_client_name(tmp_path, cn):
+    """`--allow-client` named the pin after the certificate's CN: CN client-../certs/P1 overwrote server 1's pin of
+    server 0. Only names `invoke certs --client` accepts are pinned, and nothing is written anywhere."""
+    var = tmp_path / "var"
+    certs.make_local_pair((var / "server0", var / "server1"))
+    bad = _self_signed(tmp_path, cn)
+    before = _snapshot(tmp_path)
+    with pytest.raises(certs.CertError) as err:
+        certs.allow_client(var / "server1", bad)
+    msg = str(err.value)
+    assert str(bad) in msg and repr(cn) in msg and "letters, digits" in msg, msg
+    assert _snapshot(tmp_path) == before
+    assert not list(tmp_path.rglob("*.tmp"))
+    with pytest.raises(certs.CertError, match="letters, digits"):  # the same rule makes names
+        certs.make_client_cert(tmp_path / "c", cn[len("client-"):])
+
+
+def test_allow_client_accepts_what_make_client_cert_makes(tmp_path):
+    certs.make_client_cert(tmp_path / "c", "door-cam_2.v1")
+    info = certs.allow_client(tmp_path / "s0", tmp_path / "c" / "certs" / "client.pem")
+    assert info.path == tmp_path / "s0" / "clients" / "door-cam_2.v1.pem"
+
+
+def test_a_pin_is_replaced_only_on_request_and_the_same_certificate_again_is_a_no_op(tmp_path):
+    s0, s1 = tmp_path / "s0", tmp_path / "s1"
+    certs.make_party_cert(s0, 0)
+    certs.make_party_cert(s1, 1)
+    new1 = s1 / "certs" / "P1.pem"
+    certs.import_peer_cert(s0, 0, new1)
+    pin = s0 / "certs" / "P1.pem"
+    first = pin.read_bytes()
+    old_fp = certs.inspect(pin).fingerprint
+    certs.import_peer_cert(s0, 0, new1)  # the same again: nothing changes, no error
+    assert pin.read_bytes() == first
+    certs.make_party_cert(s1, 1, force=True)  # server 1 re-keys
+    new_fp = certs.inspect(new1).fingerprint
+    with pytest.raises(certs.CertError) as err:
+        certs.import_peer_cert(s0, 0, new1)
+    msg = str(err.value)
+    assert old_fp in msg and new_fp in msg and str(pin) in msg and "--replace-pin" in msg and "'P1'" in msg, msg
+    assert pin.read_bytes() == first
+    certs.import_peer_cert(s0, 0, new1, replace=True)
+    assert certs.inspect(pin).fingerprint == new_fp
+
+    # clients: the same rules, and one certificate has one name
+    c = tmp_path / "c"
+    certs.make_client_cert(c, "owner")
+    certs.allow_client(s0, c / "certs" / "client.pem")
+    owner = s0 / "clients" / "owner.pem"
+    kept = owner.read_bytes()
+    certs.allow_client(s0, c / "certs" / "client.pem")
+    assert owner.read_bytes() == kept
+    other = tmp_path / "other"
+    certs.make_client_cert(other, "owner")  # another key claiming the same name
+    with pytest.raises(certs.CertError, match=r"already pins client 'owner' .*--replace-pin") as err:
+        certs.allow_client(s0, other / "certs" / "client.pem")
+    assert certs.inspect(owner).fingerprint in str(err.value)
+    assert certs.inspect(other / "certs" / "client.pem").fingerprint in str(err.value)
+    assert owner.read_bytes() == kept
+    certs.allow_client(s0, other / "certs" / "client.pem", replace=True)
+    assert certs.inspect(owner).fingerprint == certs.inspect(other / "certs" / "client.pem").fingerprint
+    # a pin renamed by hand: pinning that certificate under its own name again would give it two names
+    owner.rename(s0 / "clients" / "alias.pem")
+    with pytest.raises(certs.CertError, match=r"already pinned as client 'alias' .*delete .*alias.pem"):
+        certs.allow_client(s0, other / "certs" / "client.pem")
+    assert not owner.exists()
