@@ -554,3 +554,98 @@ def test_a_pin_is_replaced_only_on_request_and_the_same_certificate_again_is_a_n
     with pytest.raises(certs.CertError, match=r"already pinned as client 'alias' .*delete .*alias.pem"):
         certs.allow_client(s0, other / "certs" / "client.pem")
     assert not owner.exists()
+
+
+# ---- the Python side's TLS: exactly 1.2, ECDHE with AEAD suites only ------------------------------
+
+def _is_aead_ecdhe(name: str) -> bool:
+    return name.startswith("ECDHE-") and ("-GCM-" in name or "CHACHA20-POLY1305" in name)
+
+
+def test_the_service_clients_tls_context_offers_only_aead_suites(tmp_path):
+    import ssl
+
+    from orchestration.client.service import ServiceClient
+    from orchestration.mpspdz.hosts import write_hosts
+
+    client_dir = tmp_path / "client"
+    certs.make_local_pair((tmp_path / "s0", tmp_path / "s1", client_dir))
+    certs.make_client_cert(client_dir, "owner")
+    hosts = write_hosts(tmp_path / "hosts", [("127.0.0.1", 7300), ("127.0.0.1", 7301)])
+    ctx = ServiceClient(client_dir, hosts)._context(0)
+    assert ctx.minimum_version == ctx.maximum_version == ssl.TLSVersion.TLSv1_2
+    tls12 = [c for c in ctx.get_ciphers() if c["protocol"] != "TLSv1.3"]  # 1.3 is off (maximum_version)
+    assert tls12 and all(_is_aead_ecdhe(c["name"]) for c in tls12), [c["name"] for c in tls12]
+    assert all(c["aead"] and c["kea"] == "kx-ecdhe" for c in tls12), tls12
+
+
+def _handshake(server_ctx, client_ctx) -> tuple[str | None, str | None]:
+    """One loopback TLS handshake: (cipher the client got or None, the server's error or None)."""
+    import socket
+    import ssl
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    result: dict[str, str | None] = {"error": None}
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        conn.settimeout(10)
+        try:
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError) as exc:
+            result["error"] = str(exc)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    cipher = None
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with client_ctx.wrap_socket(raw) as tls:
+                cipher = tls.cipher()[0]
+                tls.sendall(b"x")
+    except (ssl.SSLError, OSError):
+        pass
+    t.join(10)
+    srv.close()
+    return cipher, result["error"]
+
+
+def test_a_tls_server_made_with_harden_tls_refuses_a_client_that_offers_only_cbc(tmp_path):
+    """The gateways' client and link ports accepted CBC suites; harden_tls (which the gateway uses) refuses them,
+    while an AEAD client still connects. The control (a plain TLS 1.2 server) accepts the CBC client, so the test
+    can fail."""
+    import ssl
+
+    certs.make_local_pair((tmp_path / "s0", tmp_path / "s1"))
+    key, pem = tmp_path / "s0" / "certs" / "P0.key", tmp_path / "s0" / "certs" / "P0.pem"
+
+    def server(hardened: bool):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        if hardened:
+            ctx = certs.harden_tls(ctx)
+        ctx.load_cert_chain(pem, key)
+        return ctx
+
+    def client(ciphers: str | None):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = False
+        ctx.load_verify_locations(cafile=str(pem))
+        if ciphers:
+            ctx.set_ciphers(ciphers)
+        return ctx
+
+    # every CBC suite an EC (prime256v1) certificate can serve, with and without ECDHE, SHA-1 and SHA-2 MACs
+    cbc = "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384:ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA"
+    assert not any(c["aead"] for c in client(cbc).get_ciphers() if c["protocol"] != "TLSv1.3")
+    got, _ = _handshake(server(False), client(cbc))
+    assert got is not None and not _is_aead_ecdhe(got), got  # control: without harden_tls CBC is accepted
+    got, err = _handshake(server(True), client(cbc))
+    assert got is None and err is not None and "no shared cipher" in err.lower(), (got, err)
+    got, err = _handshake(server(True), client(None))
+    assert got is not None and _is_aead_ecdhe(got) and err is None, (got, err)
+    got, err = _handshake(server(True), client("ECDHE-ECDSA-CHACHA20-POLY1305"))
+    assert got == "ECDHE-ECDSA-CHACHA20-POLY1305", (got, err)

@@ -69,8 +69,7 @@ class ServiceClient:
         if not server_pem.is_file():
             raise certs_mod.CertError(f"server {i}'s certificate {server_pem} missing: copy P{i}.pem from server {i} and "
                                       f"run `invoke certs --id 2 --peer-cert P{i}.pem`")
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx = certs_mod.harden_tls(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # TLS 1.2, ECDHE + AEAD only
         ctx.check_hostname = False  # the certificate itself is pinned: the only one trusted for server i
         ctx.load_verify_locations(cafile=str(server_pem))
         ctx.load_cert_chain(pem, key)

@@ -391,9 +391,9 @@ def harden_tls(ctx: ssl.SSLContext) -> ssl.SSLContext:
     No CBC suite (no MAC-then-encrypt), no static RSA key exchange. Returns ``ctx`` for chaining."""
     ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(AEAD_CIPHERS)
-    names = [c["name"] for c in ctx.get_ciphers() if c.get("protocol") != "TLSv1.3"]
-    bad = [n for n in names if not ("GCM" in n or "CHACHA20" in n) or not n.startswith("ECDHE")]
-    if not names or bad:
+    suites = [c for c in ctx.get_ciphers() if c.get("protocol") != "TLSv1.3"]  # 1.3's are off (maximum_version)
+    bad = [c["name"] for c in suites if not c.get("aead") or c.get("kea") != "kx-ecdhe"]
+    if not suites or bad:
         raise CertError(f"this OpenSSL ({ssl.OPENSSL_VERSION}) offers {', '.join(bad) or 'no suite'} for "
                         f"{AEAD_CIPHERS!r}: expected only ECDHE with AES-GCM or ChaCha20-Poly1305")
     return ctx
