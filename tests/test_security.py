@@ -649,3 +649,61 @@ def test_a_tls_server_made_with_harden_tls_refuses_a_client_that_offers_only_cbc
     assert got is not None and _is_aead_ecdhe(got) and err is None, (got, err)
     got, err = _handshake(server(True), client("ECDHE-ECDSA-CHACHA20-POLY1305"))
     assert got == "ECDHE-ECDSA-CHACHA20-POLY1305", (got, err)
+
+
+# ---- a TLS handshake that failed: refused certificate, or cut short? -----------------------------
+
+#: MP-SPDZ 0.4's output (semi2k-party.x -e), recorded here: server 1 re-keyed, server 0 still pins the old key
+_HS_ADVICE = ("-side handshake with P{j} failed. Make sure both sides  have the necessary certificate "
+              "(Player-Data/P{i}.pem in the default configuration on their side and Player-Data/P{j}.pem on ours), "
+              "and run `c_rehash <directory>` on its location.\n"
+              "The certificates should be the same on every host. Also make sure that it's still valid. Certificates "
+              "generated with `Scripts/setup-ssl.sh` expire after a month.\n"
+              "See also https://mp-spdz.readthedocs.io/en/latest/troubleshooting.html#handshake-failures\n"
+              "Signature (should match the other side): 1eeac7caf794b8dc79e7708610475719/"
+              "dfcc791fcb623fa13c1d57ec4dda8adb\n")
+
+
+def _hs(side: str, i: int, j: int, error: str | None) -> str:
+    return (SETUP.split("Setup")[0] + side + _HS_ADVICE.format(i=i, j=j)
+            + (f"SSL error: handshake: {error}\n" if error else ""))
+
+
+WRONG_CERT_0 = _hs("Server", 0, 1, "certificate verify failed (SSL routines) [asio.ssl:167772294]")
+WRONG_CERT_1 = _hs("Client", 1, 0, "tlsv1 alert unknown ca (SSL routines) [asio.ssl:167773208]")
+#: recorded too: the TCP connection cut at the first TLS record (the peer gone in the middle of the handshake)
+CUT_1 = _hs("Client", 1, 0, "stream truncated [asio.ssl.stream:1]")
+
+
+@pytest.mark.parametrize("text,cause", [
+    (WRONG_CERT_0, "certificate"),
+    (WRONG_CERT_1, "certificate"),
+    (_hs("Client", 1, 0, "sslv3 alert bad certificate (SSL routines) [asio.ssl:167773202]"), "certificate"),
+    (CUT_1, "cut"),
+    (_hs("Server", 0, 1, "End of file [asio.misc:2]"), "cut"),
+    (_hs("Client", 1, 0, "Connection reset by peer [system:104]"), "cut"),
+    (_hs("Server", 0, 1, "unexpected eof while reading (SSL routines) [asio.ssl:167772454]"), "cut"),
+    (_hs("Server", 0, 1, None), "cut"),  # killed before it said why: no evidence against the certificates
+])
+def test_handshake_cause_blames_certificates_only_when_one_was_refused(text, cause):
+    from orchestration.mpspdz.launcher import handshake_cause
+
+    assert handshake_cause(text) == cause
+
+
+def test_a_server_killed_during_the_handshake_is_not_reported_as_a_certificate_problem(tmp_path):
+    """Server 1 killed while server 0 shakes hands with it: the right blame, and no talk of certificates."""
+    party, why = _blame(_specs(tmp_path, [_hs("Server", 0, 1, "stream truncated [asio.ssl.stream:1]"), SETUP]),
+                        [1, -signal.SIGKILL], order=[1, 0])
+    assert party == 1 and why.startswith("server 1 was killed (signal 9)"), why
+    assert "certificate" not in why.replace("no certificate was refused", ""), why
+    assert "during the TLS handshake" in why, why
+    # server 0 alone on this host (two hosts): its handshake with server 1 cut, server 1 is named
+    party, why = _blame(_specs(tmp_path, [CUT_1.replace("Client", "Server").replace("P0", "P1")]), [1], order=[0])
+    assert party == 1 and "lost the connection to server 1 during the TLS handshake" in why, why
+    assert "does not hold" not in why, why
+
+
+def test_a_refused_certificate_is_still_reported_as_one(tmp_path):
+    party, why = _blame(_specs(tmp_path, [WRONG_CERT_0, WRONG_CERT_1]), [1, 1], order=[0, 1])
+    assert party is None and "does not hold the other's certificate" in why and "certs/P1.pem" in why, why
