@@ -707,3 +707,74 @@ def test_a_server_killed_during_the_handshake_is_not_reported_as_a_certificate_p
 def test_a_refused_certificate_is_still_reported_as_one(tmp_path):
     party, why = _blame(_specs(tmp_path, [WRONG_CERT_0, WRONG_CERT_1]), [1, 1], order=[0, 1])
     assert party is None and "does not hold the other's certificate" in why and "certs/P1.pem" in why, why
+
+
+# ---- owner-only also where no job runs: the embedding cache, the dealers' run folders, var/build --------
+
+@pytest.fixture
+def loose_umask():
+    """The usual login umask (022): only the code's own care makes files owner-only."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_the_embedding_cache_and_the_shim_build_are_owner_only(tmp_path, loose_umask):
+    from preprocessing.dataset import _Cache, _settings_key
+    from orchestration.mpspdz.launcher import bind_shim
+
+    var = tmp_path / "var"
+    cache = _Cache(var / "client" / "cache", _settings_key("fake-model", "hog", 1, 40))
+    for k, digest in enumerate(("ab" + "0" * 62, "cd" + "1" * 62)):
+        cache.put(digest, "ok", np.full(4, k, np.float32), 1)
+    cache.put("ab" + "2" * 62, "no_face", None, 0)
+    assert cache.get("ab" + "0" * 62, 4) is not None
+    bind_shim(var / "build")
+    paths = _tree(var / "client", var / "build")
+    assert len([p for p in paths if p.suffix == ".npz"]) == 3 and any(p.suffix == ".so" for p in paths)
+    bad = _group_or_other_bits(paths)
+    assert not bad, "\n".join(bad)
+
+
+def test_the_dealers_run_folders_are_owner_only(tmp_path, loose_umask, monkeypatch):
+    """One-job mode (prepare_dealer) and the service (run_service_dealer): the dealer's run folder, its
+    Player-Data (a copy of the client's key), Persistence and Programs, checked while the dealer would run."""
+    from orchestration.client import dealer, service
+    from orchestration.mpspdz.hosts import write_hosts
+    from orchestration.mpspdz.toolchain import protocol
+
+    var = tmp_path / "var"
+    client_dir = var / "client"
+    certs.make_local_pair((var / "server0", var / "server1", client_dir))
+    proto = protocol("dealer")
+    monkeypatch.setattr(dealer, "load_pending", lambda client, job: {"protocol": "dealer", "program": "face_predict",
+                                                                     "program_args": []})
+    monkeypatch.setattr(dealer, "compile_program", lambda *a, **kw: "face_predict-x")
+    run = dealer.prepare_dealer(None, client_dir, var / "build", "job1")
+    try:
+        assert (run.rundir / "Player-Data" / "P2.key").is_file()
+        bad = _group_or_other_bits(_tree(run.rundir))
+        assert not bad, "\n".join(bad)
+    finally:
+        dealer.cleanup_dealer(run)
+
+    hosts = write_hosts(tmp_path / "hosts", [("127.0.0.1", 7300), ("127.0.0.1", 7301), ("127.0.0.1", 7302)])
+    stop = threading.Event()
+    seen: list[str] = []
+    status = {"state": "serving", "protocol": proto.name, "batch": 4, "d1": 3, "c": 2, "exp_bits": 8, "gen": "g1"}
+    monkeypatch.setattr(service.ServiceClient, "status", lambda self: [status, status])
+    monkeypatch.setattr(service, "compile_program", lambda *a, **kw: "face_predict-x")
+    monkeypatch.setattr(service, "bind_shim", lambda build: tmp_path / "shim.so")
+
+    def start_party(mp, spec, program, hosts_file, *, shim, proto):
+        seen.extend(_group_or_other_bits(_tree(spec.workdir)))
+        seen.append(f"ran in {spec.workdir}")
+        stop.set()
+        proc = subprocess.Popen(["true"])
+        proc.wait()
+        return proc, open(os.devnull, "w")
+
+    monkeypatch.setattr(service, "start_party", start_party)
+    service.run_service_dealer(None, client_dir, var / "build", hosts, proto, stop)
+    assert seen and seen[-1].startswith("ran in"), seen
+    assert seen == [seen[-1]], "\n".join(seen)

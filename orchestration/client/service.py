@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from preprocessing import sharing
-from preprocessing.fileio import destroy_tree
+from preprocessing.fileio import destroy_tree, owner_only
 from preprocessing.sharing import FRAC_BITS
 
 from orchestration.mpspdz import certs as certs_mod
@@ -237,6 +237,7 @@ class ServiceClient:
 
 # ---- the dealer of the service (dealer mode, on the client) --------------------------------------
 
+@owner_only()
 def run_service_dealer(mp: MPSPDZ, client_dir: Path, build: Path, hosts: Hosts, proto: Protocol,
                        stop: threading.Event) -> None:
     """Deal for every session of the service until ``stop`` is set: one dealer party per session.

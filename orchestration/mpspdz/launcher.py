@@ -100,6 +100,7 @@ def free_ports(host: str, count: int) -> int:
 
 
 
+@owner_only()
 def bind_shim(build_dir: Path) -> Path:
     """The compiled LD_PRELOAD shim that keeps MP-SPDZ's listener on the hosts-file address.
 
