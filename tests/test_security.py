@@ -684,7 +684,8 @@ CUT_1 = _hs("Client", 1, 0, "stream truncated [asio.ssl.stream:1]")
     (_hs("Client", 1, 0, "Connection reset by peer [system:104]"), "cut"),
     (_hs("Server", 0, 1, "unexpected eof while reading (SSL routines) [asio.ssl:167772454]"), "cut"),
     (_hs("Server", 0, 1, None), "cut"),  # killed before it said why: no evidence against the certificates
-])
+], ids=["verify-failed", "unknown-ca", "bad-certificate", "stream-truncated", "eof", "reset", "unexpected-eof",
+        "no-reason"])
 def test_handshake_cause_blames_certificates_only_when_one_was_refused(text, cause):
     from orchestration.mpspdz.launcher import handshake_cause
 
