@@ -760,68 +760,46 @@ def _party_id(value, allow_client: bool = False) -> int:
 @task(help={
     "id": "make/import for this party only: server 0 or 1, or 2 for the client (the dealer in the dealer mode); "
           "without it, both local servers and the client get keys and swap certificates",
-    "peer_cert": "another party's certificate file (P0.pem, P1.pem, or the client's P2.pem) to install on --id",
+    "peer_cert": "another party's certificate file (P0.pem, P1.pem, or the client's P2.pem) to install on --id; "
+                 "the same certificate again changes nothing, a different one where one is pinned needs "
+                 "--replace-pin",
     "server_dir": "the server's folder (default <var>/server<id>)",
     "days": "validity of a new certificate in days",
-    "force": "replace an existing key and certificate",
+    "force": "replace this party's OWN key and certificate (never a pinned certificate of another party or "
+             "client: that is --replace-pin)",
+    "replace_pin": "with --peer-cert or --allow-client: replace a pinned certificate that differs from the given "
+                   "one (after a re-key); without it such a change is refused with both fingerprints",
     "client": "the service: make this client's key and certificate, common name client-NAME (in <var>/client/certs; "
               "give client.pem to both servers)",
-    "allow_client": "the service: pin a client's certificate file on server --id (it may then ask); remove "
-                    "<server>/clients/NAME.pem to refuse it again",
+    "allow_client": "the service: pin a client's certificate file on server --id as <server>/clients/NAME.pem "
+                    "(it may then ask); remove that file to refuse it again",
 })
-def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False, client=None, allow_client=None):
+def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False, client=None, allow_client=None,
+          replace_pin=False):
     """Make TLS keys and certificates for the parties' encrypted channels, or install another party's certificate.
 
     Two hosts: on each server `invoke certs --id I` (keeps certs/P<I>.key, prints where P<I>.pem is), send
     P<I>.pem to the other server, which runs `invoke certs --id J --peer-cert P<I>.pem`. Dealer mode: the
     client runs `invoke certs --id 2`, installs both servers' certificates with --peer-cert, and each
-    server installs the client's P2.pem the same way.
+    server installs the client's P2.pem the same way. A pin is never replaced silently: after a party
+    re-keys (--force), the others install its new certificate with --peer-cert FILE --replace-pin.
     """
     _logging()
     from orchestration.mpspdz import certs as certs_mod
 
+    party = None
+    if id is not None and not client:
+        party = _party_id(id, allow_client=not allow_client)
     try:
-        if client:
-            info = certs_mod.make_client_cert(_layout(c).client if not server_dir else Path(server_dir), str(client),
-                                              days=int(days), force=force)
-            print(f"service client {client}: key stays here; give {info.path} (sha256 {info.fingerprint}) to both "
-                  "servers: invoke certs --id I --allow-client client.pem")
-            return
-        if allow_client:
-            if id is None:
-                raise Exit("--allow-client needs --id (which server pins the client)", code=1)
-            party = _party_id(id)
-            info = certs_mod.allow_client(_server_dir(c, party, server_dir), Path(allow_client))
-            print(f"server {party}: accepts service client {info.common_name} from now on ({info.path}, "
-                  f"sha256 {info.fingerprint})")
-            return
-        if id is None:
-            if peer_cert:
-                raise Exit("--peer-cert needs --id (which server receives it)", code=1)
-            layout = _layout(c)
-            made = certs_mod.make_local_pair((layout.server(0), layout.server(1), layout.client), days=int(days),
-                                             force=force)
-            for i, info in enumerate(made):
-                print(f"{certs_mod.party_label(i)}: {info.path} (sha256 {info.fingerprint})")
-            print("both local servers and the client hold their own key and every other party's certificate")
-            return
-        party = _party_id(id, allow_client=True)
-        me = certs_mod.party_label(party)
-        sdir = _server_dir(c, party, server_dir)
-        own = certs_mod.cert_dir(sdir) / f"P{party}.pem"
-        if peer_cert:
-            info = certs_mod.import_peer_cert(sdir, party, Path(peer_cert))
-            print(f"{me}: installed {info.common_name}'s certificate {info.path} (sha256 {info.fingerprint})")
-        if not peer_cert or force or not own.exists():
-            if own.exists() and not force:
-                print(f"{me}: {own} exists (sha256 {certs_mod.inspect(own).fingerprint}); --force replaces it")
-            else:
-                info = certs_mod.make_party_cert(sdir, party, days=int(days), force=force)
-                to = "both servers" if party == 2 else f"server {1 - party} (and, in the dealer mode, the client)"
-                print(f"{me}: key {certs_mod.cert_dir(sdir) / f'P{party}.key'} stays here; send {info.path} "
-                      f"(sha256 {info.fingerprint}) to {to}")
+        lines = certs_mod.certs_command(lambda i: _server_dir(c, i), party=party,
+                                        peer_cert=Path(peer_cert) if peer_cert else None,
+                                        folder=Path(server_dir) if server_dir else None, days=int(days),
+                                        force=force, replace_pin=replace_pin, client=client,
+                                        allow=Path(allow_client) if allow_client else None)
     except certs_mod.CertError as exc:
         raise Exit(str(exc), code=1)
+    for line in lines:
+        print(line)
 
 
 @task(help={

@@ -398,6 +398,7 @@ class _Cache:
         vector = np.zeros((0,), np.float32) if embedding is None else np.asarray(embedding, np.float32)
         data = _npz_bytes(status=np.array(status), embedding=vector, n_faces=np.array(n_faces))
         try:
+            private_dir(self._path(digest).parent)  # the <aa>/ shard folder: plaintext embeddings, owner-only
             atomic_write_bytes(self._path(digest), data)
         except OSError as exc:
             logger.warning("%s: cannot write cache entry (%s)", self._path(digest), exc)

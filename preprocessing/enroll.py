@@ -78,6 +78,7 @@ import numpy as np
 
 from .dataset import IMAGE_EXTENSIONS, REASON_NO_FACE, reason_too_small
 from .errors import ImageLoadError, InvalidNameError, PreprocessingError
+from .fileio import owner_only
 from .video import read_frames
 
 logger = logging.getLogger(__name__)
@@ -345,7 +346,8 @@ def enroll(
         capture, label = _open_capture(src)
         frames = _capture_frames(capture, label, every, result, live=src.kind == "camera")
 
-    folder.mkdir(parents=True, exist_ok=True)
+    with owner_only():  # face crops: a folder made here is owner-only (an existing one keeps its mode)
+        folder.mkdir(parents=True, exist_ok=True)
     number = _next_number(folder, name)
     too_small = reason_too_small(min_size)
     logger.info("enrolling %r from %s into %s (want %d faces)", name, source, folder, count)

@@ -31,9 +31,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path``: temp file in the same folder, fsync, os.replace, fsync the folder.
 
     The temp file is made by :func:`tempfile.mkstemp`, mode 0600, and keeps that mode when it replaces ``path``.
+    Folders it has to make are owner-only (0700); existing ones keep their mode.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with owner_only():
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -299,3 +299,36 @@ def test_setup_installs_checks_and_then_only_checks(tmp_path):
     assert f"MP-SPDZ at {home} is complete: nothing to install" in again.stdout
     assert "check passed: dealer-ring-party.x" in again.stdout
     assert "everything was in place already; only the check ran" in again.stdout
+
+
+def test_certs_pins_refuse_bad_names_and_silent_replacement(tmp_path):
+    """`invoke certs`: a CN that is no client name is refused (exit 1, nothing written), the same certificate again
+    is a no-op, a different one needs --replace-pin, and --replace-pin alone is an error that names --peer-cert."""
+    var = tmp_path / "var"
+    invoke(var, "certs", "--id", "0")
+    invoke(var, "certs", "--id", "1")
+    p0, p1 = var / "server0" / "certs" / "P0.pem", var / "server1" / "certs" / "P1.pem"
+    invoke(var, "certs", "--id", "1", "--peer-cert", str(p0))
+    evil_dir = tmp_path / "evil"
+    evil_dir.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "2", "-subj", "/CN=client-..\\/certs\\/P0", "-keyout", str(evil_dir / "k"),
+                    "-out", str(evil_dir / "c.pem")], check=True, capture_output=True)
+    pin = var / "server1" / "certs" / "P0.pem"
+    kept = pin.read_bytes()
+    r = invoke(var, "certs", "--id", "1", "--allow-client", str(evil_dir / "c.pem"), check=False)
+    assert r.returncode == 1 and "client-../certs/P0" in r.stderr and "letters, digits" in r.stderr, r.stderr
+    assert pin.read_bytes() == kept
+    assert not (var / "server1" / "clients").exists() or not list((var / "server1" / "clients").iterdir())
+    r = invoke(var, "certs", "--id", "1", "--peer-cert", str(p0))
+    assert "nothing changed" in r.stdout, r.stdout
+    invoke(var, "certs", "--id", "0", "--force")  # server 0 re-keys
+    r = invoke(var, "certs", "--id", "1", "--peer-cert", str(p0), check=False)
+    assert r.returncode == 1 and "--replace-pin" in r.stderr and r.stderr.count("sha256") == 2, r.stderr
+    assert pin.read_bytes() == kept
+    r = invoke(var, "certs", "--id", "1", "--replace-pin", check=False)
+    assert r.returncode == 1 and "--peer-cert" in r.stderr, r.stderr
+    invoke(var, "certs", "--id", "1", "--peer-cert", str(p0), "--replace-pin")
+    assert pin.read_bytes() == p0.read_bytes() != kept
+    assert "--replace-pin" in invoke(var, "--help", "certs").stdout
+    assert p1.is_file()

@@ -466,3 +466,316 @@ def test_a_wrapped_share_in_a_recognition_answer_is_an_error_never_a_name(mp, tr
     (outs[0] / "receipt.json").write_text(json.dumps(receipt))
     with pytest.raises(ModelError, match="out of range"):
         client.collect(layout.client, sent.job, outs)
+
+
+# ---- a certificate's name never becomes a path; no pin is replaced silently --------------------
+
+def _self_signed(tmp_path: Path, cn: str) -> Path:
+    """A certificate with any common name (a '/' inside it escaped for openssl -subj)."""
+    d = tmp_path / f"made-{len(list(tmp_path.glob('made-*')))}"
+    d.mkdir()
+    subj = "/CN=" + cn.replace("/", "\\/")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "2", "-subj", subj, "-keyout", str(d / "key"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True)
+    assert certs.inspect(d / "cert.pem").common_name == cn
+    return d / "cert.pem"
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("cn", ["client-../certs/P1", "client-../../../../escaped", "client-a/b", "client-..",
+                                "client-.hidden", "client-", "client-" + "x" * 49, "client-sp ace"])
+def test_allow_client_refuses_a_common_name_that_is_no_client_name(tmp_path, cn):
+    """`--allow-client` named the pin after the certificate's CN: CN client-../certs/P1 overwrote server 1's pin of
+    server 0. Only names `invoke certs --client` accepts are pinned, and nothing is written anywhere."""
+    var = tmp_path / "var"
+    certs.make_local_pair((var / "server0", var / "server1"))
+    bad = _self_signed(tmp_path, cn)
+    before = _snapshot(tmp_path)
+    with pytest.raises(certs.CertError) as err:
+        certs.allow_client(var / "server1", bad)
+    msg = str(err.value)
+    assert str(bad) in msg and repr(cn) in msg and "letters, digits" in msg, msg
+    assert _snapshot(tmp_path) == before
+    assert not list(tmp_path.rglob("*.tmp"))
+    with pytest.raises(certs.CertError, match="letters, digits"):  # the same rule makes names
+        certs.make_client_cert(tmp_path / "c", cn[len("client-"):])
+
+
+def test_allow_client_accepts_what_make_client_cert_makes(tmp_path):
+    certs.make_client_cert(tmp_path / "c", "door-cam_2.v1")
+    info = certs.allow_client(tmp_path / "s0", tmp_path / "c" / "certs" / "client.pem")
+    assert info.path == tmp_path / "s0" / "clients" / "door-cam_2.v1.pem"
+
+
+def test_a_pin_is_replaced_only_on_request_and_the_same_certificate_again_is_a_no_op(tmp_path):
+    s0, s1 = tmp_path / "s0", tmp_path / "s1"
+    certs.make_party_cert(s0, 0)
+    certs.make_party_cert(s1, 1)
+    new1 = s1 / "certs" / "P1.pem"
+    certs.import_peer_cert(s0, 0, new1)
+    pin = s0 / "certs" / "P1.pem"
+    first = pin.read_bytes()
+    old_fp = certs.inspect(pin).fingerprint
+    certs.import_peer_cert(s0, 0, new1)  # the same again: nothing changes, no error
+    assert pin.read_bytes() == first
+    certs.make_party_cert(s1, 1, force=True)  # server 1 re-keys
+    new_fp = certs.inspect(new1).fingerprint
+    with pytest.raises(certs.CertError) as err:
+        certs.import_peer_cert(s0, 0, new1)
+    msg = str(err.value)
+    assert old_fp in msg and new_fp in msg and str(pin) in msg and "--replace-pin" in msg and "'P1'" in msg, msg
+    assert pin.read_bytes() == first
+    certs.import_peer_cert(s0, 0, new1, replace=True)
+    assert certs.inspect(pin).fingerprint == new_fp
+
+    # clients: the same rules, and one certificate has one name
+    c = tmp_path / "c"
+    certs.make_client_cert(c, "owner")
+    certs.allow_client(s0, c / "certs" / "client.pem")
+    owner = s0 / "clients" / "owner.pem"
+    kept = owner.read_bytes()
+    certs.allow_client(s0, c / "certs" / "client.pem")
+    assert owner.read_bytes() == kept
+    other = tmp_path / "other"
+    certs.make_client_cert(other, "owner")  # another key claiming the same name
+    with pytest.raises(certs.CertError, match=r"already pins client 'owner' .*--replace-pin") as err:
+        certs.allow_client(s0, other / "certs" / "client.pem")
+    assert certs.inspect(owner).fingerprint in str(err.value)
+    assert certs.inspect(other / "certs" / "client.pem").fingerprint in str(err.value)
+    assert owner.read_bytes() == kept
+    certs.allow_client(s0, other / "certs" / "client.pem", replace=True)
+    assert certs.inspect(owner).fingerprint == certs.inspect(other / "certs" / "client.pem").fingerprint
+    # a pin renamed by hand: pinning that certificate under its own name again would give it two names
+    owner.rename(s0 / "clients" / "alias.pem")
+    with pytest.raises(certs.CertError, match=r"already pinned as client 'alias' .*delete .*alias.pem"):
+        certs.allow_client(s0, other / "certs" / "client.pem")
+    assert not owner.exists()
+
+
+# ---- the Python side's TLS: exactly 1.2, ECDHE with AEAD suites only ------------------------------
+
+def _is_aead_ecdhe(name: str) -> bool:
+    return name.startswith("ECDHE-") and ("-GCM-" in name or "CHACHA20-POLY1305" in name)
+
+
+def test_the_service_clients_tls_context_offers_only_aead_suites(tmp_path):
+    import ssl
+
+    from orchestration.client.service import ServiceClient
+    from orchestration.mpspdz.hosts import write_hosts
+
+    client_dir = tmp_path / "client"
+    certs.make_local_pair((tmp_path / "s0", tmp_path / "s1", client_dir))
+    certs.make_client_cert(client_dir, "owner")
+    hosts = write_hosts(tmp_path / "hosts", [("127.0.0.1", 7300), ("127.0.0.1", 7301)])
+    ctx = ServiceClient(client_dir, hosts)._context(0)
+    assert ctx.minimum_version == ctx.maximum_version == ssl.TLSVersion.TLSv1_2
+    tls12 = [c for c in ctx.get_ciphers() if c["protocol"] != "TLSv1.3"]  # 1.3 is off (maximum_version)
+    assert tls12 and all(_is_aead_ecdhe(c["name"]) for c in tls12), [c["name"] for c in tls12]
+    assert all(c["aead"] and c["kea"] == "kx-ecdhe" for c in tls12), tls12
+
+
+def _handshake(server_ctx, client_ctx) -> tuple[str | None, str | None]:
+    """One loopback TLS handshake: (cipher the client got or None, the server's error or None)."""
+    import socket
+    import ssl
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    result: dict[str, str | None] = {"error": None}
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        conn.settimeout(10)
+        try:
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError) as exc:
+            result["error"] = str(exc)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    cipher = None
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with client_ctx.wrap_socket(raw) as tls:
+                cipher = tls.cipher()[0]
+                tls.sendall(b"x")
+    except (ssl.SSLError, OSError):
+        pass
+    t.join(10)
+    srv.close()
+    return cipher, result["error"]
+
+
+def test_a_tls_server_made_with_harden_tls_refuses_a_client_that_offers_only_cbc(tmp_path):
+    """The gateways' client and link ports accepted CBC suites; harden_tls (which the gateway uses) refuses them,
+    while an AEAD client still connects. The control (a plain TLS 1.2 server) accepts the CBC client, so the test
+    can fail."""
+    import ssl
+
+    certs.make_local_pair((tmp_path / "s0", tmp_path / "s1"))
+    key, pem = tmp_path / "s0" / "certs" / "P0.key", tmp_path / "s0" / "certs" / "P0.pem"
+
+    def server(hardened: bool):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        if hardened:
+            ctx = certs.harden_tls(ctx)
+        ctx.load_cert_chain(pem, key)
+        return ctx
+
+    def client(ciphers: str | None):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = False
+        ctx.load_verify_locations(cafile=str(pem))
+        if ciphers:
+            ctx.set_ciphers(ciphers)
+        return ctx
+
+    # every CBC suite an EC (prime256v1) certificate can serve, with and without ECDHE, SHA-1 and SHA-2 MACs
+    cbc = "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384:ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA"
+    assert not any(c["aead"] for c in client(cbc).get_ciphers() if c["protocol"] != "TLSv1.3")
+    got, _ = _handshake(server(False), client(cbc))
+    assert got is not None and not _is_aead_ecdhe(got), got  # control: without harden_tls CBC is accepted
+    got, err = _handshake(server(True), client(cbc))
+    assert got is None and err is not None and "no shared cipher" in err.lower(), (got, err)
+    got, err = _handshake(server(True), client(None))
+    assert got is not None and _is_aead_ecdhe(got) and err is None, (got, err)
+    got, err = _handshake(server(True), client("ECDHE-ECDSA-CHACHA20-POLY1305"))
+    assert got == "ECDHE-ECDSA-CHACHA20-POLY1305", (got, err)
+
+
+# ---- a TLS handshake that failed: refused certificate, or cut short? -----------------------------
+
+#: MP-SPDZ 0.4's output (semi2k-party.x -e), recorded here: server 1 re-keyed, server 0 still pins the old key
+_HS_ADVICE = ("-side handshake with P{j} failed. Make sure both sides  have the necessary certificate "
+              "(Player-Data/P{i}.pem in the default configuration on their side and Player-Data/P{j}.pem on ours), "
+              "and run `c_rehash <directory>` on its location.\n"
+              "The certificates should be the same on every host. Also make sure that it's still valid. Certificates "
+              "generated with `Scripts/setup-ssl.sh` expire after a month.\n"
+              "See also https://mp-spdz.readthedocs.io/en/latest/troubleshooting.html#handshake-failures\n"
+              "Signature (should match the other side): 1eeac7caf794b8dc79e7708610475719/"
+              "dfcc791fcb623fa13c1d57ec4dda8adb\n")
+
+
+def _hs(side: str, i: int, j: int, error: str | None) -> str:
+    return (SETUP.split("Setup")[0] + side + _HS_ADVICE.format(i=i, j=j)
+            + (f"SSL error: handshake: {error}\n" if error else ""))
+
+
+WRONG_CERT_0 = _hs("Server", 0, 1, "certificate verify failed (SSL routines) [asio.ssl:167772294]")
+WRONG_CERT_1 = _hs("Client", 1, 0, "tlsv1 alert unknown ca (SSL routines) [asio.ssl:167773208]")
+#: recorded too: the TCP connection cut at the first TLS record (the peer gone in the middle of the handshake)
+CUT_1 = _hs("Client", 1, 0, "stream truncated [asio.ssl.stream:1]")
+
+
+@pytest.mark.parametrize("text,cause", [
+    (WRONG_CERT_0, "certificate"),
+    (WRONG_CERT_1, "certificate"),
+    (_hs("Client", 1, 0, "sslv3 alert bad certificate (SSL routines) [asio.ssl:167773202]"), "certificate"),
+    (CUT_1, "cut"),
+    (_hs("Server", 0, 1, "End of file [asio.misc:2]"), "cut"),
+    (_hs("Client", 1, 0, "Connection reset by peer [system:104]"), "cut"),
+    (_hs("Server", 0, 1, "unexpected eof while reading (SSL routines) [asio.ssl:167772454]"), "cut"),
+    (_hs("Server", 0, 1, None), "cut"),  # killed before it said why: no evidence against the certificates
+], ids=["verify-failed", "unknown-ca", "bad-certificate", "stream-truncated", "eof", "reset", "unexpected-eof",
+        "no-reason"])
+def test_handshake_cause_blames_certificates_only_when_one_was_refused(text, cause):
+    from orchestration.mpspdz.launcher import handshake_cause
+
+    assert handshake_cause(text) == cause
+
+
+def test_a_server_killed_during_the_handshake_is_not_reported_as_a_certificate_problem(tmp_path):
+    """Server 1 killed while server 0 shakes hands with it: the right blame, and no talk of certificates."""
+    party, why = _blame(_specs(tmp_path, [_hs("Server", 0, 1, "stream truncated [asio.ssl.stream:1]"), SETUP]),
+                        [1, -signal.SIGKILL], order=[1, 0])
+    assert party == 1 and why.startswith("server 1 was killed (signal 9)"), why
+    assert "certificate" not in why.replace("no certificate was refused", ""), why
+    assert "during the TLS handshake" in why, why
+    # server 0 alone on this host (two hosts): its handshake with server 1 cut, server 1 is named
+    party, why = _blame(_specs(tmp_path, [CUT_1.replace("Client", "Server").replace("P0", "P1")]), [1], order=[0])
+    assert party == 1 and "lost the connection to server 1 during the TLS handshake" in why, why
+    assert "does not hold" not in why, why
+
+
+def test_a_refused_certificate_is_still_reported_as_one(tmp_path):
+    party, why = _blame(_specs(tmp_path, [WRONG_CERT_0, WRONG_CERT_1]), [1, 1], order=[0, 1])
+    assert party is None and "does not hold the other's certificate" in why and "certs/P1.pem" in why, why
+
+
+# ---- owner-only also where no job runs: the embedding cache, the dealers' run folders, var/build --------
+
+@pytest.fixture
+def loose_umask():
+    """The usual login umask (022): only the code's own care makes files owner-only."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_the_embedding_cache_and_the_shim_build_are_owner_only(tmp_path, loose_umask):
+    from preprocessing.dataset import _Cache, _settings_key
+    from orchestration.mpspdz.launcher import bind_shim
+
+    var = tmp_path / "var"
+    cache = _Cache(var / "client" / "cache", _settings_key("fake-model", "hog", 1, 40))
+    for k, digest in enumerate(("ab" + "0" * 62, "cd" + "1" * 62)):
+        cache.put(digest, "ok", np.full(4, k, np.float32), 1)
+    cache.put("ab" + "2" * 62, "no_face", None, 0)
+    assert cache.get("ab" + "0" * 62, 4) is not None
+    bind_shim(var / "build")
+    paths = _tree(var / "client", var / "build")
+    assert len([p for p in paths if p.suffix == ".npz"]) == 3 and any(p.suffix == ".so" for p in paths)
+    bad = _group_or_other_bits(paths)
+    assert not bad, "\n".join(bad)
+
+
+def test_the_dealers_run_folders_are_owner_only(tmp_path, loose_umask, monkeypatch):
+    """One-job mode (prepare_dealer) and the service (run_service_dealer): the dealer's run folder, its
+    Player-Data (a copy of the client's key), Persistence and Programs, checked while the dealer would run."""
+    from orchestration.client import dealer, service
+    from orchestration.mpspdz.hosts import write_hosts
+    from orchestration.mpspdz.toolchain import protocol
+
+    var = tmp_path / "var"
+    client_dir = var / "client"
+    certs.make_local_pair((var / "server0", var / "server1", client_dir))
+    proto = protocol("dealer")
+    monkeypatch.setattr(dealer, "load_pending", lambda client, job: {"protocol": "dealer", "program": "face_predict",
+                                                                     "program_args": []})
+    monkeypatch.setattr(dealer, "compile_program", lambda *a, **kw: "face_predict-x")
+    run = dealer.prepare_dealer(None, client_dir, var / "build", "job1")
+    try:
+        assert (run.rundir / "Player-Data" / "P2.key").is_file()
+        bad = _group_or_other_bits(_tree(run.rundir))
+        assert not bad, "\n".join(bad)
+    finally:
+        dealer.cleanup_dealer(run)
+
+    hosts = write_hosts(tmp_path / "hosts", [("127.0.0.1", 7300), ("127.0.0.1", 7301), ("127.0.0.1", 7302)])
+    stop = threading.Event()
+    seen: list[str] = []
+    status = {"state": "serving", "protocol": proto.name, "batch": 4, "d1": 3, "c": 2, "exp_bits": 8, "gen": "g1"}
+    monkeypatch.setattr(service.ServiceClient, "status", lambda self: [status, status])
+    monkeypatch.setattr(service, "compile_program", lambda *a, **kw: "face_predict-x")
+    monkeypatch.setattr(service, "bind_shim", lambda build: tmp_path / "shim.so")
+
+    def start_party(mp, spec, program, hosts_file, *, shim, proto):
+        seen.extend(_group_or_other_bits(_tree(spec.workdir)))
+        seen.append(f"ran in {spec.workdir}")
+        stop.set()
+        proc = subprocess.Popen(["true"])
+        proc.wait()
+        return proc, open(os.devnull, "w")
+
+    monkeypatch.setattr(service, "start_party", start_party)
+    service.run_service_dealer(None, client_dir, var / "build", hosts, proto, stop)
+    assert seen and seen[-1].startswith("ran in"), seen
+    assert seen == [seen[-1]], "\n".join(seen)

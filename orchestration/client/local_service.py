@@ -42,8 +42,8 @@ def ensure_local_client(layout: Layout) -> None:
         certs_mod.make_client_cert(layout.client, "owner")
     fp = certs_mod.fingerprint(pem)
     for i in range(2):
-        if fp not in certs_mod.allowed_clients(layout.server(i)):
-            certs_mod.allow_client(layout.server(i), pem)
+        if fp not in certs_mod.allowed_clients(layout.server(i)):  # local mode: this client's key is the one
+            certs_mod.allow_client(layout.server(i), pem, replace=True)
 
 
 class LocalService:

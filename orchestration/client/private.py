@@ -120,8 +120,8 @@ def ensure_local_certs(layout: Layout, n_parties: int = 2) -> None:
             theirs = certs.cert_dir(layout.server(i)) / f"P{i}.pem"
             if theirs.is_file():
                 certs.import_peer_cert(layout.client, 2, theirs)
-            if certs.cert_dir(layout.server(i)).is_dir():
-                certs.import_peer_cert(layout.server(i), i, mine.path)
+            if certs.cert_dir(layout.server(i)).is_dir():  # this machine's client was just keyed: it replaces
+                certs.import_peer_cert(layout.server(i), i, mine.path, replace=True)  # any older P2 pin
         logger.info("made the client's dealer key and certificate in %s", certs.cert_dir(layout.client))
 
 

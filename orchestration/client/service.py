@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from preprocessing import sharing
-from preprocessing.fileio import destroy_tree
+from preprocessing.fileio import destroy_tree, owner_only
 from preprocessing.sharing import FRAC_BITS
 
 from orchestration.mpspdz import certs as certs_mod
@@ -70,8 +70,7 @@ class ServiceClient:
         if not server_pem.is_file():
             raise certs_mod.CertError(f"server {i}'s certificate {server_pem} missing: copy P{i}.pem from server {i} and "
                                       f"run `invoke certs --id 2 --peer-cert P{i}.pem`")
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx = certs_mod.harden_tls(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # TLS 1.2, ECDHE + AEAD only
         ctx.check_hostname = False  # the certificate itself is pinned: the only one trusted for server i
         ctx.load_verify_locations(cafile=str(server_pem))
         ctx.load_cert_chain(pem, key)
@@ -239,6 +238,7 @@ class ServiceClient:
 
 # ---- the dealer of the service (dealer mode, on the client) --------------------------------------
 
+@owner_only()
 def run_service_dealer(mp: MPSPDZ, client_dir: Path, build: Path, hosts: Hosts, proto: Protocol,
                        stop: threading.Event) -> None:
     """Deal for every session of the service until ``stop`` is set: one dealer party per session.

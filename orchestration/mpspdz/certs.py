@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from preprocessing.fileio import copy_private, owner_only, private_dir
 
@@ -119,9 +119,40 @@ def party_label(party: int) -> str:
     return "the client" if party == 2 else f"server {party}"
 
 
+def _pin(src: Path, dest: Path, what: str, *, replace: bool) -> bool:
+    """Copy certificate ``src`` to ``dest`` atomically (0600); False if ``dest`` already holds it.
+
+    A pin that holds a different certificate is replaced only with ``replace`` (``--replace-pin``):
+    a pin swapped silently would let whoever holds the new key in. Fingerprints in messages are
+    SHA-256 as ``invoke certs`` prints them (openssl's colon form)."""
+    new = inspect(Path(src))
+    if dest.is_file() or dest.is_symlink():
+        try:
+            old: CertInfo | None = inspect(dest)
+        except CertError:
+            old = None
+        if old is not None and old.fingerprint == new.fingerprint:
+            logger.info("%s already holds %s (sha256 %s): nothing to do", dest, src, new.fingerprint)
+            return False
+        if not replace:
+            pinned = f"{old.common_name!r} sha256 {old.fingerprint}" if old else "an unreadable file"
+            raise CertError(f"{dest} already pins {what} with another certificate: pinned {pinned}; new {src} "
+                            f"{new.common_name!r} sha256 {new.fingerprint}. If the new one is right (that party "
+                            "was re-keyed), add --replace-pin")
+        logger.warning("%s: replacing pinned certificate (sha256 %s) by %s (sha256 %s)", dest,
+                       old.fingerprint if old else "unreadable", src, new.fingerprint)
+    private_dir(dest.parent)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    copy_private(src, tmp)
+    os.replace(tmp, dest)
+    return True
+
+
 @owner_only()
-def import_peer_cert(server_dir: Path, party: int, pem: Path) -> CertInfo:
-    """Install another party's certificate (the other server's, or the client's: P2) into ``party``'s folder."""
+def import_peer_cert(server_dir: Path, party: int, pem: Path, *, replace: bool = False) -> CertInfo:
+    """Install another party's certificate (the other server's, or the client's: P2) into ``party``'s folder.
+
+    The same certificate again changes nothing; a different one where a pin exists needs ``replace``."""
     info = inspect(Path(pem))
     others = [j for j in range(MAX_PARTIES) if j != party]
     names = {f"P{j}": j for j in others}
@@ -131,10 +162,7 @@ def import_peer_cert(server_dir: Path, party: int, pem: Path) -> CertInfo:
                         f"one of {wanted}")
     peer = names[info.common_name]
     dest = cert_dir(server_dir) / f"P{peer}.pem"
-    private_dir(dest.parent)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    copy_private(pem, tmp)
-    os.replace(tmp, dest)
+    _pin(Path(pem), dest, f"{party_label(peer)} (P{peer})", replace=replace)
     return inspect(dest)
 
 
@@ -146,8 +174,8 @@ def make_local_pair(party_dirs: Sequence[Path], *, days: int = DEFAULT_DAYS, for
     made = [make_party_cert(party_dirs[i], i, days=days, force=force) for i in range(len(party_dirs))]
     for i in range(len(party_dirs)):
         for j in range(len(party_dirs)):
-            if j != i:
-                import_peer_cert(party_dirs[i], i, made[j].path)
+            if j != i:  # every key was just made here: the old pins are replaced by design
+                import_peer_cert(party_dirs[i], i, made[j].path, replace=True)
     return made
 
 
@@ -220,6 +248,20 @@ def install_for_run(certs: PartyCerts, player_data: Path) -> None:
 # anew for every connection, so neither takes a restart).
 
 CLIENT_PREFIX = "client-"
+CLIENT_NAME_MAX = 48
+CLIENT_NAME_RULE = f"1..{CLIENT_NAME_MAX} letters, digits, '-', '_' or '.', not starting with '.'"
+
+
+def check_client_name(name: str) -> str:
+    """A service client's name as it may appear in ``client-<name>`` and in ``clients/<name>.pem``, or CertError.
+
+    The one rule for both: the name becomes a file name on every server that pins the client, so no
+    path separator, no leading dot (no hidden file, no ``..``), ASCII only."""
+    ok = (0 < len(name) <= CLIENT_NAME_MAX and name.isascii() and not name.startswith(".")
+          and all(ch.isalnum() or ch in "-_." for ch in name))
+    if not ok:
+        raise CertError(f"client name {name!r}: use {CLIENT_NAME_RULE}")
+    return name
 
 
 def fingerprint(pem: Path | str) -> str:
@@ -244,8 +286,7 @@ def client_files(client_dir: Path) -> tuple[Path, Path]:
 def make_client_cert(client_dir: Path, name: str = "owner", *, days: int = DEFAULT_DAYS,
                      force: bool = False) -> CertInfo:
     """The service client's key and certificate (common name ``client-<name>``)."""
-    if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or len(name) > 48:
-        raise CertError(f"client name {name!r}: use 1..48 letters, digits, '-', '_' or '.'")
+    check_client_name(name)
     key, pem = client_files(client_dir)
     if (key.exists() or pem.exists()) and not force:
         raise CertError(f"{key if key.exists() else pem} exists; use --force to replace this client's key "
@@ -260,20 +301,46 @@ def client_dir_of(server_dir: Path) -> Path:
 
 
 @owner_only()
-def allow_client(server_dir: Path, pem: Path) -> CertInfo:
-    """Pin a service client's certificate on this server (``clients/<name>.pem``)."""
-    info = inspect(Path(pem))
-    if not info.common_name.startswith(CLIENT_PREFIX):
-        raise CertError(f"{pem}: certificate is for {info.common_name or 'no name'!r}, expected a service client's "
+def allow_client(server_dir: Path, pem: Path, *, replace: bool = False) -> CertInfo:
+    """Pin a service client's certificate on this server (``clients/<name>.pem``).
+
+    The name comes from the certificate (common name ``client-<name>``) and must pass
+    :func:`check_client_name`, the rule ``invoke certs --client`` makes names with. Pinning the same
+    certificate again changes nothing; a different certificate under a pinned name needs ``replace``.
+    A certificate already pinned under another name is refused (one key, one name: the gateway names
+    the client by its certificate, and two names for it would make that name a matter of chance)."""
+    pem = Path(pem)
+    info = inspect(pem)
+    cn = info.common_name
+    if not cn.startswith(CLIENT_PREFIX):
+        raise CertError(f"{pem}: certificate is for {cn or 'no name'!r}, expected a service client's "
                         f"(common name {CLIENT_PREFIX}<name>, made by `invoke certs --client NAME`)")
+    name = cn[len(CLIENT_PREFIX):]
+    try:
+        check_client_name(name)
+    except CertError:
+        raise CertError(f"{pem}: common name {cn!r} is no client name this server can pin: after "
+                        f"{CLIENT_PREFIX!r} use {CLIENT_NAME_RULE}") from None
     if info.not_after < time.time():
         raise CertError(f"{pem}: expired on {time.strftime('%Y-%m-%d', time.gmtime(info.not_after))}")
-    d = client_dir_of(server_dir)
-    private_dir(d)
-    dest = d / f"{info.common_name[len(CLIENT_PREFIX):]}.pem"
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    copy_private(pem, tmp)
-    os.replace(tmp, dest)
+    d = private_dir(client_dir_of(server_dir))
+    dest = d / f"{name}.pem"
+    if dest.resolve().parent != d.resolve():  # the rule above already keeps it there; never write elsewhere
+        raise CertError(f"{pem}: common name {cn!r} would be pinned at {dest}, outside {d}")
+    try:
+        held = inspect(dest).fingerprint if dest.is_file() else None
+    except CertError:
+        held = None
+    for other in sorted(d.glob("*.pem")) if held != info.fingerprint else ():
+        if other.name != dest.name:
+            try:
+                same = inspect(other).fingerprint == info.fingerprint
+            except CertError:
+                continue
+            if same:
+                raise CertError(f"{pem} (sha256 {info.fingerprint}) is already pinned as client {other.stem!r} ({other}); "
+                                f"one certificate has one name: delete {other} first to pin it as {name!r}")
+    _pin(pem, dest, f"client {name!r}", replace=replace)
     return inspect(dest)
 
 
@@ -312,8 +379,87 @@ def make_gateway_cert(player_data: Path, client_id: int) -> tuple[Path, Path]:
     return key, pem
 
 
+# ---- TLS settings of the Python side ---------------------------------------------------------
+
+#: forward secrecy and authenticated encryption only: ECDHE with AES-GCM or ChaCha20-Poly1305
+AEAD_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
 def harden_tls(ctx: ssl.SSLContext) -> ssl.SSLContext:
-    """TLS 1.2 exactly, ECDHE with AES-GCM or ChaCha20-Poly1305 only (no CBC)."""
+    """Exactly TLS 1.2 (what MP-SPDZ speaks too) and only ECDHE with AES-GCM or ChaCha20-Poly1305.
+
+    No CBC suite (no MAC-then-encrypt), no static RSA key exchange. Returns ``ctx`` for chaining."""
     ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
+    ctx.set_ciphers(AEAD_CIPHERS)
+    suites = [c for c in ctx.get_ciphers() if c.get("protocol") != "TLSv1.3"]  # 1.3's are off (maximum_version)
+    bad = [c["name"] for c in suites if not c.get("aead") or c.get("kea") != "kx-ecdhe"]
+    if not suites or bad:
+        raise CertError(f"this OpenSSL ({ssl.OPENSSL_VERSION}) offers {', '.join(bad) or 'no suite'} for "
+                        f"{AEAD_CIPHERS!r}: expected only ECDHE with AES-GCM or ChaCha20-Poly1305")
     return ctx
+
+
+# ---- `invoke certs`: what each combination of its flags does ---------------------------------
+
+def certs_command(party_dir: Callable[[int], Path], *, party: int | None = None, peer_cert: Path | None = None,
+                  folder: Path | None = None, days: int = DEFAULT_DAYS, force: bool = False,
+                  replace_pin: bool = False, client: str | None = None,
+                  allow: Path | None = None) -> list[str]:
+    """The work of ``invoke certs``; returns the lines to print, raises CertError (the task exits 1).
+
+    ``party_dir(i)`` is party i's default folder (2: the client's), ``folder`` the --server-dir flag.
+    ``force`` replaces this party's own key and certificate; ``replace_pin`` replaces a pinned
+    certificate (--peer-cert, --allow-client) that differs from the one given. Neither implies the other."""
+    out: list[str] = []
+    if replace_pin and not (peer_cert or allow):
+        raise CertError("--replace-pin only applies with --peer-cert or --allow-client (it replaces a pinned "
+                        "certificate); --force replaces this party's own key")
+    if client:
+        info = make_client_cert(folder or party_dir(2), str(client), days=days, force=force)
+        return [f"service client {client}: key stays here; give {info.path} (sha256 {info.fingerprint}) to both "
+                "servers: invoke certs --id I --allow-client client.pem"]
+    if allow:
+        if party is None:
+            raise CertError("--allow-client needs --id (which server pins the client)")
+        sdir = folder or party_dir(party)
+        before = {c.name: f for f, c in allowed_clients(sdir).items()}
+        info = allow_client(sdir, Path(allow), replace=replace_pin)
+        if before.get(info.path.stem) == fingerprint(info.path):
+            return [f"server {party}: already accepts service client {info.common_name} with this certificate "
+                    f"({info.path}, sha256 {info.fingerprint}); nothing changed"]
+        return [f"server {party}: accepts service client {info.common_name} from now on ({info.path}, "
+                f"sha256 {info.fingerprint})"]
+    if party is None:
+        if peer_cert:
+            raise CertError("--peer-cert needs --id (which server receives it)")
+        dirs = (party_dir(0), party_dir(1), party_dir(2))
+        made = make_local_pair(dirs, days=days, force=force)
+        out += [f"{party_label(i)}: {info.path} (sha256 {info.fingerprint})" for i, info in enumerate(made)]
+        out.append("both local servers and the client hold their own key and every other party's certificate")
+        return out
+    me = party_label(party)
+    sdir = folder or party_dir(party)
+    own = cert_dir(sdir) / f"P{party}.pem"
+    if peer_cert:
+        peer_pem = Path(peer_cert)
+        name = inspect(peer_pem).common_name
+        dest = cert_dir(sdir) / f"{name}.pem"  # only read if the name is a party's: import_peer_cert checks it
+        try:
+            had = fingerprint(dest) if name in {f"P{j}" for j in range(MAX_PARTIES)} and dest.is_file() else None
+        except (OSError, CertError):
+            had = None  # a damaged pin: import_peer_cert says so
+        info = import_peer_cert(sdir, party, peer_pem, replace=replace_pin)
+        if had == fingerprint(info.path):
+            out.append(f"{me}: already holds {info.common_name}'s certificate {info.path} (sha256 "
+                       f"{info.fingerprint}); nothing changed")
+        else:
+            out.append(f"{me}: installed {info.common_name}'s certificate {info.path} (sha256 {info.fingerprint})")
+    if not peer_cert or force or not own.exists():
+        if own.exists() and not force:
+            out.append(f"{me}: {own} exists (sha256 {inspect(own).fingerprint}); --force replaces it")
+        else:
+            info = make_party_cert(sdir, party, days=days, force=force)
+            to = "both servers" if party == 2 else f"server {1 - party} (and, in the dealer mode, the client)"
+            out.append(f"{me}: key {cert_dir(sdir) / f'P{party}.key'} stays here; send {info.path} "
+                       f"(sha256 {info.fingerprint}) to {to}")
+    return out

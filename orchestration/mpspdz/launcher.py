@@ -100,6 +100,7 @@ def free_ports(host: str, count: int) -> int:
 
 
 
+@owner_only()
 def bind_shim(build_dir: Path) -> Path:
     """The compiled LD_PRELOAD shim that keeps MP-SPDZ's listener on the hosts-file address.
 
@@ -180,6 +181,11 @@ def _parse(line: str, res: PartyResult) -> None:
 
 
 _HANDSHAKE = re.compile(r"(Client|Server)-side handshake with (P\d+) failed")
+#: OpenSSL's words for a peer whose certificate was checked and refused (by us, or by the peer: its alert)
+_CERT_REFUSED = re.compile(r"(certificate verify failed|unknown ca|bad certificate|certificate unknown|"
+                           r"certificate expired|certificate revoked|unsupported certificate|certificate required|"
+                           r"no certificate|self[- ]signed certificate|unable to get local issuer|"
+                           r"wrong signature type|decrypt error|handshake failure)", re.I)
 _PEER_LOST = re.compile(r"(Connection reset|Broken pipe|End of file|connection closed|Received 0 bytes|"
                         r"receiving error|sending error|stream truncated|Connection refused)", re.I)
 _BIND_FAILED = re.compile(r"^Binding to socket on .*:(\d+) failed \((.*)\)")
@@ -195,18 +201,34 @@ def _others(party: int, n_parties: int, proto: Protocol | None) -> str:
     return " or ".join(names)
 
 
+def handshake_cause(text: str) -> str:
+    """Why MP-SPDZ's TLS handshake failed, from what it printed after "...-side handshake with P<j> failed":
+    "certificate" only if OpenSSL refused a certificate (ours or theirs: "certificate verify failed",
+    "tlsv1 alert unknown ca", "bad certificate", ...), else "cut" ("stream truncated", "End of file",
+    "Connection reset by peer", or no reason at all, as when the peer was killed)."""
+    reasons = [ln for ln in text.splitlines() if "handshake:" in ln or "SSL error" in ln or "what()" in ln
+               or "Fatal error" in ln]  # not MP-SPDZ's advice around them, which speaks of certificates anyway
+    return "certificate" if any(_CERT_REFUSED.search(ln) for ln in reasons) else "cut"
+
+
 def diagnose(log_text: str, party: int, proto: Protocol | None = None) -> tuple[str, int | None]:
     """Why a party stopped, from its own output: (reason, party to blame or None).
 
     With two parties a lost connection blames the other one; with three (the dealer mode) MP-SPDZ's
-    message does not say which peer went away, so the reason names both candidates and blames none."""
+    message does not say which peer went away, so the reason names both candidates and blames none.
+    A failed TLS handshake is blamed on the certificates only if OpenSSL refused one
+    (:func:`handshake_cause`); a handshake cut short is a lost connection to the peer it names."""
     n = proto.n_parties if proto else 2
     me = party_name(party, proto)
     if m := _HANDSHAKE.search(log_text):
         peer = int(m.group(2)[1:])
         them = party_name(peer, proto)
-        return (f"TLS handshake between {me} and {them} failed: one side does not hold the other's certificate "
-                f"(certs/P{peer}.pem of {me} must be the certificate {them} uses, and the other way round)", None)
+        later = _HANDSHAKE.search(log_text, m.end())
+        if handshake_cause(log_text[m.start():later.start() if later else None]) == "certificate":
+            return (f"TLS handshake between {me} and {them} failed: one side does not hold the other's certificate "
+                    f"(certs/P{peer}.pem of {me} must be the certificate {them} uses, and the other way round)", None)
+        return (f"{LOST} to {them} during the TLS handshake: the connection was cut ({them} stopped, was killed "
+                "or its host went away); no certificate was refused", peer)
     for line in log_text.splitlines():
         if m := _BIND_FAILED.match(line.strip()):
             return f"{me} cannot listen on port {m.group(1)}: {m.group(2)}", party
@@ -354,8 +376,8 @@ def _blame(specs: Sequence[PartySpec], codes: list[int | None], order: Sequence[
     Within a rank the one that ended first wins. A survivor often aborts (SIGABRT, an uncaught
     boost::system::system_error) right after its peer dies, and its last line may not be in its log
     yet, so rank 1 never beats rank 0 and exit order breaks ties, whichever party index is lower.
-    A failed TLS handshake explains the failure unless a party was stopped from outside (a party
-    killed while the others connect makes their handshakes fail too).
+    A refused certificate explains the failure unless a party was stopped from outside (a party
+    killed while the others connect makes their handshakes fail too: those read as a lost connection).
     """
     texts = [_read(s.log) for s in specs]
     diag = [diagnose(t, s.party, proto) for t, s in zip(texts, specs)]

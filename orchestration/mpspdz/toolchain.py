@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocessing.fileio import atomic_write_json, atomic_write_text
+from preprocessing.fileio import atomic_write_json, atomic_write_text, owner_only
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ def programs_dir(build_dir: Path, proto: Protocol) -> Path:
     return Path(build_dir) / proto.name / "Programs"
 
 
+@owner_only()  # under var/build: owner-only like the rest of var/
 def compile_program(mp: MPSPDZ, name: str, args: list[str], build_dir: Path, force: bool = False,
                     proto: Protocol | None = None) -> str:
     """Compile ``mpc_programs/<name>.mpc`` with ``args`` for ``proto``; returns the compiled program name.
