@@ -1,7 +1,7 @@
 """invoke setup's installer: archives, the official release, source trees, runtime libraries, and the check.
 
-Nothing here downloads anything: the "online" path is pointed at local file:// URLs or stopped before it
-would download. The real MP-SPDZ archive comes from ../shared/mp-spdz beside the repository; without it
+Nothing here reaches the internet: the online path (GitHub's releases API and the release download) is
+pointed at a local HTTPS server on 127.0.0.1 with a throw-away CA made by openssl. The real MP-SPDZ archive comes from ../shared/mp-spdz beside the repository; without it
 the tests that need it FAIL.
 """
 from __future__ import annotations

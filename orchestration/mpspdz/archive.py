@@ -21,7 +21,6 @@ import hashlib
 import logging
 import lzma
 import os
-import posixpath
 import re
 import shutil
 import stat
