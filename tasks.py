@@ -191,65 +191,36 @@ def fetch_models(c, force=False):
     "archive": "offline: install from this MP-SPDZ archive (.tar.xz with one top folder; FILE.sha256 beside it is "
                "checked; a quoted glob matching one file is fine) instead of the official release "
                "(default: mpspdz.archive in invoke.yaml)",
-    "sha256": "the sha256 that --archive, or the official release download, must have",
+    "sha256": "the sha256 that --archive, or the official release download, must have (checked besides FILE.sha256 "
+              "and GitHub's published digest)",
+    "unverified": "install an --archive that has no FILE.sha256 beside it and no --sha256 (else refused)",
     "from_source": "build semi2k-party.x and dealer-ring-party.x with make in this MP-SPDZ source tree and install "
                    "them",
     "force": "install again even if --home holds a complete MP-SPDZ (replaces also a folder setup did not make)",
     "models": "fetch the FaceNet weights too (--no-models on a server host, which needs none)",
     "jobs": "parallel make jobs for --from-source (default: all CPUs)",
 })
-def setup(c, home=None, archive=None, sha256=None, from_source=None, force=False, models=True, jobs=None):
+def setup(c, home=None, archive=None, sha256=None, unverified=False, from_source=None, force=False, models=True,
+          jobs=None):
     """Make this machine ready: MP-SPDZ, its runtime libraries, the model weights, and a check that MP-SPDZ runs.
 
-    Installs MP-SPDZ if it is missing or incomplete (the official release, checksum verified; or --archive;
-    or --from-source), installs missing Debian runtime libraries when run as root (else names them), fetches
-    the model weights, then runs a two-party (semi2k) and a three-party dealer program. Run again, it only checks.
+    Installs MP-SPDZ if it is missing or incomplete (the official release, verified against GitHub's published
+    sha256; or --archive, verified against FILE.sha256 or --sha256; or --from-source), installs missing Debian
+    runtime libraries when run as root (else names them), fetches the model weights, then runs a two-party
+    (semi2k) and a three-party dealer program. Run again, it only checks.
     """
     _logging()
     from orchestration.mpspdz import install
-    from orchestration.mpspdz.toolchain import MPSPDZError, mpspdz_home
+    from orchestration.mpspdz.toolchain import MPSPDZError
 
-    configured = _cfg(c, "mpspdz", "home", None)
-    target = Path(home).expanduser().absolute() if home else mpspdz_home(configured)[0]
-    if not (archive or from_source):
-        archive = c.config.get("mpspdz", {}).get("archive")
-        if archive and not Path(archive).expanduser().is_absolute():
-            archive = str(REPO / archive)  # relative to the project, like invoke.yaml itself
     try:
-        jobs = int(jobs) if jobs else None
-    except ValueError:
-        raise Exit(f"--jobs {jobs!r}: expected a whole number of parallel make jobs", code=1)
-    try:
-        done = install.install_mpspdz(target, archive=archive, sha256=sha256, from_source=from_source,
-                                      force=bool(force), jobs=jobs)
-        if done.changed:
-            print(f"MP-SPDZ installed at {done.home} from {done.source} ({done.detail})")
-        else:
-            again = "; --force installs it again" if (archive or from_source or sha256) else ""
-            print(f"MP-SPDZ at {done.home} is complete: nothing to install ({done.source}{again})")
-        libs = install.ensure_runtime_libraries(done.home)
-        if libs.installed:
-            print(f"runtime libraries: installed {' '.join(libs.installed)}")
-        elif libs.checked:
-            print(f"runtime libraries: {install.PARTY_BINARY} and {install.DEALER_BINARY} find all of theirs")
+        install.run_setup(home=home, configured_home=_cfg(c, "mpspdz", "home", None), archive=archive,
+                          configured_archive=c.config.get("mpspdz", {}).get("archive"), project=REPO,
+                          sha256=sha256, unverified=bool(unverified), from_source=from_source, force=bool(force),
+                          jobs=jobs, fetch_models=(lambda: fetch_models(c)) if models else None, say=print,
+                          note=lambda message: print(message, file=sys.stderr))
     except (install.SetupError, MPSPDZError) as exc:
         raise Exit(f"setup failed: {exc}", code=1)
-    if models:
-        fetch_models(c)
-    else:
-        print("model weights: not fetched (--no-models)")
-    try:
-        for r in install.check_installation(done.home):
-            print(f"check passed: {r.binary}, {r.name}: secret inputs {r.a} and {r.b}, revealed product and sum "
-                  f"correct ({r.seconds:.1f} s)")
-    except (install.SetupError, MPSPDZError) as exc:
-        raise Exit(f"setup failed: {exc}", code=1)
-    if not done.changed and not libs.installed:
-        print("setup: everything was in place already; only the check ran")
-    found, source = mpspdz_home(configured)
-    if found != done.home.resolve():
-        print(f"note: the other tasks look for MP-SPDZ at {found} ({source}), not at {done.home}: set MP_SPDZ_HOME="
-              f"{done.home} (or mpspdz.home in invoke.yaml) to use this one", file=sys.stderr)
 
 
 @task(help={

@@ -1,11 +1,12 @@
 """invoke setup's installer: archives, the official release, source trees, runtime libraries, and the check.
 
-Nothing here downloads anything: the "online" path is pointed at local file:// URLs or stopped before it
-would download. The real MP-SPDZ archive comes from ../shared/mp-spdz beside the repository; without it
+Nothing here reaches the internet: the online path (GitHub's releases API and the release download) is
+pointed at a local HTTPS server on 127.0.0.1 with a throw-away CA made by openssl. The real MP-SPDZ archive comes from ../shared/mp-spdz beside the repository; without it
 the tests that need it FAIL.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import lzma
@@ -14,6 +15,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -139,7 +141,7 @@ def test_archive_missing_a_binary_is_refused_naming_it(tmp_path):
     target = tmp_path / "opt"
     with pytest.raises(SetupError, match=r"a\.tar\.xz: not a usable MP-SPDZ for this project: missing "
                                          r"dealer-ring-party\.x"):
-        install.install_mpspdz(target / "mp-spdz", archive=archive)
+        install.install_mpspdz(target / "mp-spdz", archive=archive, unverified=True)
     assert_nothing_installed(target)
 
 
@@ -147,7 +149,7 @@ def test_archive_missing_libspdz_is_refused_naming_it(tmp_path, unpacked):
     archive = make_tar(tmp_path / "nolib.tar.xz", unpacked, "mp", drop=("libSPDZ.so",))
     target = tmp_path / "opt"
     with pytest.raises(SetupError, match=r"missing libSPDZ\.so \(needed by semi2k-party\.x\)"):
-        install.install_mpspdz(target / "mp-spdz", archive=archive)
+        install.install_mpspdz(target / "mp-spdz", archive=archive, unverified=True)
     assert_nothing_installed(target)
 
 
@@ -177,7 +179,7 @@ def test_truncated_corrupt_and_malformed_archives_are_refused(tmp_path, real_arc
         path = tmp_path / name
         path.write_bytes(content)
         with pytest.raises(SetupError, match=rf"{re.escape(name)}: cannot unpack it, it is truncated, corrupt"):
-            install.install_mpspdz(target / "mp-spdz", archive=path)
+            install.install_mpspdz(target / "mp-spdz", archive=path, unverified=True)
         assert_nothing_installed(target)
     # two top folders, and a member that would land outside the target
     two = tmp_path / "two.tar.xz"
@@ -185,14 +187,14 @@ def test_truncated_corrupt_and_malformed_archives_are_refused(tmp_path, real_arc
         tar.add(fake_mpspdz(tmp_path / "t1"), arcname="one")
         tar.add(fake_mpspdz(tmp_path / "t2"), arcname="two")
     with pytest.raises(SetupError, match="expected one top folder .* found one, two"):
-        install.install_mpspdz(target / "mp-spdz", archive=two)
+        install.install_mpspdz(target / "mp-spdz", archive=two, unverified=True)
     evil = tmp_path / "evil.tar.xz"
     with tarfile.open(evil, "w:xz") as tar:
         info = tarfile.TarInfo("../escaped")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"bad"))
     with pytest.raises(SetupError, match="cannot unpack it"):
-        install.install_mpspdz(target / "mp-spdz", archive=evil)
+        install.install_mpspdz(target / "mp-spdz", archive=evil, unverified=True)
     assert not (tmp_path / "escaped").exists()
     assert_nothing_installed(target)
     with pytest.raises(SetupError, match="no such file"):
@@ -215,7 +217,7 @@ def test_a_folder_setup_did_not_make_is_left_alone(tmp_path, fake_archive):
         install.install_mpspdz(home, archive=fake_archive)
     assert [p.name for p in home.iterdir()] == ["notes.txt"]
     assert_nothing_installed(tmp_path, "mp-spdz", "mp-spdz-fake.tar.xz", "src")
-    done = install.install_mpspdz(home, archive=fake_archive, force=True)
+    done = install.install_mpspdz(home, archive=fake_archive, force=True, unverified=True)
     assert done.changed and not (home / "notes.txt").exists() and (home / "dealer-ring-party.x").exists()
     assert_nothing_installed(tmp_path, "mp-spdz", "mp-spdz-fake.tar.xz", "src")
 
@@ -223,7 +225,7 @@ def test_a_folder_setup_did_not_make_is_left_alone(tmp_path, fake_archive):
 def test_an_empty_folder_is_installed_into(tmp_path, fake_archive):
     home = tmp_path / "mp-spdz"
     home.mkdir()
-    assert install.install_mpspdz(home, archive=fake_archive).changed
+    assert install.install_mpspdz(home, archive=fake_archive, unverified=True).changed
     assert (home / "semi2k-party.x").exists()
 
 
@@ -233,7 +235,244 @@ def test_an_unwritable_place_is_a_clear_error(tmp_path, fake_archive, monkeypatc
 
     monkeypatch.setattr(install.tempfile, "mkdtemp", refuse)
     with pytest.raises(SetupError, match=r"cannot write next to .*Permission denied.*--home DIR"):
-        install.install_mpspdz(tmp_path / "mp-spdz", archive=fake_archive)
+        install.install_mpspdz(tmp_path / "mp-spdz", archive=fake_archive, unverified=True)
+
+
+# ---- crafted archives, checksums, the swap between hash and unpack (security regressions) ----------
+
+def crafted_archive(dest: Path, top: str, add) -> Path:
+    """A .tar.xz with a small MP-SPDZ in ``top/`` and then whatever ``add(tar)`` puts in."""
+    with tarfile.open(dest, "w:xz", preset=0) as tar:
+        tar.add(fake_mpspdz(dest.parent / f"{dest.name}.src"), arcname=top)
+        add(tar)
+    dest.with_name(dest.name + ".sha256").write_text(f"{sha256(dest)}  {dest.name}\n")
+    return dest
+
+
+def _member(tar: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "",
+            data: bytes = b"", mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, linkname, mode
+    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        info.devmajor, info.devminor = 1, 3
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def cve_2025_4517_chain(outside_from_top: str):
+    """The public CVE-2025-4517 shape: symlinks a..p to 247-character folders, nested so that the chain is longer
+    than PATH_MAX and os.path.realpath (which tarfile's data filter relies on) gives up; a last symlink then
+    climbs out through it, and a file is written through that symlink."""
+    def add(tar: tarfile.TarFile) -> None:
+        comp, steps, path = "d" * 247, "abcdefghijklmnop", "top"
+        for step in steps:
+            _member(tar, f"{path}/{comp}", tarfile.DIRTYPE, mode=0o755)
+            _member(tar, f"{path}/{step}", tarfile.SYMTYPE, comp)
+            path = f"{path}/{comp}"
+        long_link = "/".join(steps) + "/" + "l" * 254
+        _member(tar, f"top/{long_link}", tarfile.SYMTYPE, "../" * len(steps))
+        _member(tar, "top/escape", tarfile.SYMTYPE, f"{long_link}/{outside_from_top}")
+        _member(tar, "top/escape/pwned", data=b"written outside the install folder\n")
+    return add
+
+
+@pytest.mark.parametrize("case", ["cve-2025-4517 symlink chain", "hard link out", "hard link inside",
+                                  "character device", "block device", "fifo", "dotdot path", "absolute path",
+                                  "absolute symlink", "symlink out", "file through an inside symlink"])
+def test_crafted_archives_are_refused_whole_and_write_nothing_outside(tmp_path, case):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("mine\n")
+    target = tmp_path / "opt"
+    target.mkdir()
+    # staging is target/.mp-spdz.setup-XXX/unpack/top: four levels up from top is tmp_path
+    adds = {
+        "cve-2025-4517 symlink chain": (cve_2025_4517_chain("../../../../outside"),
+                                        "lies under 'top/a', which is a symlink"),
+        "hard link out": (lambda t: _member(t, "top/lib.so", tarfile.LNKTYPE, str(outside / "victim")),
+                          "'top/lib.so' is a hard link"),
+        "hard link inside": (lambda t: _member(t, "top/again.py", tarfile.LNKTYPE, "top/compile.py"),
+                             "'top/again.py' is a hard link"),
+        "character device": (lambda t: _member(t, "top/null", tarfile.CHRTYPE), "'top/null' is a character device"),
+        "block device": (lambda t: _member(t, "top/sda", tarfile.BLKTYPE), "'top/sda' is a block device"),
+        "fifo": (lambda t: _member(t, "top/pipe", tarfile.FIFOTYPE), "'top/pipe' is a fifo"),
+        "dotdot path": (lambda t: _member(t, "top/../../../../outside/victim", data=b"overwritten\n"),
+                        "'top/../../../../outside/victim' has a '..' component"),
+        "absolute path": (lambda t: _member(t, str(outside / "abs"), data=b"x\n"), f"'{outside}/abs' has an "
+                                                                                     f"absolute path"),
+        "absolute symlink": (lambda t: _member(t, "top/etc", tarfile.SYMTYPE, str(outside)),
+                             f"'top/etc' is a symlink to '{outside}': only relative symlinks"),
+        "symlink out": (lambda t: _member(t, "top/out", tarfile.SYMTYPE, "../../../../outside"),
+                        "'top/out' is a symlink to '../../../../outside', which points outside"),
+        "file through an inside symlink": (
+            lambda t: (_member(t, "top/lnk", tarfile.SYMTYPE, "Compiler"),
+                       _member(t, "top/lnk/evil.py", data=b"x\n")),
+            "'top/lnk/evil.py' lies under 'top/lnk', which is a symlink"),
+    }
+    add, named = adds[case]
+    archive = crafted_archive(tmp_path / "evil.tar.xz", "top", add)
+    try:
+        install.install_mpspdz(target / "mp-spdz", archive=archive)
+        msg = "installed"
+    except SetupError as exc:
+        msg = str(exc)
+    # first: nothing was written outside the target
+    assert sorted(p.name for p in outside.iterdir()) == ["victim"] and (outside / "victim").read_text() == "mine\n"
+    assert "cannot unpack it safely: member " in msg and named in msg, msg
+    assert msg.endswith("the whole archive is refused, nothing was installed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.tar.xz", "evil.tar.xz.sha256", "evil.tar.xz.src",
+                                                          "opt", "outside"]
+    assert_nothing_installed(target)
+
+
+def test_safe_members_are_unpacked_with_safe_modes(tmp_path):
+    """Relative symlinks to files and folders unpacked before them stay (none goes through another symlink);
+    modes become 0644 or 0755: no setuid/setgid/sticky bit, nothing writable by group or others."""
+    def add(tar):
+        _member(tar, "top/bin/tool.sh", data=b"#!/bin/sh\n", mode=0o6777)
+        _member(tar, "top/notes.txt", data=b"n\n", mode=0o666)
+        _member(tar, "top/private.txt", data=b"p\n", mode=0o600)
+        _member(tar, "top/open", tarfile.DIRTYPE, mode=0o1777)
+        _member(tar, "top/compiler-link", tarfile.SYMTYPE, "Compiler")
+        _member(tar, "top/bin/compile-link.py", tarfile.SYMTYPE, "../compile.py")
+
+    archive = crafted_archive(tmp_path / "ok.tar.xz", "top", add)
+    home = tmp_path / "opt" / "mp-spdz"
+    install.install_mpspdz(home, archive=archive)
+    modes = {rel: oct((home / rel).lstat().st_mode & 0o7777) for rel in
+             ("bin/tool.sh", "notes.txt", "private.txt", "open", "bin", "semi2k-party.x", "compile.py")}
+    assert modes == {"bin/tool.sh": "0o755", "notes.txt": "0o644", "private.txt": "0o644", "open": "0o755",
+                     "bin": "0o755", "semi2k-party.x": "0o755", "compile.py": "0o644"}
+    assert os.readlink(home / "compiler-link") == "Compiler" and (home / "compiler-link" / "__init__.py").is_file()
+    assert (home / "bin" / "compile-link.py").resolve() == (home / "compile.py").resolve()
+    # a symlink to one that is not there (yet), or through another symlink, is refused
+    for bad, why in ((lambda t: _member(t, "top/later", tarfile.SYMTYPE, "not-yet"), "'top/later' is a symlink to "
+                      "'not-yet', which is not a file or folder extracted before it"),
+                     (lambda t: (_member(t, "top/l1", tarfile.SYMTYPE, "Compiler"),
+                                 _member(t, "top/l2", tarfile.SYMTYPE, "l1/__init__.py")), "'top/l2' is a symlink to "
+                      "'l1/__init__.py', which is not a file or folder extracted before it (or goes through")):
+        archive = crafted_archive(tmp_path / "bad.tar.xz", "top", bad)
+        with pytest.raises(SetupError, match=re.escape(why)):
+            install.install_mpspdz(tmp_path / "opt2" / "mp-spdz", archive=archive)
+        shutil.rmtree(tmp_path / "bad.tar.xz.src")
+
+
+def test_an_archive_without_a_checksum_needs_unverified(tmp_path, fake_archive):
+    target = tmp_path / "opt"
+    with pytest.raises(SetupError) as err:
+        install.install_mpspdz(target / "mp-spdz", archive=fake_archive)
+    assert str(err.value) == (
+        f"{fake_archive}: nothing to verify it against: there is no mp-spdz-fake.tar.xz.sha256 beside it and no "
+        f"--sha256. Put the sha256 from a source you trust beside it (`sha256sum mp-spdz-fake.tar.xz > "
+        f"mp-spdz-fake.tar.xz.sha256`, on the machine it came from), or pass --sha256 <hex>; to install it "
+        f"unverified on purpose, pass --unverified. Nothing was installed")
+    assert not target.exists()
+    done = install.install_mpspdz(target / "mp-spdz", archive=fake_archive, unverified=True)
+    assert done.changed and done.detail == f"sha256 {sha256(fake_archive)} (unverified)"
+    assert (target / "mp-spdz" / "semi2k-party.x").exists()
+    # --unverified does not skip a checksum that is there
+    fake_archive.with_name(fake_archive.name + ".sha256").write_text("4" * 64 + "\n")
+    with pytest.raises(SetupError, match="but mp-spdz-fake.tar.xz.sha256 says 4{64}"):
+        install.install_mpspdz(target / "mp-spdz", archive=fake_archive, unverified=True, force=True)
+
+
+def test_setup_task_refuses_an_unverified_archive_without_a_traceback(tmp_path, fake_archive):
+    home = tmp_path / "opt" / "mp-spdz"
+    r = subprocess.run([sys.executable, "-m", "invoke", "setup", "--home", str(home), "--archive", str(fake_archive),
+                        "--no-models"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"setup failed: {fake_archive}: nothing to verify it against" in r.stderr and "--unverified" in r.stderr
+    assert "Traceback" not in r.stderr and not home.parent.exists()
+
+
+def test_the_archive_is_unpacked_from_the_file_that_was_hashed(tmp_path, fake_archive, monkeypatch):
+    """The archive is replaced on disk right after it was hashed: what is installed is still what was hashed."""
+    fake_archive.with_name(fake_archive.name + ".sha256").write_text(f"{sha256(fake_archive)}  x\n")
+    other = make_tar(tmp_path / "other.tar.xz", fake_mpspdz(tmp_path / "src" / "y", tag="SWAPPED"), "mp-spdz-fake")
+    real_sha256 = hashlib.sha256
+    swapped = []
+
+    class SwapAfterHashing:
+        def __init__(self, *args):
+            self._h = real_sha256(*args)
+
+        def update(self, data):
+            self._h.update(data)
+
+        def hexdigest(self):
+            if not swapped:  # the first digest is the archive's: now swap the file on disk
+                os.replace(other, fake_archive)
+                swapped.append(True)
+            return self._h.hexdigest()
+
+    monkeypatch.setattr(hashlib, "sha256", SwapAfterHashing)
+    home = tmp_path / "opt" / "mp-spdz"
+    install.install_mpspdz(home, archive=fake_archive)
+    assert swapped
+    assert (home / "semi2k-party.x").read_text() == "#!/bin/sh\necho fake semi2k-party.x\n"
+
+
+# ---- an install folder that is a mount point -------------------------------------------------------
+
+def with_sidecar(archive: Path) -> Path:
+    archive.with_name(archive.name + ".sha256").write_text(f"{sha256(archive)}  {archive.name}\n")
+    return archive
+
+
+def refuse_to_rename(monkeypatch, home: Path, also=lambda src, dst: False):
+    """os.rename as on a mount point: renaming ``home`` itself fails with EBUSY (and ``also`` other renames)."""
+    real_rename = os.rename
+
+    def rename(src, dst, *args, **kw):
+        if Path(src) == home or also(Path(src), Path(dst)):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src))
+        return real_rename(src, dst, *args, **kw)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def test_a_mount_point_is_installed_into_by_replacing_its_contents(tmp_path, fake_archive, monkeypatch):
+    home = tmp_path / "opt" / "mp-spdz"
+    home.mkdir(parents=True)  # an empty volume mounted at /opt/mp-spdz
+    refuse_to_rename(monkeypatch, home)
+    with_sidecar(fake_archive)
+    done = install.install_mpspdz(home, archive=fake_archive)
+    assert done.changed and install.problems(home) == []
+    assert sorted(p.name for p in home.iterdir()) == [install.RECORD, "Compiler", "compile.py",
+                                                     "dealer-ring-party.x", "semi2k-party.x"]
+    assert oct(home.stat().st_mode & 0o777) == "0o755"
+    assert_nothing_installed(home.parent, "mp-spdz")
+    # again with --force, over the install of ours
+    other = with_sidecar(make_tar(tmp_path / "other.tar.xz", fake_mpspdz(tmp_path / "src" / "y", tag="new"),
+                                  "mp-spdz-new"))
+    install.install_mpspdz(home, archive=other, force=True)
+    assert (home / "semi2k-party.x").read_text() == "#!/bin/sh\necho new semi2k-party.x\n"
+    assert not [p for p in home.iterdir() if p.name.startswith(".invoke-setup-")]
+    assert_nothing_installed(home.parent, "mp-spdz")
+
+
+def test_a_mount_point_whose_contents_cannot_be_replaced_is_left_as_it_was(tmp_path, fake_archive, monkeypatch):
+    home = tmp_path / "opt" / "mp-spdz"
+    install.install_mpspdz(home, archive=with_sidecar(fake_archive))
+    before = {p.relative_to(home): p.read_bytes() for p in home.rglob("*") if p.is_file()}
+    # the new files are being moved in when one rename fails: everything is put back
+    refuse_to_rename(monkeypatch, home, also=lambda src, dst: dst == home / "semi2k-party.x"
+                     and src.parent.name.startswith(".invoke-setup-new-"))
+    other = with_sidecar(make_tar(tmp_path / "other.tar.xz", fake_mpspdz(tmp_path / "src" / "y", tag="new"),
+                                  "mp-spdz-new"))
+    with pytest.raises(SetupError, match=rf"cannot replace the contents of {re.escape(str(home))} .*Device or "
+                                         rf"resource busy.*it is as it was"):
+        install.install_mpspdz(home, archive=other, force=True)
+    assert {p.relative_to(home): p.read_bytes() for p in home.rglob("*") if p.is_file()} == before
+    assert_nothing_installed(home.parent, "mp-spdz")
+    # a home that is not a folder and cannot be renamed: a clear error, no traceback
+    monkeypatch.undo()
+    plain = tmp_path / "file-home"
+    plain.write_text("x")
+    refuse_to_rename(monkeypatch, plain)
+    with pytest.raises(SetupError, match=r"cannot move .*file-home aside to replace it .*nothing was changed"):
+        install.install_mpspdz(plain, archive=fake_archive, force=True)
 
 
 # ---- the real archive: install, check, idempotence -----------------------------------------------
@@ -319,50 +558,198 @@ def release_tarball(tmp_path: Path, unpacked: Path) -> Path:
     return make_tar(tmp_path / "mp-spdz-0.4.2.tar.xz", root, "mp-spdz-0.4.2")
 
 
-def test_release_layout_picks_the_cpu_variant(tmp_path, unpacked):
+# ---- a local HTTPS server playing GitHub's releases API and its downloads -----------------------
+
+def _openssl(*args: str, cwd: Path) -> None:
+    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"openssl {' '.join(args)}: {proc.stderr}"
+
+
+def make_ca_and_server_cert(folder: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a certificate for 127.0.0.1 signed by it: (ca.pem, server.pem, server.key)."""
+    folder.mkdir()
+    (folder / "ca.cnf").write_text("[req]\ndistinguished_name = dn\nx509_extensions = ca\n[dn]\n"
+                                   "[ca]\nbasicConstraints = critical, CA:TRUE\nkeyUsage = critical, keyCertSign\n"
+                                   "subjectKeyIdentifier = hash\n")
+    (folder / "server.ext").write_text("basicConstraints = critical, CA:FALSE\nsubjectAltName = IP:127.0.0.1\n"
+                                       "extendedKeyUsage = serverAuth\nkeyUsage = critical, digitalSignature\n"
+                                       "authorityKeyIdentifier = keyid\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-days", "1", "-subj", "/CN=test CA", "-config", "ca.cnf", "-keyout", "ca.key",
+             "-out", "ca.pem", cwd=folder)
+    _openssl("req", "-new", *ec, "-subj", "/CN=127.0.0.1", "-config", "ca.cnf", "-keyout", "server.key", "-out",
+             "server.csr", cwd=folder)
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days",
+             "1", "-extfile", "server.ext", "-out", "server.pem", cwd=folder)
+    return folder / "ca.pem", folder / "server.pem", folder / "server.key"
+
+
+class FakeGitHub:
+    """What the HTTPS server answers: ``release`` at the API path (JSON, or None: 404), ``files`` at /download/."""
+
+    def __init__(self, url: str, ca: Path):
+        self.url, self.ca = url, ca
+        self.release: dict | None = None
+        self.files: dict[str, bytes] = {}
+        self.requests: list[str] = []
+
+    def publish(self, tarball: Path, digest: str | None = "right", name: str = "mp-spdz-0.4.2.tar.xz",
+                via_redirect: bool = True) -> None:
+        """The release with ``tarball`` as asset ``name`` (``digest``: "right", None: no digest, or a value)."""
+        self.files[tarball.name] = tarball.read_bytes()
+        path = f"/redirect/{tarball.name}" if via_redirect else f"/download/{tarball.name}"
+        asset = {"name": name, "browser_download_url": self.url + path, "size": tarball.stat().st_size}
+        if digest is not None:
+            asset["digest"] = f"sha256:{sha256(tarball)}" if digest == "right" else digest
+        self.release = {"tag_name": "v0.4.2", "assets": [{"name": "mp-spdz-0.4.2.tar.xz.sig"}, asset]}
+
+    @property
+    def downloads(self) -> list[str]:
+        return [r for r in self.requests if r.startswith("/download/")]
+
+
+@pytest.fixture
+def github(tmp_path, monkeypatch):
+    import http.server
+    import json
+    import ssl
+    import threading
+
+    ca, cert, key = make_ca_and_server_cert(tmp_path / "tls")
+    api_path = "/repos/data61/MP-SPDZ/releases/tags/v0.4.2"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            fake.requests.append(self.path)
+            if self.path == api_path and fake.release is not None:
+                body, status = json.dumps(fake.release).encode(), 200
+            elif self.path.startswith("/redirect/"):  # as github.com sends downloads to its storage host
+                self.send_response(302)
+                self.send_header("Location", fake.url + self.path.replace("/redirect/", "/download/", 1))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            elif self.path.startswith("/download/") and self.path[len("/download/"):] in fake.files:
+                body, status = fake.files[self.path[len("/download/"):]], 200
+            else:
+                body, status = b'{"message": "Not Found"}', 404
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    fake = FakeGitHub(f"https://127.0.0.1:{server.server_address[1]}", ca)
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield fake
+    server.shutdown()
+    server.server_close()
+
+
+def test_release_verified_by_githubs_digest_installs_and_picks_the_cpu_variant(tmp_path, unpacked, github,
+                                                                              monkeypatch):
     tarball = release_tarball(tmp_path, unpacked)
+    github.publish(tarball)
     home = tmp_path / "opt" / "mp-spdz"
-    done = install.install_mpspdz(home, sha256=sha256(tarball), release_url=tarball.as_uri(), cpuinfo=BROADWELL,
+    done = install.install_mpspdz(home, release_api=github.url, cafile=github.ca, cpuinfo=BROADWELL,
                                   machine="x86_64")
-    assert done.changed and "release binaries for adx" in done.detail and done.source == tarball.as_uri()
+    assert done.changed and "release binaries for adx" in done.detail
+    assert done.source == f"{github.url}/redirect/{tarball.name}"
+    assert f"sha256 {sha256(tarball)} (GitHub's digest of mp-spdz-0.4.2.tar.xz)" in done.detail
+    assert github.downloads == [f"/download/{tarball.name}"]  # followed the redirect, over HTTPS
     assert (home / "semi2k-party.x").read_text() == "#!/bin/sh\necho adx\n"
     assert (home / "mascot-party.x").exists() and (home / "bin" / "boost-license.txt").exists()
     assert not list((home / "bin").glob("Linux-*"))
     assert_nothing_installed(home.parent, "mp-spdz")
-    # the same layout given as --archive
+    # the defaults: MPSPDZ_RELEASE_API for the API, SSL_CERT_FILE for the trusted certificates; --sha256 also checks
+    monkeypatch.setenv("MPSPDZ_RELEASE_API", github.url)
+    monkeypatch.setenv("SSL_CERT_FILE", str(github.ca))
     home2 = tmp_path / "opt2" / "mp-spdz"
-    install.install_mpspdz(home2, archive=tarball, cpuinfo=HASWELL, machine="x86_64")
+    done = install.install_mpspdz(home2, sha256=sha256(tarball), cpuinfo=HASWELL, machine="x86_64")
+    assert "(--sha256, GitHub's digest of mp-spdz-0.4.2.tar.xz)" in done.detail
     assert (home2 / "dealer-ring-party.x").read_text() == "#!/bin/sh\necho amd64\n"
+    # the same layout given as --archive
+    home3 = tmp_path / "opt3" / "mp-spdz"
+    install.install_mpspdz(home3, archive=tarball, unverified=True, cpuinfo=HASWELL, machine="x86_64")
+    assert (home3 / "dealer-ring-party.x").read_text() == "#!/bin/sh\necho amd64\n"
 
 
-def test_release_download_with_wrong_checksum_is_refused(tmp_path, unpacked):
+def test_release_with_a_wrong_digest_is_refused_and_nothing_installed(tmp_path, unpacked, github):
     tarball = release_tarball(tmp_path, unpacked)
     target = tmp_path / "opt"
-    with pytest.raises(SetupError, match=rf"the download's sha256 is {sha256(tarball)}, expected 2{{64}}: refusing"):
-        install.install_mpspdz(target / "mp-spdz", sha256="2" * 64, release_url=tarball.as_uri())
+    github.publish(tarball, digest="sha256:" + "2" * 64)
+    with pytest.raises(SetupError, match=rf"sha256 is {sha256(tarball)}, but GitHub's digest of "
+                                         rf"mp-spdz-0\.4\.2\.tar\.xz says 2{{64}}: refusing it .*nothing was installed"):
+        install.install_mpspdz(target / "mp-spdz", release_api=github.url, cafile=github.ca)
     assert_nothing_installed(target)
-    with pytest.raises(SetupError, match="cannot download file:.*nowhere.*--archive FILE"):
-        install.install_mpspdz(target / "mp-spdz", sha256="2" * 64, release_url=(tmp_path / "nowhere").as_uri())
+    # GitHub's digest right, --sha256 wrong: both are checked
+    github.publish(tarball)
+    with pytest.raises(SetupError, match=r"but --sha256 says 3{64}: refusing it"):
+        install.install_mpspdz(target / "mp-spdz", sha256="3" * 64, release_api=github.url, cafile=github.ca)
+    assert_nothing_installed(target)
+    # a download that is not the file GitHub describes
+    github.files[tarball.name] = b"something else"
+    with pytest.raises(SetupError, match=r"sha256 is [0-9a-f]{64}, but GitHub's digest .* says "
+                                         rf"{sha256(tarball)}: refusing it"):
+        install.install_mpspdz(target / "mp-spdz", release_api=github.url, cafile=github.ca)
     assert_nothing_installed(target)
 
 
-def test_online_install_without_a_pinned_checksum_fails_clearly(tmp_path, monkeypatch):
-    import urllib.request
-
-    def no_download(*a, **k):
-        raise AssertionError("nothing may be downloaded without a checksum")
-
-    monkeypatch.setattr(urllib.request, "urlopen", no_download)
-    monkeypatch.setattr(install, "RELEASE_SHA256", "")
+def test_release_api_without_the_asset_or_its_digest_is_refused(tmp_path, unpacked, github):
+    tarball = release_tarball(tmp_path, unpacked)
     target = tmp_path / "opt"
-    with pytest.raises(SetupError) as err:
-        install.install_mpspdz(target / "mp-spdz")
-    msg = str(err.value)
-    for part in ("mp-spdz-0.4.2.tar.xz", "sha256 (64 hex digits) is not pinned", "RELEASE_SHA256 in "
-                 "orchestration/mpspdz/install.py is empty", "GitHub could not be reached", "--sha256 <hex>",
-                 "invoke setup --archive FILE", "--from-source DIR", "docs/docker.md"):
-        assert part in msg
-    assert not target.exists()
+    kw = dict(release_api=github.url, cafile=github.ca)
+    github.publish(tarball, name="mp-spdz-0.4.1.tar.xz")
+    with pytest.raises(SetupError, match=r"releases/tags/v0\.4\.2: release v0\.4\.2 has no asset "
+                                         r"mp-spdz-0\.4\.2\.tar\.xz \(it has: mp-spdz-0\.4\.2\.tar\.xz\.sig, "
+                                         r"mp-spdz-0\.4\.1\.tar\.xz\); nothing was installed"):
+        install.install_mpspdz(target / "mp-spdz", **kw)
+    for digest in (None, ""):
+        github.publish(tarball, digest=digest)
+        with pytest.raises(SetupError) as err:
+            install.install_mpspdz(target / "mp-spdz", **kw)
+        for part in ("cannot install MP-SPDZ's official release mp-spdz-0.4.2.tar.xz online", "gives no sha256 "
+                     "digest for it", "RELEASE_SHA256 in orchestration/mpspdz/install.py is empty", "--sha256 <hex>",
+                     "invoke setup --archive FILE", "--from-source DIR", "docs/docker.md", "Nothing was installed"):
+            assert part in str(err.value)
+    github.publish(tarball, digest="md5:0123")
+    with pytest.raises(SetupError, match=r"asset mp-spdz-0\.4\.2\.tar\.xz has digest 'md5:0123', expected 'sha256:'"):
+        install.install_mpspdz(target / "mp-spdz", **kw)
+    github.release = None  # 404
+    with pytest.raises(SetupError, match=r"cannot ask GitHub for MP-SPDZ's release v0\.4\.2 at .*HTTP Error 404.*"
+                                         r"--archive FILE"):
+        install.install_mpspdz(target / "mp-spdz", **kw)
+    assert github.downloads == [] and not target.exists()  # refused before any download, nothing written
+    # no digest from GitHub, but --sha256 given: that is enough
+    github.publish(tarball, digest=None)
+    done = install.install_mpspdz(target / "mp-spdz", sha256=sha256(tarball), cpuinfo=CORE2, machine="x86_64", **kw)
+    assert done.changed and "(--sha256)" in done.detail
+
+
+def test_release_api_needs_https_and_a_trusted_certificate(tmp_path, unpacked, github, monkeypatch):
+    tarball = release_tarball(tmp_path, unpacked)
+    github.publish(tarball)
+    target = tmp_path / "opt"
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "tls" / "server.pem"))  # not the CA that signed it
+    with pytest.raises(SetupError, match=r"cannot ask GitHub .*CERTIFICATE_VERIFY_FAILED"):
+        install.install_mpspdz(target / "mp-spdz", release_api=github.url)
+    with pytest.raises(SetupError, match=r"the releases API \(MPSPDZ_RELEASE_API\) 'http://127\.0\.0\.1:1/repos/.*': "
+                                         r"only https:// is accepted"):
+        install.install_mpspdz(target / "mp-spdz", release_api="http://127.0.0.1:1")
+    github.release["assets"][1]["browser_download_url"] = "http://127.0.0.1:1/x.tar.xz"
+    with pytest.raises(SetupError, match=r"browser_download_url 'http://127\.0\.0\.1:1/x\.tar\.xz': only https://"):
+        install.install_mpspdz(target / "mp-spdz", release_api=github.url, cafile=github.ca)
+    assert github.downloads == [] and not target.exists()
 
 
 def test_pinned_release_agrees_with_the_dockerfile():

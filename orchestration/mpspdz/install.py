@@ -3,55 +3,57 @@
 MP-SPDZ comes from one of three sources:
 
 * an archive (``--archive FILE``, offline): a ``.tar.xz`` (or ``.tar.gz``) with one top folder holding
-  the files below; ``FILE.sha256`` beside it and ``--sha256`` are checked when present;
-* MP-SPDZ's official binary release (the default, online): version :data:`RELEASE_VERSION`, checked
-  against the pinned :data:`RELEASE_SHA256` (or ``--sha256``). The release ships prebuilt binaries
-  per CPU variant in ``bin/Linux-amd64`` and ``bin/Linux-adx``; :func:`release_variant` picks one
-  as MP-SPDZ's own ``Scripts/tldr.sh`` does;
+  the files below, verified against ``FILE.sha256`` beside it and ``--sha256``; with neither it is refused
+  unless ``--unverified`` says to install it unverified;
+* MP-SPDZ's official binary release (the default, online): version :data:`RELEASE_VERSION`, verified
+  against the sha256 digest GitHub publishes for the release asset (``release.py``), and against
+  :data:`RELEASE_SHA256` and ``--sha256`` when given. The release ships prebuilt binaries per CPU variant in
+  ``bin/Linux-amd64`` and ``bin/Linux-adx``; :func:`release_variant` picks one as MP-SPDZ's own
+  ``Scripts/tldr.sh`` does;
 * a source tree (``--from-source DIR``): ``make semi2k-party.x dealer-ring-party.x`` there, linked
   to find ``libSPDZ.so`` beside the binaries, then the needed files are copied.
 
 The project needs ``semi2k-party.x`` and ``dealer-ring-party.x`` (plus ``libSPDZ.so`` when they are
 linked against it, as a shared-library build is), ``compile.py`` and ``Compiler/``. Every install is
-staged in a temporary folder next to the target, checked, and renamed into place: a failed install
-leaves the target as it was. The installed folder is only read afterwards; the check compiles and runs
-in a temporary folder.
+staged in a temporary folder next to the target, checked, and put into place (``place.py``): a failed
+install leaves the target as it was. Archives are hashed and unpacked from one open file, with our own
+member checks (``archive.py``). The installed folder is only read afterwards; the check compiles and runs
+in a temporary folder. :func:`run_setup` is all of ``invoke setup``.
 """
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
 import logging
-import lzma
 import os
 import platform
 import re
 import secrets
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from preprocessing.fileio import atomic_write_json
 
+from orchestration.mpspdz import release
+from orchestration.mpspdz.archive import (SetupError, archive_checks, check_sha256_arg, no_checksum_message,
+                                          resolve_archive, verified_extract)
 from orchestration.mpspdz.launcher import PartySpec, free_ports, run_parties
-from orchestration.mpspdz.toolchain import DEALER_BINARY, MPSPDZ, PARTY_BINARY, PROTOCOLS, MPSPDZError, compile_program, programs_dir
+from orchestration.mpspdz.place import staging_dir, swap_into_place
+from orchestration.mpspdz.toolchain import (DEALER_BINARY, MPSPDZ, PARTY_BINARY, PROTOCOLS, MPSPDZError,
+                                            compile_program, mpspdz_home, programs_dir)
 
 logger = logging.getLogger(__name__)
 
 #: MP-SPDZ's official binary release that ``invoke setup`` installs online (the Dockerfile pins the same).
 RELEASE_VERSION = "0.4.2"
 RELEASE_FILE = f"mp-spdz-{RELEASE_VERSION}.tar.xz"
-RELEASE_URL = f"https://github.com/data61/MP-SPDZ/releases/download/v{RELEASE_VERSION}/{RELEASE_FILE}"
-#: sha256 of RELEASE_FILE. Required before anything is downloaded, and empty for now: GitHub could not
-#: be reached where this was written, so the checksum could not be computed (see docs/docker.md,
-#: "The MP-SPDZ checksum"). Pin it here (and as the Dockerfile's MPSPDZ_SHA256 default) once known.
+#: sha256 of RELEASE_FILE, checked besides GitHub's digest when set. Empty: GitHub could not be reached where
+#: this was written (see docs/docker.md, "The MP-SPDZ checksum"); pin it here and as the Dockerfile's
+#: MPSPDZ_SHA256 default once known.
 RELEASE_SHA256 = ""
 
 REQUIRED_FILES = (PARTY_BINARY, DEALER_BINARY, "compile.py", "Compiler/__init__.py")
@@ -85,24 +87,17 @@ BUILD_PACKAGES = "build-essential clang cmake libboost1.81-all-dev libgmp-dev li
 CHECK_PROGRAM = "setup_check"  # mpc_programs/setup_check.mpc
 CHECK_TIMEOUT = 120.0
 _CHECK_LINE = re.compile(r"^setup-check: product (-?\d+) sum (-?\d+)\s*$", re.M)
-_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
-class SetupError(RuntimeError):
-    """MP-SPDZ could not be installed or does not work; the message says what and how to go on."""
-
-
-def no_release_checksum_message() -> str:
-    """Why the online install cannot go ahead without a checksum, and what to do instead."""
-    return (f"cannot install MP-SPDZ's official release {RELEASE_FILE} online: its sha256 (64 hex digits) is not "
-            f"pinned. RELEASE_SHA256 in orchestration/mpspdz/install.py is empty because GitHub could not be reached "
-            f"where this project was prepared, so the checksum could not be computed, and a download is never "
-            f"installed unverified (the Dockerfile's MPSPDZ_SHA256 and the CI workflow stop for the same reason). "
-            f"Either pass --sha256 <hex> with the sha256 of {RELEASE_FILE} from a download you trust (docs/docker.md, "
-            f"'The MP-SPDZ checksum', says how to get it), or install offline from an MP-SPDZ archive with "
-            f"`invoke setup --archive FILE` (this project's offline machines and CI: "
-            f"`invoke setup --archive ../shared/mp-spdz/mp-spdz-*.tar.xz`), or build your own MP-SPDZ source tree "
-            f"with `invoke setup --from-source DIR`.")
+def no_release_checksum_message(api_url: str) -> str:
+    """Why the online install cannot go ahead: nothing to check the download against."""
+    return (f"cannot install MP-SPDZ's official release {RELEASE_FILE} online: GitHub's releases API ({api_url}) "
+            f"gives no sha256 digest for it, and none is pinned (RELEASE_SHA256 in orchestration/mpspdz/install.py "
+            f"is empty) or given with --sha256; a download is never installed unverified. Either pass --sha256 <hex> "
+            f"with the sha256 of {RELEASE_FILE} from a download you trust (docs/docker.md, 'The MP-SPDZ checksum', "
+            f"says how to get it), or install offline from an MP-SPDZ archive with `invoke setup --archive FILE` "
+            f"(this project's offline machines and CI: `invoke setup --archive ../shared/mp-spdz/mp-spdz-*.tar.xz`), "
+            f"or build your own MP-SPDZ source tree with `invoke setup --from-source DIR`. Nothing was installed")
 
 
 # ---- CPU variant of the official release -------------------------------------------------------
@@ -222,16 +217,19 @@ class Installed:
 
 def install_mpspdz(home: Path, *, archive: str | Path | None = None, sha256: str | None = None,
                    from_source: str | Path | None = None, force: bool = False, jobs: int | None = None,
-                   release_url: str = RELEASE_URL, cpuinfo: str | None = None, machine: str | None = None,
-                   ) -> Installed:
+                   unverified: bool = False, release_api: str | None = None, cafile: str | Path | None = None,
+                   cpuinfo: str | None = None, machine: str | None = None) -> Installed:
     """Install MP-SPDZ into ``home`` unless a complete one is there (``force`` reinstalls).
 
-    Raises :class:`SetupError` naming the file or value at fault; ``home`` is then as it was.
+    ``unverified``: install an archive that has no ``.sha256`` beside it and no ``sha256`` (else refused).
+    ``release_api``, ``cafile``: the releases API's base URL and the only certificates to trust for it (default:
+    ``$MPSPDZ_RELEASE_API`` or GitHub, and the system's). Raises :class:`SetupError` naming the file or value
+    at fault; ``home`` is then as it was.
     """
     home = Path(os.path.abspath(Path(home).expanduser()))
     if archive and from_source:
         raise SetupError("give at most one of --archive FILE and --from-source DIR")
-    expected = _check_sha256_arg(sha256)
+    expected = check_sha256_arg(sha256)
     if archive:
         archive = resolve_archive(archive)
     elif from_source:
@@ -247,17 +245,26 @@ def install_mpspdz(home: Path, *, archive: str | Path | None = None, sha256: str
             raise SetupError(f"{home} exists but is not a complete MP-SPDZ (missing {', '.join(issues)}), and invoke "
                              f"setup did not make it, so it is left alone: move it away, pass --force to replace it, "
                              f"or install elsewhere with --home DIR")
-    if not (archive or from_source or expected or RELEASE_SHA256):  # refused before anything is written
-        raise SetupError(no_release_checksum_message())
+    # what the download or the archive must hash to, settled before anything is written
+    if archive:
+        checks = archive_checks(Path(archive), expected)
+        if not checks and not unverified:
+            raise SetupError(no_checksum_message(Path(archive)))
+    elif not from_source:
+        asset = release.find_asset(RELEASE_VERSION, RELEASE_FILE, api=release_api, cafile=cafile)
+        checks = [(by, value) for by, value in (("--sha256", expected), ("RELEASE_SHA256", RELEASE_SHA256),
+                                                (f"GitHub's digest of {asset.name}", asset.sha256)) if value]
+        if not checks:
+            raise SetupError(no_release_checksum_message(release.release_api_url(RELEASE_VERSION, release_api)))
 
-    staging = _staging_dir(home)
+    staging = staging_dir(home)
     try:
         if archive:
-            top, record = _stage_archive(Path(archive), expected, staging, cpuinfo, machine)
+            top, record = _stage_archive(Path(archive), checks, staging, cpuinfo, machine)
         elif from_source:
             top, record = _stage_source(Path(from_source), staging, jobs)
         else:
-            top, record = _stage_release(release_url, expected or RELEASE_SHA256, staging, cpuinfo, machine)
+            top, record = _stage_release(asset, checks, staging, cafile, cpuinfo, machine)
         issues = problems(top)
         if issues:
             raise SetupError(f"{record['source']}: not a usable MP-SPDZ for this project: missing "
@@ -266,109 +273,11 @@ def install_mpspdz(home: Path, *, archive: str | Path | None = None, sha256: str
         record["installed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         atomic_write_json(top / RECORD, record).chmod(0o644)
         top.chmod(0o755)
-        _swap_into_place(top, home, staging)
+        swap_into_place(top, home, staging, RECORD)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("MP-SPDZ installed at %s from %s", home, record["source"])
     return Installed(home, True, record["source"], record.get("detail", ""))
-
-
-def _check_sha256_arg(value: str | None) -> str | None:
-    if value in (None, ""):
-        return None
-    value = str(value).strip()
-    if not _SHA256.match(value):
-        raise SetupError(f"--sha256 {value!r}: expected 64 hex digits (the archive's sha256)")
-    return value.lower()
-
-
-def resolve_archive(value: str | Path) -> Path:
-    """The archive file; a glob pattern (``mp-spdz-*.tar.xz``) must match exactly one file."""
-    path = Path(value).expanduser()
-    if not path.exists() and glob.has_magic(str(value)):
-        matches = sorted(glob.glob(os.path.expanduser(str(value))))
-        if len(matches) != 1:
-            found = ", ".join(matches) if matches else "nothing"
-            raise SetupError(f"--archive {value}: the pattern must match exactly one MP-SPDZ archive, it matches "
-                             f"{found}")
-        path = Path(matches[0])
-    if not path.is_file():
-        raise SetupError(f"--archive {path}: no such file (expected an MP-SPDZ .tar.xz with one top folder)")
-    return Path(os.path.abspath(path))
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _sidecar_sha256(archive: Path) -> str | None:
-    """The checksum in ``<archive>.sha256`` (``<hex>  <name>``, as sha256sum writes it), if there is one."""
-    side = archive.with_name(archive.name + ".sha256")
-    if not side.exists():
-        return None
-    try:
-        text = side.read_text(errors="replace").strip()
-    except OSError as exc:
-        raise SetupError(f"{side}: cannot read it ({exc})")
-    first = text.split()[0] if text else ""
-    if not _SHA256.match(first):
-        raise SetupError(f"{side}: expected a sha256 (64 hex digits, as `sha256sum` writes it), found {text[:80]!r}")
-    return first.lower()
-
-
-def _verify(archive: Path, expected: str | None) -> str:
-    """Check ``archive`` against ``expected`` and its .sha256 file; returns the digest."""
-    checks = []
-    if expected:
-        checks.append(("--sha256", expected))
-    side = _sidecar_sha256(archive)
-    if side:
-        checks.append((f"{archive.name}.sha256", side))
-    digest = _sha256_file(archive)
-    for what, value in checks:
-        if digest != value:
-            raise SetupError(f"{archive}: sha256 is {digest}, but {what} says {value}: refusing it (a damaged or "
-                             f"different file); nothing was installed")
-    if not checks:
-        logger.warning("%s: not verified (no %s.sha256 beside it and no --sha256); sha256 %s", archive, archive.name,
-                       digest)
-    return digest
-
-
-def _staging_dir(home: Path) -> Path:
-    parent = home.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{home.name}.setup-", dir=parent))
-    except OSError as exc:
-        raise SetupError(f"cannot write next to {home} ({exc}): run invoke setup as a user who may write to {parent}, "
-                         f"or install elsewhere with --home DIR (and set MP_SPDZ_HOME or mpspdz.home to it)")
-
-
-def _extract(archive: Path, dest: Path, what: str) -> Path:
-    """Unpack ``archive`` into ``dest``; returns its one top folder."""
-    dest.mkdir()
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(dest, filter="data")  # no absolute paths, no '..', no links out, no devices
-            else:  # pragma: no cover - Python without extraction filters
-                for m in tar.getmembers():
-                    if m.name.startswith("/") or ".." in Path(m.name).parts or not (m.isfile() or m.isdir()):
-                        raise tarfile.TarError(f"refusing member {m.name!r}")
-                tar.extractall(dest)
-    except (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, OSError) as exc:
-        raise SetupError(f"{what}: cannot unpack it, it is truncated, corrupt or not a .tar.xz/.tar.gz archive "
-                         f"({type(exc).__name__}: {exc}); nothing was installed")
-    entries = sorted(dest.iterdir())
-    if len(entries) != 1 or not entries[0].is_dir() or entries[0].is_symlink():
-        names = ", ".join(e.name for e in entries) or "nothing"
-        raise SetupError(f"{what}: expected one top folder (like mp-spdz-0.4.2/), found {names}")
-    return entries[0]
 
 
 def _use_release_binaries(top: Path, what: str, cpuinfo: str | None, machine: str | None) -> str:
@@ -388,57 +297,29 @@ def _use_release_binaries(top: Path, what: str, cpuinfo: str | None, machine: st
     return variant
 
 
-def _stage_archive(archive: Path, expected: str | None, staging: Path, cpuinfo: str | None,
+def _stage_archive(archive: Path, checks: list[tuple[str, str]], staging: Path, cpuinfo: str | None,
                    machine: str | None) -> tuple[Path, dict]:
-    digest = _verify(archive, expected)
-    top = _extract(archive, staging / "unpack", str(archive))
+    try:
+        fh = open(archive, "rb")  # hashed and unpacked from this one open file
+    except OSError as exc:
+        raise SetupError(f"--archive {archive}: cannot read it ({exc})")
+    with fh:
+        top, digest = verified_extract(fh, checks, staging / "unpack", str(archive))
     variant = _use_release_binaries(top, str(archive), cpuinfo, machine)
-    detail = f"sha256 {digest}" + (f", release binaries for {variant}" if variant else "")
+    detail = (f"sha256 {digest}" + ("" if checks else " (unverified)")
+              + (f", release binaries for {variant}" if variant else ""))
     return top, {"source": str(archive), "sha256": digest, "variant": variant, "detail": detail}
 
 
-def _stage_release(url: str, expected: str, staging: Path, cpuinfo: str | None,
-                   machine: str | None) -> tuple[Path, dict]:
-    import urllib.error
-    import urllib.request
-
-    dest = staging / RELEASE_FILE
-    logger.info("downloading %s", url)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(dest, "wb") as out:
-            shutil.copyfileobj(resp, out, 1 << 20)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise SetupError(f"cannot download {url} ({exc}); offline, install from an archive with --archive FILE")
-    digest = _sha256_file(dest)
-    if digest != expected:
-        raise SetupError(f"{url}: the download's sha256 is {digest}, expected {expected}: refusing it; nothing was "
-                         f"installed")
-    top = _extract(dest, staging / "unpack", url)
-    variant = _use_release_binaries(top, url, cpuinfo, machine)
-    detail = f"MP-SPDZ {RELEASE_VERSION}, sha256 {digest}" + (f", release binaries for {variant}" if variant else "")
-    return top, {"source": url, "sha256": digest, "variant": variant, "detail": detail}
-
-
-def _swap_into_place(top: Path, home: Path, staging: Path) -> None:
-    """Rename the checked folder to ``home``; what was there goes into ``staging`` (deleted afterwards)."""
-    if home.exists() or home.is_symlink():
-        old = staging / "previous"
-        os.rename(home, old)
-        try:
-            os.rename(top, home)
-        except BaseException:
-            os.rename(old, home)
-            raise
-    else:
-        os.rename(top, home)
-    try:
-        fd = os.open(home.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+def _stage_release(asset: release.Asset, checks: list[tuple[str, str]], staging: Path, cafile: str | Path | None,
+                   cpuinfo: str | None, machine: str | None) -> tuple[Path, dict]:
+    with open(staging / asset.name, "w+b") as fh:  # in the owner-only staging folder; unpacked from this file
+        release.download(asset.url, fh, cafile=cafile)
+        top, digest = verified_extract(fh, checks, staging / "unpack", asset.url)
+    variant = _use_release_binaries(top, asset.url, cpuinfo, machine)
+    detail = (f"MP-SPDZ {RELEASE_VERSION}, sha256 {digest} ({', '.join(by for by, _ in checks)})"
+              + (f", release binaries for {variant}" if variant else ""))
+    return top, {"source": asset.url, "sha256": digest, "variant": variant, "detail": detail}
 
 
 def _read_record(home: Path) -> dict:
@@ -660,3 +541,54 @@ def make_test_certs(player_data: Path, n: int) -> None:
             k += 1
         os.symlink(pem.name, player_data / f"{proc.stdout.strip()}.{k}")
 
+
+
+# ---- invoke setup, all of it -------------------------------------------------------------------
+
+def run_setup(*, home: str | Path | None = None, configured_home: str | None = None, archive: str | None = None,
+              configured_archive: str | None = None, project: Path = Path("."), sha256: str | None = None,
+              from_source: str | None = None, force: bool = False, unverified: bool = False,
+              jobs: str | int | None = None, fetch_models: Callable[[], None] | None = None,
+              say: Callable[[str], None] = print, note: Callable[[str], None] | None = None) -> None:
+    """``invoke setup``: MP-SPDZ (unless complete), its runtime libraries, the model weights, and the check.
+
+    ``home`` (the flag) wins over MP_SPDZ_HOME and ``configured_home`` (invoke.yaml); ``configured_archive``
+    (invoke.yaml, relative to ``project``) is used when neither ``archive`` nor ``from_source`` is given.
+    ``fetch_models`` None: the weights are not fetched. ``say`` gets what is done, ``note`` warnings (default:
+    ``say``).
+    Raises :class:`SetupError` or :class:`MPSPDZError`.
+    """
+    target = Path(home).expanduser().absolute() if home else mpspdz_home(configured_home)[0]
+    if not (archive or from_source):
+        archive = configured_archive
+        if archive and not Path(archive).expanduser().is_absolute():
+            archive = str(Path(project) / archive)  # relative to the project, like invoke.yaml itself
+    try:
+        n_jobs = int(jobs) if jobs else None
+    except ValueError:
+        raise SetupError(f"--jobs {jobs!r}: expected a whole number of parallel make jobs")
+    done = install_mpspdz(target, archive=archive, sha256=sha256, from_source=from_source, force=force,
+                          jobs=n_jobs, unverified=unverified)
+    if done.changed:
+        say(f"MP-SPDZ installed at {done.home} from {done.source} ({done.detail})")
+    else:
+        again = "; --force installs it again" if (archive or from_source or sha256) else ""
+        say(f"MP-SPDZ at {done.home} is complete: nothing to install ({done.source}{again})")
+    libs = ensure_runtime_libraries(done.home)
+    if libs.installed:
+        say(f"runtime libraries: installed {' '.join(libs.installed)}")
+    elif libs.checked:
+        say(f"runtime libraries: {PARTY_BINARY} and {DEALER_BINARY} find all of theirs")
+    if fetch_models is not None:
+        fetch_models()
+    else:
+        say("model weights: not fetched (--no-models)")
+    for r in check_installation(done.home):
+        say(f"check passed: {r.binary}, {r.name}: secret inputs {r.a} and {r.b}, revealed product and sum correct "
+            f"({r.seconds:.1f} s)")
+    if not done.changed and not libs.installed:
+        say("setup: everything was in place already; only the check ran")
+    found, source = mpspdz_home(configured_home)
+    if found != done.home.resolve():
+        (note or say)(f"note: the other tasks look for MP-SPDZ at {found} ({source}), not at {done.home}: set MP_SPDZ_HOME="
+             f"{done.home} (or mpspdz.home in invoke.yaml) to use this one")
