@@ -497,9 +497,21 @@ def enroll(c, name, source, count=10, every=1, gallery=None, backend=None, detec
     print(res)
 
 
+#: `lint-imports` through this interpreter: the import-linter contracts in pyproject.toml, read from this checkout
+LINT_IMPORTS = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
+                "sys.exit(lint_imports_command(['--no-cache']))"]
+
+
 @task(help={"k": "only tests matching this pytest -k expression", "x": "stop at the first failure"})
 def test(c, k="", x=False):
-    """Run the whole test suite, MPC protocol tests included (they fail, never skip, without MP-SPDZ)."""
+    """Run the whole test suite, MPC protocol tests included (they fail, never skip, without MP-SPDZ).
+
+    First `lint-imports`: the package layout's contracts (pyproject.toml); a broken one fails the run."""
+    r = subprocess.run(LINT_IMPORTS, cwd=REPO)
+    if r.returncode != 0:
+        raise Exit("lint-imports: an import breaks the layout's contracts (above; pyproject.toml "
+                   "[tool.importlinter], docs/architecture.md); is import-linter installed (pip install -e .[test])?",
+                   code=r.returncode)
     args = [sys.executable, "-m", "pytest", "-q"]
     if k:
         args += ["-k", k]
