@@ -329,11 +329,8 @@ def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None,
           f"enrolled faces accepted, {t.impostor_reject:.1%} of left-out people rejected)")
 
 
-@task(iterable=["image"], help={
-    "image": "an image to recognise (repeat for several)",
-    "dir": "a folder of images to recognise (recursive)",
-    "threshold": "confidence below which a face is unknown_person (default: the one chosen at training)",
-    "batch": "faces per MPC run",
+#: the flags of the tasks that recognise privately (predict, recognize)
+RECOGNISE_HELP = {
     "backend": "embedder: facenet | dlib (must match training)",
     "detector": "face detector: hog | cnn",
     "timeout": "seconds one protocol run may take",
@@ -341,6 +338,15 @@ def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None,
     "verbose": "debug logging",
     "service": "recognise through the running service (the default when service.hosts is set in invoke.yaml)",
     "one_job": "one MPC job per batch even when a service is configured",
+}
+
+
+@task(iterable=["image"], help={
+    "image": "an image to recognise (repeat for several)",
+    "dir": "a folder of images to recognise (recursive)",
+    "threshold": "confidence below which a face is unknown_person (default: the one chosen at training)",
+    "batch": "faces per MPC run",
+    **RECOGNISE_HELP,
 })
 def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, detector=None, timeout=None,
             mpspdz_home=None, verbose=False, service=False, one_job=False):
@@ -586,13 +592,7 @@ def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, b
     "threshold": "confidence below which a face is unknown_person (default: the one chosen at training)",
     "show": "show a live window (only when a display exists; ignored with opencv-python-headless)",
     "max_frames": "stop after reading this many frames",
-    "backend": "embedder: facenet | dlib (must match training)",
-    "detector": "face detector: hog | cnn",
-    "timeout": "seconds one protocol run may take",
-    "mpspdz_home": "MP-SPDZ folder",
-    "verbose": "debug logging",
-    "service": "recognise through the running service (the default when service.hosts is set in invoke.yaml)",
-    "one_job": "one MPC job per batch even when a service is configured",
+    **RECOGNISE_HELP,
     "realtime": "read --video at its own frame rate and drop frames when recognition falls behind, as a camera "
                 "(which always does); default: every frame of a file is processed",
     "upsample": "detector upsampling (default face.upsample): 0 is 4x faster on 640x480 frames and finds faces from "
