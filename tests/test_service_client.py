@@ -8,7 +8,7 @@ import pytest
 
 from orchestration.client.jobs import UNKNOWN
 from orchestration.mpspdz.hosts import write_hosts
-from orchestration.server.job import ModelError
+from orchestration.shared.model import ModelError
 from orchestration.client.service import ServiceClient
 
 GOOD = (np.array([1, 0]), np.array([1.25, 1.0]), "g1")

@@ -15,6 +15,7 @@ from orchestration.shared import reference
 from orchestration.mpspdz.toolchain import MPSPDZ
 from orchestration.client.private import UNKNOWN, Layout, Prediction, PredictReport, TrainReport, load_client_model, predict_private, \
     train_private
+from orchestration.shared.model import PREDICT_PROGRAM, TRAIN_PROGRAM
 
 logger = logging.getLogger(__name__)
 
@@ -147,5 +148,109 @@ def default_threshold(layout: Layout) -> float:
     return float(record.get("threshold", 0.0))
 
 
+@dataclass(frozen=True)
+class Recognised:
+    """One line of a recognition's answer: a face's name (or ``unknown_person``), or ``no_face_found``."""
+
+    path: Path
+    name: str
+    confidence: float | None  # None for NO_FACE
+
+
+def recognise_images(mp: MPSPDZ | None, layout: Layout, queries: Iterable[FaceQuery], threshold: float, *,
+                     batch: int = 64, host: str = "127.0.0.1", timeout: float = 600.0, encrypted: bool = True,
+                     service: Any = None) -> Iterator[list[Recognised]]:
+    """Every query's answer, in input order, a list per batch: the faces among up to ``batch`` of them go to
+    the servers together (one MPC run, or one service request); a query without a face is ``no_face_found``."""
+    pending: list[FaceQuery] = []
+    for q in queries:
+        pending.append(q)
+        if sum(e.embedding is not None for e in pending) >= batch:
+            yield _recognise_pending(mp, layout, pending, threshold, batch=batch, host=host, timeout=timeout,
+                                     encrypted=encrypted, service=service)
+            pending = []
+    yield _recognise_pending(mp, layout, pending, threshold, batch=batch, host=host, timeout=timeout,
+                             encrypted=encrypted, service=service)
+
+
+def _recognise_pending(mp: MPSPDZ | None, layout: Layout, pending: Sequence[FaceQuery], threshold: float, *,
+                       batch: int, **run: Any) -> list[Recognised]:
+    faces = [q for q in pending if q.embedding is not None]
+    results = iter([])
+    if faces:
+        found, _ = recognise(mp, layout, np.stack([q.embedding for q in faces]), threshold, batch=batch, **run)
+        results = iter(found)
+    out = []
+    for q in pending:
+        if q.embedding is None:
+            out.append(Recognised(q.path, NO_FACE, None))
+        else:
+            name, conf = next(results)
+            out.append(Recognised(q.path, name, conf))
+    return out
+
+
+def collected_rows(layout: Layout, predictions: Sequence[Prediction], info: dict[str, Any] | None) -> list[Recognised]:
+    """A collected recognition job's answer, one line per image of its ``rows`` (path, has a face) as shared."""
+    named = iter(names(layout, predictions))
+    out = []
+    for path, has_face in (info or {}).get("rows", []):
+        if has_face:
+            name, conf = next(named)
+            out.append(Recognised(path, name, conf))
+        else:
+            out.append(Recognised(path, NO_FACE, None))
+    return out
+
+
+class NoFaceError(ValueError):
+    """None of the images given has a face."""
+
+
+def share_queries(layout: Layout, queries: Iterable[FaceQuery], threshold: float, out: Path) -> tuple[Any, int]:
+    """Two hosts: one recognition share bundle per server for the faces among ``queries``; (the bundles, how
+    many faces). NoFaceError when no image has a face."""
+    from orchestration.client import jobs
+
+    queries = list(queries)
+    faces = [q for q in queries if q.embedding is not None]
+    if not faces:
+        raise NoFaceError("no face found in any of the images: nothing to send")
+    rows = [[str(q.path), q.embedding is not None] for q in queries]
+    sent = jobs.share_predict(layout.client, np.stack([q.embedding for q in faces]), threshold, out,
+                              info={"rows": rows}, protocol=layout.protocol)
+    return sent, len(faces)
+
+
+DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def build_programs(mp: MPSPDZ, layout: Layout, params: reference.TrainParams, *, n: int = 0, classes: int = 0,
+                   batches: Sequence[int] = DEFAULT_BATCHES, force: bool = False) -> Iterator[str | None]:
+    """Compile (cached) the training program for ``n`` faces of ``classes`` people and the recognition program
+    for each batch size; sizes not given come from the last trained model, with its parameters. Yields each
+    compiled program's name, and None in place of the training program when it has no sizes yet."""
+    import json
+
+    from orchestration.mpspdz.toolchain import compile_program, protocol
+
+    proto = protocol(layout.protocol)
+    d1 = 129
+    if not (n and classes) and layout.client_model.exists():
+        rec = json.loads(layout.client_model.read_text())
+        n, classes, d1 = n or rec["n"], classes or len(rec["classes"]), rec["d"] + 1
+        params = reference.TrainParams(**rec["params"])
+    if n and classes:
+        yield compile_program(mp, TRAIN_PROGRAM, params.program_args(int(n), d1, int(classes)), layout.build,
+                              force=force, proto=proto)
+    else:
+        yield None
+    if classes:
+        for q in batches:
+            yield compile_program(mp, PREDICT_PROGRAM, [str(q), str(d1), str(classes), str(params.exp_bits)],
+                                  layout.build, force=force, proto=proto)
+
+
 __all__ = ["FaceSettings", "FaceQuery", "Prediction", "NO_FACE", "UNKNOWN_PERSON", "embed_dataset", "train",
-           "image_paths", "face_queries", "recognise", "default_threshold", "previous_gallery"]
+           "image_paths", "face_queries", "recognise", "default_threshold", "previous_gallery", "Recognised",
+           "recognise_images", "collected_rows", "share_queries", "build_programs"]

@@ -30,7 +30,7 @@ from preprocessing.sharing import FRAC_BITS
 
 from orchestration.shared import reference
 from orchestration.mpspdz.toolchain import DEFAULT_PROTOCOL, program_version, protocol as get_protocol
-from orchestration.server.job import CONFIRM_FILE, PREDICT_PROGRAM, REFRESH_PROGRAM, TRAIN_PROGRAM, ModelError
+from orchestration.shared.model import CONFIRM_FILE, PREDICT_PROGRAM, REFRESH_PROGRAM, TRAIN_PROGRAM, ModelError
 
 logger = logging.getLogger(__name__)
 

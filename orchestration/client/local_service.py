@@ -135,6 +135,14 @@ class LocalService:
                 time.sleep(0.2)
         raise ServiceError(f"the local service did not come up within {timeout:.0f} s ({last})", "unavailable")
 
+    def watch(self, done: threading.Event, every: float = 0.5) -> tuple[int, int] | None:
+        """Until ``done`` is set (None), or a server stops by itself: (which server, its exit code)."""
+        while not done.wait(every):
+            for i, p in enumerate(self.procs):
+                if p is not None and p.poll() is not None:
+                    return i, p.returncode
+        return None
+
     def stop(self) -> list[int | None]:
         codes = [self.stop_server(i) for i in range(2)]
         self.stop_dealer.set()

@@ -32,11 +32,8 @@ from orchestration.client.jobs import UNKNOWN, Prediction  # noqa: F401  (re-exp
 from orchestration.mpspdz.hosts import write_hosts
 from orchestration.mpspdz.launcher import RunResult, PartySpec, bind_shim, free_ports, run_parties
 from orchestration.mpspdz.toolchain import DEFAULT_PROTOCOL, MPSPDZ, compile_program, protocol as get_protocol
-from orchestration.server.job import (  # noqa: F401  (re-exported)
-    PREDICT_PROGRAM,
-    REFRESH_PROGRAM,
-    TRAIN_PROGRAM,
-    ModelError,
+from orchestration.shared.model import PREDICT_PROGRAM, REFRESH_PROGRAM, TRAIN_PROGRAM, ModelError  # noqa: F401
+from orchestration.server.job import (  # noqa: F401  (re-exported; local mode runs both servers here)
     Server,
     check_bundle as _check_bundle,
     cleanup_job,

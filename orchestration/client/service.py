@@ -35,8 +35,8 @@ from orchestration.client.jobs import UNKNOWN, ModelError, Prediction, load_mode
 from orchestration.mpspdz.hosts import Hosts
 from orchestration.mpspdz.launcher import PartySpec, _kill, bind_shim, start_party
 from orchestration.mpspdz.toolchain import MPSPDZ, Protocol, compile_program
-from orchestration.server.job import PREDICT_PROGRAM
 from orchestration.mpspdz.rundir import prepare_run
+from orchestration.shared.model import PREDICT_PROGRAM
 from orchestration.shared.ports import ServicePorts, service_program_args
 from orchestration.shared.wire import ServiceError, WireError, body_shares, receive, send, shares_body
 

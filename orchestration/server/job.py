@@ -45,20 +45,11 @@ from preprocessing.sharing import FRAC_BITS, RING_BITS, ShareManifest, SharingEr
 
 from orchestration.mpspdz import certs as certs_mod
 from orchestration.mpspdz.launcher import PartyResult
-from orchestration.mpspdz.toolchain import PROTOCOLS, MPSPDZ, MPSPDZError, Protocol, compile_program, program_version, programs_dir
+from orchestration.mpspdz.toolchain import PROTOCOLS, MPSPDZ, Protocol, compile_program, program_version, programs_dir
+from orchestration.shared.model import (  # noqa: F401  (PREDICT_PROGRAM, ModelError: imported from here too)
+    CONFIRM_FILE, PREDICT_PROGRAM, PROGRAMS, REFRESH_PROGRAM, TRAIN_PROGRAM, ModelError)
 
 logger = logging.getLogger(__name__)
-
-TRAIN_PROGRAM = "face_train"
-PREDICT_PROGRAM = "face_predict"
-REFRESH_PROGRAM = "face_refresh"
-PROGRAMS = {"train": TRAIN_PROGRAM, "predict": PREDICT_PROGRAM, "refresh": REFRESH_PROGRAM}
-CONFIRM_FILE = "confirm.json"  # the client's confirmation ticket (see :func:`confirm`)
-
-
-class ModelError(MPSPDZError):
-    """No model, or the server's model shares do not match what the client expects."""
-
 
 @dataclass(frozen=True)
 class Server:
