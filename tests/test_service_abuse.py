@@ -23,7 +23,7 @@ from orchestration.client import jobs as client
 from orchestration.client.service import ServiceClient
 from orchestration.mpspdz import certs
 from orchestration.shared import reference
-from orchestration.shared.wire import ServiceError, encode, receive, send
+from orchestration.shared.wire import ServiceError, receive, send
 from service_lab import NsClients, ServiceLab
 from synthetic import split
 from test_two_hosts import Deployment, invoke, net_ok  # noqa: F401 - net_ok is a fixture

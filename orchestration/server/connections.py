@@ -37,8 +37,8 @@ from orchestration.shared.wire import WireError, encode, receive
 logger = logging.getLogger(__name__)
 
 MAX_HANDSHAKES = 32
-MAX_CONNECTIONS = 64
-MAX_PER_CLIENT = 16
+MAX_CONNECTIONS = 128
+MAX_PER_CLIENT = 8
 HANDSHAKE_TIMEOUT = 5.0
 FRAME_TIMEOUT = 30.0
 IDLE_TIMEOUT = 300.0
@@ -170,16 +170,36 @@ class ClientConnections:
     body)`` takes a checked frame; ``check(conn, header)`` returns the body size it accepts or raises
     :class:`Refused`; ``on_close(conn)`` runs when a connection ends."""
 
-    def __init__(self, party: int, server_dir: Path, context: Callable[[], ssl.SSLContext], *,
+    def __init__(self, party: int, server_dir: Path, own: Callable[[], tuple[Path, Path]], *,
                  check: Callable[[ClientConn, dict[str, Any]], int],
                  handle: Callable[[ClientConn, dict[str, Any], bytes], None],
                  on_close: Callable[[ClientConn], None], stop: threading.Event, limits: Limits = Limits()):
-        self.party, self.server_dir, self.context = party, server_dir, context
+        self.party, self.server_dir, self.own = party, server_dir, own
         self.check, self.handle, self.on_close, self.stop, self.limits = check, handle, on_close, stop, limits
         self.pins = Pins(server_dir)
         self.lock = threading.Lock()
         self.conns: set[ClientConn] = set()
         self.handshakes = threading.BoundedSemaphore(limits.max_handshakes)
+        self._ctx: tuple[int, ssl.SSLContext] | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """The context for a new client connection: this server's certificate (``own()``: certificate and
+        key files), TLS 1.2 with AEAD suites, trusting exactly the clients pinned right now."""
+        allowed = self.pins.current()
+        cached = self._ctx
+        if cached is not None and cached[0] == id(allowed):
+            return cached[1]
+        ctx = certs_mod.harden_tls(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        ctx.load_cert_chain(*self.own())
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        if allowed:
+            ctx.load_verify_locations(cadata="".join(c.pem for c in allowed.values()))
+        self._ctx = (id(allowed), ctx)
+        return ctx
+
+    def forget_context(self) -> None:
+        """This server's own certificate may have changed: build the next context afresh."""
+        self._ctx = None
 
     # -- accepting --------------------------------------------------------------------------------------
 
@@ -293,7 +313,8 @@ class ClientConnections:
                 raise Refused(conn.cut, "refused")
             if not readable:
                 continue
-            header, body = receive(sock, check=lambda h: self._check_frame(conn, h))
+            header, body = receive(sock, check=lambda h: self._check_frame(conn, h),
+                                   deadline=time.monotonic() + self.limits.frame_timeout)
             conn.last_frame = time.monotonic()
             self.handle(conn, header, body)
 

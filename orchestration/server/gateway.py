@@ -49,7 +49,7 @@ from orchestration.mpspdz.hosts import Hosts
 from orchestration.mpspdz.toolchain import MPSPDZ, MPSPDZError, Protocol
 from orchestration.server.connections import ClientConn, ClientConnections, Limits, Outbox, Refused
 from orchestration.server.job import ModelError, Server, current_generation, plain_id
-from orchestration.server.link import Follower, Leader, LinkListener, connect_link, link_box_message, link_receive
+from orchestration.server.link import Follower, Leader, LinkListener, connect_link, link_box_messages, link_receive
 from orchestration.server.party import PartyDriver, SessionEnded, Switching
 from orchestration.server.requests import MAX_D1, MAX_PER_CLIENT, MAX_QUERIES, MAX_QUEUED, REQUEST_TIMEOUT, Request, \
     RequestTable, Slot
@@ -92,10 +92,10 @@ class ServiceServer:
         self.stop = threading.Event()
         self.link_box: Outbox | None = None  # the session's link: announcements (server 1), wake-ups (server 0)
         self.certs: certs_mod.PartyCerts  # set by _check_certs before anything listens
-        self.clients = ClientConnections(self.party, server.root, self._client_context, check=self._check_frame,
+        self.clients = ClientConnections(self.party, server.root, lambda: (self.certs.own.path, self.certs.key),
+                                         check=self._check_frame,
                                          handle=self._handle, on_close=self._closed, stop=self.stop, limits=limits)
         self.links = LinkListener(lambda: self._link_context(server_side=True), self.stop)
-        self._ctx_cache: tuple[int, ssl.SSLContext] | None = None
         self._listeners: list[socket.socket] = []
 
     # -- TLS contexts -------------------------------------------------------------------------------
@@ -103,20 +103,7 @@ class ServiceServer:
     def _check_certs(self) -> None:
         """This server's key and the pinned certificates, checked (openssl) at start and at every session."""
         self.certs = certs_mod.check_party_certs(self.server.root, self.party, self.proto.n_parties)
-        self._ctx_cache = None
-
-    def _client_context(self) -> ssl.SSLContext:
-        """The context for a new client connection, trusting exactly the clients pinned right now."""
-        allowed = self.clients.pins.current()
-        if self._ctx_cache is not None and self._ctx_cache[0] == id(allowed):
-            return self._ctx_cache[1]
-        ctx = certs_mod.harden_tls(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-        ctx.load_cert_chain(self.certs.own.path, self.certs.key)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        if allowed:
-            ctx.load_verify_locations(cadata="".join(c.pem for c in allowed.values()))
-        self._ctx_cache = (id(allowed), ctx)
-        return ctx
+        self.clients.forget_context()
 
     def _link_context(self, server_side: bool) -> ssl.SSLContext:
         pc = self.certs
@@ -160,8 +147,13 @@ class ServiceServer:
                       .reshape(n, d1), conn)
         self.table.take(req, self._model_d1())
         box = self.link_box
-        if box is not None:  # server 0: wake the leader; server 1: tell server 0 which requests are here
-            box.put(None if self.party == 0 else link_box_message(self.table.take_announcements()))
+        if box is None:
+            return
+        if self.party == 0:  # wake the leader
+            box.put(None)
+        else:  # tell server 0 which requests are here
+            for frame in link_box_messages(self.table.take_announcements()):
+                box.put(frame)
 
     def _closed(self, conn: ClientConn) -> None:
         self.table.drop_client(conn)
@@ -310,8 +302,8 @@ class ServiceServer:
         send(link, {"type": "hello", "ok": True})
         held = self.table.new_link(announce_all=False)  # from now on each request is announced as it comes; these came before
         self.link_box = box
-        if held:
-            send(link, {"type": "have", "ids": held})
+        for frame in link_box_messages(held):
+            link.sendall(frame)
         return model
 
     def _session(self) -> None:

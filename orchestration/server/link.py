@@ -38,12 +38,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HEARTBEAT = 5.0  # seconds: an idle server 0 asks server 1 at least this often, which finds a dead link
-MAX_LINK_FRAME = 1 << 20  # a link message holds ids and sizes only
+MAX_LINK_HEADER = 4 << 20  # a link message holds ids and sizes only (a plan of 1,024 slots, 2,000 announcements)
+ANNOUNCE_CHUNK = 2000  # requests announced in one message at most
+REJECT_CHUNK = 500  # refusals sent with one plan at most
 
 
 def link_receive(sock: ssl.SSLSocket) -> dict[str, Any]:
     """One message of the other gateway (a header; link messages have no body)."""
-    header, _ = receive(sock, check=lambda h: 0, max_body=0)
+    header, _ = receive(sock, check=lambda h: 0, max_body=0, max_header=MAX_LINK_HEADER)
     return header
 
 
@@ -111,7 +113,7 @@ class Leader:
 
     def send_plan(self, msg: dict[str, Any]) -> None:
         """A message to server 1, with the requests that reached server 0 since the last one."""
-        msg["have"] = self.table.take_announcements()
+        msg["have"] = self.table.take_announcements(ANNOUNCE_CHUNK)
         send(self.link, msg)
 
     def read(self, seq: int | None = None) -> dict[str, Any] | None:
@@ -150,7 +152,7 @@ class Leader:
             assert gw.serving is not None
             command, gen = CMD_SERVE, gw.serving["gen"]
             mine = gw.current()
-            idle = time.monotonic() - last_contact > HEARTBEAT
+            idle = time.monotonic() - last_contact > HEARTBEAT or table.announcing() > ANNOUNCE_CHUNK
             if idle or (mine is not None and mine["gen"] != gen):
                 last_contact = time.monotonic()
                 if idle or follower_gen != (mine or {}).get("gen"):  # what does server 1 hold now (and is it there)?
@@ -163,7 +165,7 @@ class Leader:
                         raise Switching(f"switching to generation {mine['gen']}, of other sizes: restarting")
                     command, gen = CMD_RELOAD, mine["gen"]
             slots, held = table.plan(gen, pending=mine["gen"] if mine is not None else None)
-            rejects = table.take_rejects()
+            rejects = table.take_rejects(REJECT_CHUNK)
             if not slots and command == CMD_SERVE:
                 if rejects:
                     self.send_plan({"type": "plan", "seq": self.seq, "gen": gen, "slots": [], "reject": rejects})
@@ -243,9 +245,9 @@ class Follower:
         self.done(seq)
 
 
-def link_box_message(items: list[list[Any]]) -> bytes:
-    """Server 1's announcement of requests that reached it."""
-    return encode({"type": "have", "ids": items})
+def link_box_messages(items: list[list[Any]]) -> list[bytes]:
+    """Server 1's announcements of requests that reached it, in messages of at most ANNOUNCE_CHUNK."""
+    return [encode({"type": "have", "ids": items[k:k + ANNOUNCE_CHUNK]}) for k in range(0, len(items), ANNOUNCE_CHUNK)]
 
 
-__all__ = ["HEARTBEAT", "Follower", "Leader", "LinkListener", "connect_link", "link_box_message", "link_receive"]
+__all__ = ["HEARTBEAT", "Follower", "Leader", "LinkListener", "connect_link", "link_box_messages", "link_receive"]

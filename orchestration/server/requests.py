@@ -251,14 +251,21 @@ class RequestTable:
             self.to_announce = held if announce_all else []
             return [] if announce_all else held
 
-    def take_announcements(self) -> list[list[Any]]:
+    def take_announcements(self, limit: int | None = None) -> list[list[Any]]:
+        """The announcements not yet sent (at most ``limit``; the rest wait for the next message)."""
         with self.lock:
-            out, self.to_announce = self.to_announce, []
+            k = len(self.to_announce) if limit is None else limit
+            out, self.to_announce = self.to_announce[:k], self.to_announce[k:]
             return out
 
-    def take_rejects(self) -> list[list[str]]:
+    def announcing(self) -> int:
         with self.lock:
-            out, self.to_reject = self.to_reject, []
+            return len(self.to_announce)
+
+    def take_rejects(self, limit: int | None = None) -> list[list[str]]:
+        with self.lock:
+            k = len(self.to_reject) if limit is None else limit
+            out, self.to_reject = self.to_reject[:k], self.to_reject[k:]
             return out
 
     # -- server 0: plans ------------------------------------------------------------------------------

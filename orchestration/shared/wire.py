@@ -49,6 +49,7 @@ import math
 import re
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -97,12 +98,24 @@ def _show(v: Any, limit: int = 80) -> str:
 
 # -- reading ---------------------------------------------------------------------------------------
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     """Exactly ``n`` bytes from ``sock``, asked for :data:`RECV_CHUNK` at a time (``recv(n)`` would
-    allocate ``n`` bytes before the first one arrives); a WireError if the peer hangs up first."""
+    allocate ``n`` bytes before the first one arrives); a WireError if the peer hangs up first, or if
+    the bytes have not all come by ``deadline`` (a ``time.monotonic()`` value: a peer that trickles
+    a frame byte by byte cannot hold the reader longer)."""
     buf = bytearray()
     while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), RECV_CHUNK))
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WireError(f"frame not complete in time ({len(buf)} of {n} bytes came)")
+            sock.settimeout(left)
+        try:
+            chunk = sock.recv(min(n - len(buf), RECV_CHUNK))
+        except socket.timeout:
+            if deadline is None:
+                raise
+            raise WireError(f"frame not complete in time ({len(buf)} of {n} bytes came)") from None
         if not chunk:
             raise WireError("connection closed" if not buf else f"connection closed after {len(buf)} of {n} bytes")
         buf += chunk
@@ -150,10 +163,10 @@ def _depth(text: str) -> int:
     return max(itertools.accumulate(steps, initial=0))
 
 
-def parse_header(raw: bytes) -> dict[str, Any]:
+def parse_header(raw: bytes, max_header: int = MAX_HEADER) -> dict[str, Any]:
     """A frame's header bytes as a dict, or a WireError (see the module's docstring, step 3)."""
-    if len(raw) > MAX_HEADER:
-        raise WireError(f"header of {len(raw)} bytes (at most {MAX_HEADER}): not this service's protocol")
+    if len(raw) > max_header:
+        raise WireError(f"header of {len(raw)} bytes (at most {max_header}): not this service's protocol")
     try:
         text = raw.decode("utf-8")
     except UnicodeError:
@@ -169,21 +182,21 @@ def parse_header(raw: bytes) -> dict[str, Any]:
     return header
 
 
-def _read_frame(read: Callable[[int], bytes], check: Check | None, max_body: int
+def _read_frame(read: Callable[[int], bytes], check: Check | None, max_body: int, max_header: int = MAX_HEADER
                 ) -> tuple[dict[str, Any], bytes]:
     """The one implementation of :func:`receive` and :func:`parse_frame`: ``read(n)`` returns exactly
     ``n`` more bytes (or raises WireError) and is asked for no byte before the ones before it passed."""
     (length,) = struct.unpack("<I", read(4))
-    limit = min(MAX_FRAME, 4 + MAX_HEADER + max(max_body, 0))
+    limit = min(MAX_FRAME, 4 + max_header + max(max_body, 0))
     if length < 4 or length > limit:
         raise WireError(f"frame of {length} bytes (expected 4..{limit}): not this service's protocol")
     (hlen,) = struct.unpack("<I", read(4))
-    if hlen > min(MAX_HEADER, length - 4):
+    if hlen > min(max_header, length - 4):
         raise WireError(f"header of {hlen} bytes in a frame of {length}: not this service's protocol")
     blen = length - 4 - hlen
     if blen > max_body:
         raise WireError(f"body of {blen} bytes (at most {max_body}): not this service's protocol")
-    header = parse_header(read(hlen))
+    header = parse_header(read(hlen), max_header)
     if check is not None:
         accepted = check(header)
         if not isinstance(accepted, int) or isinstance(accepted, bool) or accepted < 0:
@@ -193,8 +206,8 @@ def _read_frame(read: Callable[[int], bytes], check: Check | None, max_body: int
     return header, read(blen)
 
 
-def receive(sock: socket.socket, check: Check | None = None, max_body: int = MAX_FRAME
-            ) -> tuple[dict[str, Any], bytes]:
+def receive(sock: socket.socket, check: Check | None = None, max_body: int = MAX_FRAME, *,
+            max_header: int = MAX_HEADER, deadline: float | None = None) -> tuple[dict[str, Any], bytes]:
     """One frame from ``sock``: (header, body). Raises WireError on anything malformed.
 
     ``check(header)``, if given, is called once the header is parsed and before the body is read:
@@ -212,7 +225,7 @@ def receive(sock: socket.socket, check: Check | None = None, max_body: int = MAX
 
         header, body = receive(sock, accept)
     """
-    return _read_frame(lambda n: recv_exact(sock, n), check, max_body)
+    return _read_frame(lambda n: recv_exact(sock, n, deadline), check, max_body, max_header)
 
 
 def parse_frame(data: bytes, check: Check | None = None, max_body: int = MAX_FRAME

@@ -1,0 +1,194 @@
+"""The gateway's client connections (orchestration.server.connections) on loopback, no MPC.
+
+Real TLS, real certificates, the real service client's TLS context; the gateway's request handling
+replaced by a recorder. Checked: caps on connections (in all, per client) and on handshakes in
+progress; the header refused before the body; a frame trickled byte by byte is cut at the frame
+timeout; idle, revoked and expired connections are closed; a bug while handling a frame costs that
+connection only.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestration.client.service import ServiceClient
+from orchestration.mpspdz import certs
+from orchestration.mpspdz.hosts import write_hosts
+from orchestration.server.connections import ClientConn, ClientConnections, Limits, Refused
+from orchestration.shared.wire import encode, receive
+
+
+class Gateway:
+    """ClientConnections on a free loopback port, with a janitor; records what it is handed."""
+
+    def __init__(self, root: Path, limits: Limits, check=None, handle=None):
+        self.server = root / "server0"
+        certs.make_party_cert(self.server, 0)
+        self.stop = threading.Event()
+        self.seen: list[dict[str, Any]] = []
+        self.closed: list[str] = []
+        self.cc = ClientConnections(
+            0, self.server, lambda: (certs.cert_dir(self.server) / "P0.pem", certs.cert_dir(self.server) / "P0.key"),
+            check=check or (lambda conn, h: 0), handle=handle or self._handle,
+            on_close=lambda conn: self.closed.append(conn.name), stop=self.stop, limits=limits)
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(64)
+        self.lsock.settimeout(0.2)
+        self.port = self.lsock.getsockname()[1]
+        threading.Thread(target=self.cc.accept_loop, args=(self.lsock,), daemon=True).start()
+        threading.Thread(target=self._janitor, daemon=True).start()
+
+    def _handle(self, conn: ClientConn, header: dict[str, Any], body: bytes) -> None:
+        self.seen.append(header)
+        conn.reply({"type": "status", "echo": header.get("n")})
+
+    def _janitor(self) -> None:
+        while not self.stop.wait(0.2):
+            self.cc.sweep()
+
+    def client(self, root: Path, name: str) -> ServiceClient:
+        folder = root / f"client-{name}"
+        certs.make_client_cert(folder, name)
+        certs.allow_client(self.server, folder / "certs" / "client.pem")
+        (folder / "certs" / "P0.pem").write_bytes((certs.cert_dir(self.server) / "P0.pem").read_bytes())
+        (folder / "certs" / "P1.pem").write_bytes((certs.cert_dir(self.server) / "P0.pem").read_bytes())
+        hosts = write_hosts(root / f"hosts-{name}", [("127.0.0.1", self.port - 100), ("127.0.0.1", self.port - 99)])
+        return ServiceClient(folder, hosts, timeout=5)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.lsock.close()
+
+
+@pytest.fixture
+def gw(tmp_path):
+    made: list[Gateway] = []
+
+    def make(**kw) -> Gateway:
+        limits = Limits(**{k: kw.pop(k) for k in list(kw) if k in Limits.__dataclass_fields__})
+        g = Gateway(tmp_path, limits, **kw)
+        made.append(g)
+        return g
+
+    yield make
+    for g in made:
+        g.close()
+
+
+def _connect(cl: ServiceClient):
+    cl.socks[0] = None
+    return cl._sock(0)
+
+
+def _status(sock) -> dict[str, Any]:
+    sock.sendall(encode({"type": "status"}))
+    return receive(sock)[0]
+
+
+def test_connections_are_capped_in_all_and_per_client(gw, tmp_path):
+    g = gw(max_connections=3, max_per_client=2)
+    alice, bob = g.client(tmp_path, "alice"), g.client(tmp_path, "bob")
+    a1, a2 = _connect(alice), _connect(alice)
+    assert _status(a1)["type"] == _status(a2)["type"] == "status"
+    a3 = _connect(alice)
+    head = receive(a3)[0]
+    assert head["code"] == "busy" and "alice holds 2 connections" in head["message"]
+    b1 = _connect(bob)
+    assert _status(b1)["type"] == "status"
+    b2 = _connect(bob)
+    head = receive(b2)[0]
+    assert head["code"] == "busy" and "3 client connections" in head["message"]
+    a1.close()
+    deadline = time.monotonic() + 5
+    while g.cc.count() > 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _status(_connect(bob))["type"] == "status"  # a freed place is taken again
+
+
+def test_handshakes_in_progress_are_capped_and_time_out(gw, tmp_path):
+    g = gw(max_handshakes=2, handshake_timeout=1.0)
+    alice = g.client(tmp_path, "alice")
+    silent = [socket.create_connection(("127.0.0.1", g.port)) for _ in range(2)]  # TCP, never TLS
+    time.sleep(0.3)
+    third = socket.create_connection(("127.0.0.1", g.port))
+    third.settimeout(2)
+    assert third.recv(10) == b""  # closed at once: no thread, no buffer for it
+    time.sleep(1.2)  # the silent ones' handshakes time out and free their places
+    assert _status(_connect(alice))["type"] == "status"
+    for s in silent + [third]:
+        s.close()
+
+
+def test_a_header_is_refused_before_its_body_is_read(gw, tmp_path):
+    def check(conn, h):
+        if h.get("n", 0) > 10:
+            raise Refused("too many queries", "bad-request", "r1")
+        return 8 * h.get("n", 0)
+
+    g = gw(check=check)
+    s = _connect(g.client(tmp_path, "alice"))
+    head = b'{"type":"recognize","id":"r1","n":100000}'
+    s.sendall(struct.pack("<II", 64 << 20, len(head)) + head)  # announces 64 MiB, sends none of it
+    t0 = time.monotonic()
+    reply = receive(s)[0]
+    assert reply == {"type": "error", "id": "r1", "code": "bad-request", "message": "too many queries"}
+    assert time.monotonic() - t0 < 2 and not g.seen
+
+
+def test_a_trickled_frame_is_cut_at_the_frame_timeout(gw, tmp_path):
+    g = gw(frame_timeout=1.0)
+    s = _connect(g.client(tmp_path, "alice"))
+    s.sendall(b"\x40\x00")  # half a length prefix, then nothing
+    t0 = time.monotonic()
+    reply = receive(s)[0]
+    assert reply["code"] == "bad-request" and "not complete in time" in reply["message"]
+    assert 0.8 < time.monotonic() - t0 < 3
+
+
+def test_idle_connections_are_closed(gw, tmp_path):
+    g = gw(idle_timeout=1.0)
+    s = _connect(g.client(tmp_path, "alice"))
+    assert _status(s)["type"] == "status"
+    time.sleep(1.8)
+    reply = receive(s)[0]
+    assert reply["code"] == "refused" and "idle" in reply["message"]
+    assert g.closed == ["alice"]
+
+
+def test_a_revoked_or_expired_client_is_cut_off(gw, tmp_path):
+    g = gw()
+    alice, bob = g.client(tmp_path, "alice"), g.client(tmp_path, "bob")
+    sa, sb = _connect(alice), _connect(bob)
+    assert _status(sa)["type"] == _status(sb)["type"] == "status"
+    (certs.client_dir_of(g.server) / "alice.pem").unlink()
+    reply = receive(sa)[0]  # the janitor closes the open connection
+    assert reply["code"] == "refused" and "no longer pinned" in reply["message"]
+    with pytest.raises(Exception):
+        _connect(alice).sendall(encode({"type": "status"}))
+        receive(alice.socks[0])
+    conn = next(c for c in g.cc.conns if c.name == "bob")
+    conn.not_after = time.time() - 1  # as if its notAfter passed
+    reply = receive(sb)[0]
+    assert reply["code"] == "refused" and "expired" in reply["message"]
+
+
+def test_a_bug_while_handling_a_frame_costs_that_connection_only(gw, tmp_path):
+    def handle(conn, header, body):
+        if header.get("boom"):
+            raise KeyError("a bug")
+        conn.reply({"type": "status"})
+
+    g = gw(handle=handle)
+    alice = g.client(tmp_path, "alice")
+    s = _connect(alice)
+    s.sendall(encode({"type": "status", "boom": 1}))
+    reply = receive(s)[0]
+    assert reply["code"] == "failed" and reply["message"] == "internal error"
+    assert _status(_connect(alice))["type"] == "status"
