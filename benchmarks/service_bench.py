@@ -166,10 +166,7 @@ def run_netns(mp, proto, c: int, rtt: float, args: argparse.Namespace, tmp: Path
         root = tmp / f"netns-{proto.name}-{c}-{rtt:g}"
         root.mkdir()
         dep = Deployment(root, net, protocol=proto.name)
-        invoke("certs", "--client", "owner", "--server-dir", str(dep.client))
-        for i in range(2):
-            invoke("certs", "--id", str(i), "--server-dir", str(dep.servers[i]), "--allow-client",
-                   str(dep.client / "certs" / "client.pem"))
+        dep.pin_client()
         # training is set-up here, not what is measured: it goes over the direct link, not the delay relay
         delayed = [f.read_text() for f in dep.hosts_files]
         direct = [f"{net.addr[0]}:{p0}\n{net.addr[1]}:{p1}\n" for p0, p1 in [(7100, 7101)]][0]

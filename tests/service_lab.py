@@ -8,6 +8,7 @@ hold several concurrent clients without leaving its own namespace.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -168,4 +169,25 @@ class ServiceLab:
         return [self.stop_process(i) for i in (0, 1, 2)]
 
 
-__all__ = ["NsClients", "ServiceLab", "enter_namespace", "netlab"]
+@contextlib.contextmanager
+def trained_service(root: Path, x: Any, labels: list[str], prepare: Callable[[Any], Any] | None = None):
+    """Two namespaces, a model trained across them (one-job mode), then the service started on it, the
+    client beside server 1: yields (lab, clients, what ``prepare(deployment)`` returned)."""
+    from test_two_hosts import Deployment
+
+    with netlab.TwoHosts(rtt_ms=0) as net:
+        dep = Deployment(root, net)
+        dep.pin_client()
+        dep.train(x, labels)
+        extra = prepare(dep) if prepare is not None else None
+        lab = ServiceLab(dep).start()
+        clients = NsClients(net.ns[1], n=4)
+        try:
+            lab.wait_ready(clients)
+            yield lab, clients, extra
+        finally:
+            lab.stop()
+            clients.close()
+
+
+__all__ = ["NsClients", "ServiceLab", "enter_namespace", "netlab", "trained_service"]

@@ -73,7 +73,7 @@ def gw(tmp_path):
 
     def make(**kw) -> Gateway:
         limits = Limits(**{k: kw.pop(k) for k in list(kw) if k in Limits.__dataclass_fields__})
-        g = Gateway(tmp_path, limits, **kw)
+        g = Gateway(kw.pop("root", tmp_path), limits, **kw)
         made.append(g)
         return g
 
@@ -192,3 +192,80 @@ def test_a_bug_while_handling_a_frame_costs_that_connection_only(gw, tmp_path):
     reply = receive(s)[0]
     assert reply["code"] == "failed" and reply["message"] == "internal error"
     assert _status(_connect(alice))["type"] == "status"
+
+
+# ---- random sequences of what clients do, on one gateway ---------------------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("connect"), st.integers(0, 1)),
+    st.tuples(st.just("status"), st.integers(0, 5)),
+    st.tuples(st.just("bytes"), st.integers(0, 5), st.binary(min_size=1, max_size=64)),
+    st.tuples(st.just("half"), st.integers(0, 5)),
+    st.tuples(st.just("hang-up"), st.integers(0, 5)),
+    st.tuples(st.just("revoke"), st.integers(0, 1)),
+    st.tuples(st.just("pin"), st.integers(0, 1)),
+    st.tuples(st.just("raw"), st.binary(max_size=32)),
+), min_size=1, max_size=12)
+
+
+@settings(max_examples=12, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(ops=OPS)
+def test_random_client_behaviour_never_stops_the_gateway(gw, tmp_path_factory, ops):
+    """Connects, frames, garbage, frames cut in half, hang-ups, revocations and re-pins in any order: the
+    gateway keeps accepting, every connection it holds is within its caps, and a well-behaved client is
+    answered afterwards."""
+    root = tmp_path_factory.mktemp("ops")
+    g = gw(root=root, max_connections=6, max_per_client=3, frame_timeout=0.5, handshake_timeout=0.5)
+    names = ["alice", "bob"]
+    clients = [g.client(root, n) for n in names]
+    pins = [(certs.client_dir_of(g.server) / f"{n}.pem", (certs.client_dir_of(g.server) / f"{n}.pem").read_bytes())
+            for n in names]
+    socks: list = []
+    for op in ops:
+        try:
+            if op[0] == "connect":
+                socks.append(_connect(clients[op[1]]))
+                clients[op[1]].socks = [None, None]
+            elif op[0] == "raw":
+                s = socket.create_connection(("127.0.0.1", g.port), timeout=1)
+                s.sendall(op[1])
+                s.close()
+            elif op[0] == "revoke":
+                pins[op[1]][0].unlink(missing_ok=True)
+            elif op[0] == "pin":
+                pins[op[1]][0].write_bytes(pins[op[1]][1])
+            elif socks:
+                s = socks[op[1] % len(socks)]
+                s.settimeout(1)
+                if op[0] == "status":
+                    s.sendall(encode({"type": "status"}))
+                elif op[0] == "bytes":
+                    s.sendall(op[2])
+                elif op[0] == "half":
+                    s.sendall(encode({"type": "status"})[:5])
+                elif op[0] == "hang-up":
+                    s.close()
+        except (OSError, Exception):  # noqa: BLE001 - a client's own failures are not the point
+            pass
+        assert g.cc.count() <= 6
+        assert not g.stop.is_set()
+    for s in socks:
+        try:
+            s.close()
+        except OSError:
+            pass
+    for path, pem in pins:
+        path.write_bytes(pem)
+    fresh = g.client(root, "carol")
+    deadline = time.monotonic() + 5
+    while True:  # the gateway frees the places of closed connections within its timeouts
+        try:
+            assert _status(_connect(fresh))["type"] == "status"
+            break
+        except (OSError, AssertionError, Exception):  # noqa: BLE001
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

@@ -24,7 +24,7 @@ from orchestration.client import jobs as client
 from orchestration.shared import reference
 from orchestration.client.service import ServiceClient
 from orchestration.shared.wire import ServiceError, encode, receive, send
-from service_lab import NsClients, ServiceLab
+from service_lab import NsClients, ServiceLab, trained_service
 from synthetic import split
 from test_mpc import _fixed_point_needles, assert_no_plaintext
 from test_two_hosts import SUPPORTED_VERSIONS, Deployment, invoke, net_ok  # noqa: F401 - net_ok is a fixture
@@ -43,22 +43,8 @@ def data():
 def svc(net_ok, tmp_path_factory, data):
     """A model trained across two namespaces (one-job mode), then the service started on it."""
     x, labels, tr, _ = data
-    with netlab.TwoHosts(rtt_ms=0) as net:
-        root = tmp_path_factory.mktemp("service")
-        dep = Deployment(root, net)
-        invoke("certs", "--client", "owner", "--server-dir", str(dep.client))
-        for i in range(2):
-            invoke("certs", "--id", str(i), "--server-dir", str(dep.servers[i]), "--allow-client",
-                   str(dep.client / "certs" / "client.pem"))
-        dep.train(x[tr], [labels[k] for k in tr])
-        lab = ServiceLab(dep).start()
-        clients = NsClients(net.ns[1], n=4)
-        try:
-            lab.wait_ready(clients)
-            yield lab, clients
-        finally:
-            lab.stop()
-            clients.close()
+    with trained_service(tmp_path_factory.mktemp("service"), x[tr], [labels[k] for k in tr]) as (lab, clients, _):
+        yield lab, clients
 
 
 def _recognise(lab: ServiceLab, clients: NsClients, x: np.ndarray, threshold: float = 0.0, **kw):

@@ -24,7 +24,7 @@ from orchestration.client.service import ServiceClient
 from orchestration.mpspdz import certs
 from orchestration.shared import reference
 from orchestration.shared.wire import ServiceError, receive, send
-from service_lab import NsClients, ServiceLab
+from service_lab import NsClients, ServiceLab, trained_service
 from synthetic import split
 from test_two_hosts import Deployment, invoke, net_ok  # noqa: F401 - net_ok is a fixture
 
@@ -38,37 +38,17 @@ def data():
     return split(people=5, per=8, seed=11, every=4)
 
 
-def _pin_client(dep: Deployment, name: str) -> Path:
-    folder = dep.root / f"client-{name}"
-    invoke("certs", "--client", name, "--server-dir", str(folder))
-    for i in range(2):
-        invoke("certs", "--id", str(i), "--server-dir", str(dep.servers[i]), "--allow-client",
-               str(folder / "certs" / "client.pem"))
-        (folder / "certs" / f"P{i}.pem").write_bytes((dep.client / "certs" / f"P{i}.pem").read_bytes())
-    return folder
-
-
 @pytest.fixture(scope="module")
 def svc(net_ok, tmp_path_factory, data):
     x, labels, tr, _ = data
-    with netlab.TwoHosts(rtt_ms=0) as net:
-        root = tmp_path_factory.mktemp("abuse")
-        dep = Deployment(root, net)
-        invoke("certs", "--client", "owner", "--server-dir", str(dep.client))
-        for i in range(2):
-            invoke("certs", "--id", str(i), "--server-dir", str(dep.servers[i]), "--allow-client",
-                   str(dep.client / "certs" / "client.pem"))
-        dep.train(x[tr], [labels[k] for k in tr])
-        other = _pin_client(dep, "other")
+
+    def other_client(dep: Deployment) -> Path:
+        other = dep.pin_client("other", dep.root / "client-other")
         (other / "model.json").write_bytes((dep.client / "model.json").read_bytes())
-        lab = ServiceLab(dep).start()
-        clients = NsClients(net.ns[1], n=4)
-        try:
-            lab.wait_ready(clients)
-            yield lab, clients, other
-        finally:
-            lab.stop()
-            clients.close()
+        return other
+
+    with trained_service(tmp_path_factory.mktemp("abuse"), x[tr], [labels[k] for k in tr], other_client) as svc:
+        yield svc
 
 
 def _alive(lab: ServiceLab) -> None:
@@ -159,10 +139,7 @@ def test_a_wrong_size_while_no_model_is_served_is_refused_without_a_crash(net_ok
     request with d1=2 brought down both gateways. Now it is refused (unavailable) and the gateways wait on."""
     with netlab.TwoHosts(rtt_ms=0) as net:
         dep = Deployment(tmp_path, net)
-        invoke("certs", "--client", "owner", "--server-dir", str(dep.client))
-        for i in range(2):
-            invoke("certs", "--id", str(i), "--server-dir", str(dep.servers[i]), "--allow-client",
-                   str(dep.client / "certs" / "client.pem"))
+        dep.pin_client()
         lab = ServiceLab(dep)
         for i in range(2):
             lab.start_server(i)

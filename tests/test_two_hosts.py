@@ -75,6 +75,18 @@ class Deployment:
         for i in range(n):
             self.hosts_files[i].write_text(net.hosts_text(i, PORTS[:n]))
 
+    def pin_client(self, name: str = "owner", folder: Path | None = None) -> Path:
+        """A service client's certificate (``invoke certs --client NAME``) in ``folder`` (default: the data
+        owner's), pinned on both servers; a folder of its own also gets the servers' certificates."""
+        folder = folder or self.client
+        invoke("certs", "--client", name, "--server-dir", str(folder))
+        for i in range(2):
+            invoke("certs", "--id", str(i), "--server-dir", str(self.servers[i]), "--allow-client",
+                   str(folder / "certs" / "client.pem"))
+            if folder != self.client:
+                (folder / "certs" / f"P{i}.pem").write_bytes((self.client / "certs" / f"P{i}.pem").read_bytes())
+        return folder
+
     def start(self, i: int, job_dir: Path, timeout: int = 120, env: dict | None = None) -> subprocess.Popen:
         argv = [sys.executable, "-m", "invoke", "party", "--id", str(i), "--hosts", str(self.hosts_files[i]), "--job",
                 str(job_dir / f"server{i}"), "--server-dir", str(self.servers[i]), "--timeout", str(timeout)]
