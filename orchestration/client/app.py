@@ -1,6 +1,6 @@
 """What the invoke tasks do, as plain functions: embed, train, predict, on top of the client pipeline.
 
-``tasks.py`` parses flags and prints; this module does the work and returns data.
+The tasks (``orchestration.cli``) parse flags and print; this module does the work and returns data.
 """
 from __future__ import annotations
 

@@ -1,0 +1,223 @@
+"""What the tasks share: invoke.yaml lookups (a flag wins), the run layout, MP-SPDZ, face settings, the service.
+
+Every helper that finds something wrong raises ``Exit(message, code=1)`` naming the file or value at fault.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from invoke import Exit
+
+#: the project root: invoke.yaml's relative paths (paths.var), models/, pyproject.toml
+REPO = Path(__file__).resolve().parents[2]
+
+logger = logging.getLogger("tasks")
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("tensorflow", "absl", "h5py", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _cfg(c, section: str, key: str, flag=None):
+    """A flag wins over invoke.yaml."""
+    if flag not in (None, ""):
+        return flag
+    return c.config.get(section, {}).get(key)
+
+
+def _layout(c):
+    """Run state under paths.var, computing with mpspdz.protocol (dealer | semi2k)."""
+    from orchestration.mpspdz.toolchain import MPSPDZError, protocol
+    from orchestration.client.private import Layout
+
+    try:
+        proto = protocol(c.config.get("mpspdz", {}).get("protocol"))
+    except MPSPDZError as exc:
+        raise Exit(f"mpspdz.protocol in invoke.yaml: {exc}", code=1)
+    return Layout((REPO / _cfg(c, "paths", "var", None)).resolve(), proto.name)
+
+
+def _say_protocol(layout) -> None:
+    """Every task that runs the servers says how they compute (on stderr: stdout may be CSV)."""
+    from orchestration.mpspdz.toolchain import protocol
+
+    print(f"protocol: {layout.protocol} ({protocol(layout.protocol).summary}; mpspdz.protocol in invoke.yaml)",
+          file=sys.stderr)
+
+
+def _gallery(c, flag=None) -> Path:
+    """The gallery folder: the flag, else paths.gallery, else <var>/gallery."""
+    value = _cfg(c, "paths", "gallery", flag)
+    return Path(value) if value else _layout(c).root / "gallery"
+
+
+def _mp(c, home=None):
+    from orchestration.mpspdz.toolchain import MPSPDZError, find_mpspdz
+
+    try:
+        return find_mpspdz(_cfg(c, "mpspdz", "home", home))
+    except MPSPDZError as exc:
+        raise Exit(str(exc), code=1)
+
+
+def _tls(c) -> bool:
+    """TLS between the parties, on unless mpspdz.encrypted is false in invoke.yaml (semi2k only: the
+    dealer mode's binary always encrypts)."""
+    value = c.config.get("mpspdz", {}).get("encrypted", True)
+    if not value:
+        if c.config.get("mpspdz", {}).get("protocol", "dealer") == "dealer":
+            logger.warning("mpspdz.encrypted is off, but the dealer mode always uses TLS (MP-SPDZ's dealer binary "
+                           "has no plaintext mode); it applies to mpspdz.protocol semi2k only")
+        else:
+            logger.warning("mpspdz.encrypted is off: the servers talk in the clear (shares only, but unauthenticated)")
+    return bool(value)
+
+
+def _face(c, backend=None, detector=None, upsample=None):
+    from orchestration.client.app import FaceSettings
+
+    backend = _cfg(c, "face", "backend", backend)
+    detector = _cfg(c, "face", "detector", detector)
+    if backend not in ("facenet", "dlib"):
+        raise Exit(f"--backend {backend!r} is not one of: facenet, dlib", code=1)
+    if detector not in ("hog", "cnn"):
+        raise Exit(f"--detector {detector!r} is not one of: hog, cnn", code=1)
+    return FaceSettings(backend=backend, detector=detector, upsample=int(_cfg(c, "face", "upsample", upsample)))
+
+
+def _service_hosts(c, hosts=None):
+    """The service's hosts: a --hosts flag or service.hosts; "local" means the local service's file."""
+    from orchestration.mpspdz.hosts import HostsError, load_hosts
+
+    value = _cfg(c, "service", "hosts", hosts)
+    if not value:
+        return None
+    if str(value) == "local":
+        from orchestration.client.local_service import local_hosts
+
+        layout = _layout(c)
+        from orchestration.mpspdz.toolchain import protocol
+
+        return local_hosts(layout, _cfg(c, "mpspdz", "host", None), int(_cfg(c, "service", "port", None)),
+                           protocol(layout.protocol).n_parties)
+    try:
+        return load_hosts(Path(value))
+    except HostsError as exc:
+        raise Exit(f"service.hosts: {exc}", code=1)
+
+
+def _service(c, use=None):
+    """A ServiceClient when the service is configured (service.hosts) and not refused by --no-service.
+
+    Says on stderr which way recognition goes: through the running service, or one MPC job per batch."""
+    if use is False:
+        print("recognition: one MPC job per batch (--no-service)", file=sys.stderr)
+        return None
+    hosts = _service_hosts(c)
+    if hosts is None:
+        if use:
+            raise Exit("--service: no service is configured; set service.hosts in invoke.yaml (\"local\" for "
+                       "`invoke serve` on this machine, or the service's hosts file)", code=1)
+        print("recognition: one MPC job per batch (no service configured: service.hosts in invoke.yaml)",
+              file=sys.stderr)
+        return None
+    from orchestration.client.service import ServiceClient
+    from orchestration.shared.wire import ServiceError
+
+    client = ServiceClient(_layout(c).client, hosts, timeout=float(_cfg(c, "service", "timeout", None)))
+    try:
+        st = client.status()
+    except ServiceError as exc:
+        raise Exit(f"the service configured in service.hosts ({hosts.path}) does not answer: {exc}. Start it with "
+                   "`invoke serve`, or recognise without it: --no-service", code=1)
+    except Exception as exc:  # certificates missing or wrong
+        raise Exit(f"cannot use the service: {exc}", code=1)
+    print(f"recognition: through the running service at {hosts[0]} and {hosts[1]} ({st[0].get('protocol')}, model "
+          f"generation {st[0].get('gen')}, {st[0].get('state')})", file=sys.stderr)
+    return client
+
+
+
+def _train_params(c, epochs=None, batch=None, lr=None, alpha=None, backend=None):
+    from orchestration.shared.reference import TrainParams
+
+    if alpha in (None, ""):
+        per_backend = c.config.get("train", {}).get("alpha", {})
+        backend = backend or _cfg(c, "face", "backend", None)
+        alpha = per_backend.get(backend) if hasattr(per_backend, "get") else per_backend
+        if alpha is None:
+            raise Exit(f"no train.alpha for backend {backend!r} in invoke.yaml (allowed: {', '.join(per_backend)})",
+                       code=1)
+    return TrainParams(epochs=int(_cfg(c, "train", "epochs", epochs)), batch=int(_cfg(c, "train", "batch", batch)),
+                       lr=float(_cfg(c, "train", "lr", lr)), alpha=float(alpha),
+                       exp_bits=int(_cfg(c, "train", "exp_bits", None)))
+
+
+#: the flags of the tasks that embed a gallery and train on it (train, share-train)
+TRAIN_HELP = {
+    "dataset": "gallery folder <dataset>/<person>/<image> (default: paths.gallery, else <var>/gallery)",
+    "backend": "embedder: facenet | dlib",
+    "detector": "face detector: hog | cnn",
+    "epochs": "SGD epochs after the nearest-class-mean warm start",
+    "batch": "SGD mini-batch size",
+    "lr": "SGD learning rate",
+    "alpha": "warm-start scale (inverse softmax temperature)",
+}
+
+
+def _embedded_gallery(layout, face, dataset):
+    """Embed the gallery (incremental cache); print what was skipped and what changed since last time."""
+    from orchestration.client import app
+    from preprocessing.errors import PreprocessingError
+
+    try:
+        gallery = app.embed_dataset(dataset, layout, face)
+    except (PreprocessingError, OSError, ValueError) as exc:
+        raise Exit(f"cannot embed {dataset}: {exc}", code=1)
+    for path, reason in gallery.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    prev = app.previous_gallery(layout)
+    print(f"embedded {len(gallery.labels)} faces of {len(gallery.classes)} people "
+          f"({gallery.n_embedded} new, {gallery.n_cached} from cache, {len(gallery.skipped)} skipped)")
+    if prev is not None:
+        print(f"changes since last training: {gallery.diff_against(prev)}")
+    return gallery
+
+
+
+def _query_paths(image, dir) -> list[Path]:
+    """The images given by --image/--dir, all existing; Exit naming what is wrong otherwise."""
+    from orchestration.client import app
+
+    try:
+        paths = app.image_paths(image or [], dir)
+    except FileNotFoundError as exc:
+        raise Exit(str(exc), code=1)
+    if not paths:
+        raise Exit("nothing to recognise: give --image PATH (repeatable) or --dir DIR", code=1)
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise Exit(f"image not found: {', '.join(map(str, missing))}", code=1)
+    return paths
+
+
+def _write_rows(out, rows) -> None:
+    """CSV lines ``path,name,confidence`` (confidence empty for no_face_found)."""
+    for r in rows:
+        out.writerow([str(r.path), r.name, "" if r.confidence is None else f"{r.confidence:.4f}"])
+
+
+def _progress(items, desc):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return items
+    return tqdm(items, desc=desc, unit="img", file=sys.stderr, disable=len(items) < 4)
+
