@@ -96,9 +96,9 @@ def test_serve_answers_predict_and_stops_on_sigterm(workspace, lfw10, lfw_unknow
             if not line:
                 break
             lines.append(line)
-            if line.startswith("serving model generation"):
+            if line.startswith("running service: model generation"):
                 break
-        assert any(ln.startswith("serving model generation") for ln in lines), "".join(lines)
+        assert any(ln.startswith("running service: model generation") for ln in lines), "".join(lines)
         images = [held["Tony_Blair"][0], held["Vladimir_Putin"][0], sorted(lfw_unknown.glob("*.jpg"))[5]]
         args = ["predict", "--backend", "dlib"] + [a for img in images for a in ("--image", str(img))]
         one_job = invoke(var, *args)
@@ -224,7 +224,7 @@ def test_two_host_tasks_share_party_collect(workspace, tmp_path):
     for i in range(2):
         assert results[i].returncode == 0, results[i].stderr
         assert f"send {var / f'server{i}' / 'outputs' / job}" in results[i].stdout
-    assert results[2].returncode == 0 and f"client: dealt job {job}" in results[2].stdout, results[2].stderr
+    assert results[2].returncode == 0 and f"the dealer (the data owner's client): dealt job {job}" in results[2].stdout, results[2].stderr
     r = invoke(var, "collect", "--job", job, "--result", str(var / "server0" / "outputs" / job), "--result",
                str(var / "server1" / "outputs" / job))
     rows = list(csv.reader(io.StringIO(r.stdout)))

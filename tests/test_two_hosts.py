@@ -380,7 +380,7 @@ def test_killing_a_server_mid_run_keeps_the_model_and_a_rerun_succeeds(wan, data
         dealer_out = dealer.communicate(timeout=120)[0]
         # the dealer only sends: it may have dealt all of its share before the kill and ended well;
         # if it did not, it says so, as the client
-        assert dealer.returncode == 0 or (dealer.returncode == 1 and "client (dealer)" in dealer_out), dealer_out
+        assert dealer.returncode == 0 or (dealer.returncode == 1 and "the dealer (the data owner's client)" in dealer_out), dealer_out
     assert time.monotonic() - start < 90
     survivor = 1 - victim
     assert procs[survivor].returncode == 1 and procs[victim].returncode == 1

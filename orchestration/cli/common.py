@@ -113,15 +113,55 @@ def _service_hosts(c, hosts=None):
         raise Exit(f"service.hosts: {exc}", code=1)
 
 
-def _service(c, use=None):
-    """A ServiceClient when the service is configured (service.hosts) and not refused by --no-service.
+def _two_host_client(c) -> str | None:
+    """The service's hosts file when this client is configured for two hosts (service.hosts is a file, not
+    "local"), else None: such a client never runs the servers itself."""
+    value = _cfg(c, "service", "hosts", None)
+    return str(value) if value and str(value) != "local" else None
+
+
+def _refuse_local_mode(c, task: str, what: str, how: str) -> None:
+    """Exit unless local mode is meant: on a client configured for two hosts, ``what`` (of the task named ``task``)
+    would run both servers here, making server keys and model shares in <var>/server0 and <var>/server1 that
+    no real server holds. ``how`` is what this client does instead (the two-host way of that task)."""
+    hosts = _two_host_client(c)
+    if hosts is None:
+        return
+    layout = _layout(c)
+    raise Exit(f"{what} would run both servers on this machine (local mode: server keys and model shares in "
+               f"{layout.server(0)} and {layout.server(1)}), but this client is configured for two hosts "
+               f"(service.hosts: {hosts}); nothing was done. {how} To run local mode here on purpose, unset "
+               f"service.hosts in invoke.yaml, or for this one command: INVOKE_SERVICE_HOSTS= invoke {task} ...",
+               code=1)
+
+
+def _refuse_plain_client(c) -> None:
+    """Exit before local mode on a client that only asks the service (its service key, no gallery, no dealer
+    key) and holds no local servers: local mode would make server keys it must never have."""
+    from orchestration.client.jobs import is_data_owner
+
+    layout = _layout(c)
+    if is_data_owner(layout.client) is False and not any(layout.server(i).exists() for i in range(2)):
+        raise Exit(f"this client ({layout.client}) only asks the service and holds no servers, so it cannot "
+                   "recognise in local mode (that would make server keys here); set service.hosts in invoke.yaml "
+                   "to the service's hosts file (server 0, server 1), as docs/service.md's checklist for another "
+                   "client says", code=1)
+
+
+def _service(c, use=None, task: str = "predict"):
+    """A ServiceClient when the service is configured (service.hosts) and not refused by --one-job (``use``
+    False; refused itself on a client configured for two hosts, where it would run both servers here).
 
     Says on stderr which way recognition goes: through the running service, or one MPC job per batch."""
     if use is False:
-        print("recognition: one MPC job per batch (--no-service)", file=sys.stderr)
+        _refuse_local_mode(c, task, "--one-job", "Recognise through the service (leave out --one-job), or on the "
+                           "data owner's client with `invoke share-predict` and `invoke party` on each server.")
+        _refuse_plain_client(c)
+        print("recognition: one MPC job per batch, both servers on this machine (--one-job)", file=sys.stderr)
         return None
     hosts = _service_hosts(c)
     if hosts is None:
+        _refuse_plain_client(c)
         if use:
             raise Exit("--service: no service is configured; set service.hosts in invoke.yaml (\"local\" for "
                        "`invoke serve` on this machine, or the service's hosts file)", code=1)
@@ -131,18 +171,27 @@ def _service(c, use=None):
     from orchestration.client.service import ServiceClient
     from orchestration.shared.wire import ServiceError
 
-    client = ServiceClient(_layout(c).client, hosts, timeout=float(_cfg(c, "service", "timeout", None)))
+    client = ServiceClient(_layout(c).client, hosts, timeout=float(_cfg(c, "service", "timeout", None)),
+                           model_record=_cfg(c, "service", "model_record", None))
+    local = _two_host_client(c) is None
     try:
         st = client.status()
     except ServiceError as exc:
-        raise Exit(f"the service configured in service.hosts ({hosts.path}) does not answer: {exc}. Start it with "
-                   "`invoke serve`, or recognise without it: --no-service", code=1)
+        if exc.code == "refused":
+            raise Exit(f"the service in service.hosts ({hosts.path}) refuses this client: {exc}", code=1)
+        other = (" (or recognise without it, both servers on this machine: --one-job)" if local else "")
+        raise Exit(f"the service in service.hosts ({hosts.path}) does not answer: {exc}{other}", code=1)
     except Exception as exc:  # certificates missing or wrong
         raise Exit(f"cannot use the service: {exc}", code=1)
     print(f"recognition: through the running service at {hosts[0]} and {hosts[1]} ({st[0].get('protocol')}, model "
           f"generation {st[0].get('gen')}, {st[0].get('state')})", file=sys.stderr)
     return client
 
+
+def _said_by(label: str, exc: BaseException) -> str:
+    """``label: message``, unless the message names ``label`` first already (no "server 0: server 0: ...")."""
+    text = str(exc)
+    return text if text.startswith(f"{label}:") or text.startswith(f"{label} ") else f"{label}: {text}"
 
 
 def _train_params(c, epochs=None, batch=None, lr=None, alpha=None, backend=None):

@@ -80,7 +80,7 @@ def build_mpc(c, n=0, classes=0, batches="", force=False, mpspdz_home=None):
         sizes = [int(b) for b in batches.split(",")] if batches else app.DEFAULT_BATCHES
         for name in app.build_programs(mp, layout, params, n=int(n), classes=int(classes), batches=sizes,
                                        force=force):
-            print(f"compiled {name}" if name else "training program: no sizes yet (pass --n and --classes, or "
+            print(f"compiled {name}" if name else "training program: no sizes yet (pass -n N and --classes C, or "
                   "train once)")
     except (MPSPDZError, ValueError) as exc:
         raise Exit(str(exc), code=1)

@@ -11,8 +11,8 @@ from pathlib import Path
 from invoke import Exit, task
 
 from orchestration.cli.common import (TRAIN_HELP, _cfg, _embedded_gallery, _face, _gallery, _layout, _logging, _mp,
-                                      _progress, _query_paths, _say_protocol, _service, _tls, _train_params,
-                                      _write_rows)
+                                      _progress, _query_paths, _refuse_local_mode, _say_protocol, _service, _tls,
+                                      _train_params, _write_rows)
 
 
 @task(help={
@@ -28,6 +28,8 @@ def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None,
     from orchestration.client import app
     from orchestration.mpspdz.toolchain import MPSPDZError
 
+    _refuse_local_mode(c, "train", "invoke train", "Train on the two hosts with `invoke share-train --out DIR`, "
+                       "`invoke party` on each server, then `invoke collect`.")
     mp = _mp(c, mpspdz_home)
     layout = _layout(c)
     _say_protocol(layout)
@@ -54,7 +56,8 @@ RECOGNISE_HELP = {
     "mpspdz_home": "MP-SPDZ folder",
     "verbose": "debug logging",
     "service": "recognise through the running service (the default when service.hosts is set in invoke.yaml)",
-    "one_job": "one MPC job per batch even when a service is configured",
+    "one_job": "one MPC job per batch with both servers on this machine (local mode), even when service.hosts is "
+               "local; refused on a client configured for two hosts (service.hosts a file)",
 }
 
 
@@ -78,7 +81,7 @@ def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, det
     _say_protocol(layout)
     face = _face(c, backend, detector)
     paths = _query_paths(image, dir)
-    svc = _service(c, False if one_job else (True if service else None))
+    svc = _service(c, False if one_job else (True if service else None), task="predict")
     unreadable = []
 
     def said(queries):  # an unreadable image is said at once; its row comes in input order
@@ -205,7 +208,8 @@ def demo(c, dataset=None, people=10, held_out=2, backend=None, detector=None, se
     "mpspdz_home": "MP-SPDZ folder",
     "service": "recognise through a service started for the evaluation's own model (the default when "
                "service.hosts is set); it listens on service.port + 50 and stops at the end",
-    "one_job": "one MPC job per batch even when a service is configured",
+    "one_job": "one MPC job per batch with both servers on this machine (local mode), even when service.hosts is "
+               "local; refused on a client configured for two hosts (service.hosts a file)",
 })
 def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, batch=64, backend=None,
              detector=None, epochs=None, mpspdz_home=None, service=False, one_job=False):
@@ -232,8 +236,9 @@ def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, b
         print(f"recognition: through a local service started for this evaluation's own model (ports from "
               f"{svc['port']}; the configured service and its model are not touched)", file=sys.stderr)
     else:
-        print("recognition: one MPC job per batch" + (" (--one-job)" if one_job else " (no service configured)"),
-              file=sys.stderr)
+        print("recognition: one MPC job per batch" + (" (--one-job)" if one_job else " (no service configured)")
+              + f"; both servers run on this machine in {layout.root / 'evaluate'} with keys of their own (the "
+              "configured servers, their keys and this client's model are not touched)", file=sys.stderr)
     try:
         ev = run_eval(mp, Path(dataset), Path(unknown) if unknown else None, out,
                       _train_params(c, epochs, backend=face.backend),
@@ -317,7 +322,7 @@ def recognize(c, video=None, camera=None, output=None, frames=None, every=1, thr
         raise Exit(f"--output {exc}", code=1)
     mp = _mp(c, mpspdz_home)
     face = _face(c, backend, detector, upsample)
-    svc = _service(c, False if one_job else (True if service else None))
+    svc = _service(c, False if one_job else (True if service else None), task="recognize")
     rows = csv.writer(sys.stdout)
     rows.writerow(["frame", "name", "confidence", "top", "right", "bottom", "left"])
 
@@ -363,6 +368,9 @@ def refresh_shares(c, timeout=None, mpspdz_home=None):
     from orchestration.mpspdz.toolchain import MPSPDZError
     from orchestration.client.private import refresh_private
 
+    _refuse_local_mode(c, "refresh-shares", "invoke refresh-shares", "Refresh on the two hosts with `invoke "
+                       "share-refresh --out DIR`, `invoke party` on each server, `invoke collect`, then `invoke "
+                       "share-confirm --out DIR` and `invoke confirm` on each server.")
     mp = _mp(c, mpspdz_home)
     try:
         layout = _layout(c)

@@ -12,8 +12,11 @@ from pathlib import Path
 from invoke import Exit, task
 
 from orchestration.cli.common import (TRAIN_HELP, _cfg, _embedded_gallery, _face, _gallery, _layout, _logging, _mp,
-                                      _progress, _query_paths, _say_protocol, _service_hosts, _tls, _train_params,
-                                      _write_rows)
+                                      _progress, _query_paths, _said_by, _say_protocol, _service_hosts, _tls,
+                                      _train_params, _write_rows)
+
+#: how messages name party 2 (as orchestration.mpspdz.certs.party_label does)
+DEALER_LABEL = "the dealer (the data owner's client)"
 
 
 def _server_dir(c, party: int, server_dir=None) -> Path:
@@ -32,6 +35,15 @@ def _say_dealer(sent) -> None:
               "(HOSTS: the servers' two lines and this client's address as the third)")
 
 
+def _say_next(sent) -> None:
+    """After share-train/-predict/-refresh: where each bundle goes, what each server runs, then collect."""
+    for i, b in enumerate(sent.bundles):
+        print(f"send {b} to server {i}; there: invoke party --id {i} --hosts HOSTS --job <that folder>")
+    _say_dealer(sent)
+    print(f"then: invoke collect --job {sent.job} --result <server 0's outputs/{sent.job}> "
+          f"--result <server 1's outputs/{sent.job}>")
+
+
 def _party_id(value, allow_client: bool = False) -> int:
     allowed = ("0", "1", "2") if allow_client else ("0", "1")
     if str(value) not in allowed:
@@ -40,25 +52,28 @@ def _party_id(value, allow_client: bool = False) -> int:
     return int(value)
 
 
-@task(help={
+@task(iterable=["server_cert"], help={
     "id": "make/import for this party only: server 0 or 1, or 2 for the client (the dealer in the dealer mode); "
           "without it, both local servers and the client get keys and swap certificates",
-    "peer_cert": "another party's certificate file (P0.pem, P1.pem, or the client's P2.pem) to install on --id; "
+    "peer_cert": "another party's certificate file (P0.pem, P1.pem, or the dealer's P2.pem) to install on --id; "
                  "the same certificate again changes nothing, a different one where one is pinned needs "
-                 "--replace-pin",
+                 "--replace-pin (a client that does not deal uses --server-cert instead)",
     "server_dir": "the server's folder (default <var>/server<id>)",
     "days": "validity of a new certificate in days",
     "force": "replace this party's OWN key and certificate (never a pinned certificate of another party or "
              "client: that is --replace-pin)",
-    "replace_pin": "with --peer-cert or --allow-client: replace a pinned certificate that differs from the given "
-                   "one (after a re-key); without it such a change is refused with both fingerprints",
+    "replace_pin": "with --peer-cert, --server-cert or --allow-client: replace a pinned certificate that differs "
+                   "from the given one (after a re-key); without it such a change is refused with both fingerprints",
     "client": "the service: make this client's key and certificate, common name client-NAME (in <var>/client/certs; "
               "give client.pem to both servers)",
     "allow_client": "the service: pin a client's certificate file on server --id as <server>/clients/NAME.pem "
                     "(it may then ask); remove that file to refuse it again",
+    "server_cert": "the service, on a client that only asks it (a door camera): install a server's certificate "
+                   "(P0.pem or P1.pem; give it twice, once per server) into <var>/client/certs; makes no party "
+                   "key (the dealer's P2 is --id 2); with --client NAME also this client's key if it has none",
 })
 def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False, client=None, allow_client=None,
-          replace_pin=False):
+          replace_pin=False, server_cert=None):
     """Make TLS keys and certificates for the parties' encrypted channels, or install another party's certificate.
 
     Two hosts: on each server `invoke certs --id I` (keeps certs/P<I>.key, prints where P<I>.pem is), send
@@ -66,6 +81,9 @@ def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False, cl
     client runs `invoke certs --id 2`, installs both servers' certificates with --peer-cert, and each
     server installs the client's P2.pem the same way. A pin is never replaced silently: after a party
     re-keys (--force), the others install its new certificate with --peer-cert FILE --replace-pin.
+    Service: a client makes its key with `invoke certs --client NAME`; one that only asks the service (a
+    door camera) installs the servers' certificates with `invoke certs --server-cert P0.pem --server-cert
+    P1.pem`, which makes no party key.
     """
     _logging()
     from orchestration.mpspdz import certs as certs_mod
@@ -78,7 +96,8 @@ def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False, cl
                                         peer_cert=Path(peer_cert) if peer_cert else None,
                                         folder=Path(server_dir) if server_dir else None, days=int(days),
                                         force=force, replace_pin=replace_pin, client=client,
-                                        allow=Path(allow_client) if allow_client else None)
+                                        allow=Path(allow_client) if allow_client else None,
+                                        server_certs=[Path(p) for p in server_cert or ()])
     except certs_mod.CertError as exc:
         raise Exit(str(exc), code=1)
     for line in lines:
@@ -117,7 +136,7 @@ def party(c, id, hosts, job, server_dir=None, timeout=None, mpspdz_home=None, ve
         out = remote.run_party_job(mp, sdir, party_no, Path(hosts), Path(job),
                                    timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), encrypted=_tls(c))
     except remote.ERRORS as exc:
-        raise Exit(f"server {party_no}: {exc}", code=1)
+        raise Exit(_said_by(f"server {party_no}", exc), code=1)
     except KeyboardInterrupt as exc:
         raise Exit(f"server {party_no}: stopped ({exc or 'interrupted'}); the model shares are unchanged", code=1)
     print(f"server {party_no}: job done; send {out} to the client")
@@ -162,8 +181,8 @@ def deal(c, job=None, hosts=None, timeout=None, mpspdz_home=None, verbose=False,
         try:
             run_service_dealer(mp, layout.client, layout.build, service_hosts, protocol(layout.protocol), done)
         except (remote.ERRORS + (ValueError,)) as exc:
-            raise Exit(f"client (service dealer): {exc}", code=1)
-        print("client: stopped dealing for the service", file=sys.stderr)
+            raise Exit(_said_by(DEALER_LABEL, exc), code=1)
+        print(f"{DEALER_LABEL}: stopped dealing for the service", file=sys.stderr)
         return
     if not job or not hosts:
         raise Exit("give --job JOB and --hosts FILE (one job), or --serve (the running service)", code=1)
@@ -176,11 +195,11 @@ def deal(c, job=None, hosts=None, timeout=None, mpspdz_home=None, verbose=False,
         run = dealer.run_dealer(mp, layout.client, layout.build, Path(hosts), job,
                                 timeout=float(_cfg(c, "mpspdz", "timeout", timeout)))
     except remote.ERRORS as exc:
-        raise Exit(f"client (dealer): {exc}", code=1)
+        raise Exit(_said_by(DEALER_LABEL, exc), code=1)
     except KeyboardInterrupt as exc:
-        raise Exit(f"client (dealer): stopped ({exc or 'interrupted'})", code=1)
+        raise Exit(f"{DEALER_LABEL}: stopped ({exc or 'interrupted'})", code=1)
     p = run.parties[0]
-    print(f"client: dealt job {job} in {run.wall_seconds:.1f} s ({p.data_sent_mb or 0:.1f} MB sent); "
+    print(f"{DEALER_LABEL}: dealt job {job} in {run.wall_seconds:.1f} s ({p.data_sent_mb or 0:.1f} MB sent); "
           "collect both servers' results with invoke collect")
 
 
@@ -252,9 +271,7 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, 
     try:
         svc.start()
         st = svc.wait_ready(timeout=300)
-        print(f"serving model generation {st[0]['gen']} ({st[0]['c']} classes, {proto.name}) on "
-              f"{svc.hosts[0].address}:{svc.hosts[0].port + 100} and {svc.hosts[1].address}:{svc.hosts[1].port + 100};"
-              " clients use it with service.hosts: local. Ctrl-C or SIGTERM stops it.", file=sys.stderr)
+        print(serving_line(st[0], proto.name, svc.hosts), file=sys.stderr)
         stopped = svc.watch(done)
         if stopped is not None:
             raise Exit(f"server {stopped[0]} stopped with code {stopped[1]} (see its log lines above)", code=1)
@@ -263,6 +280,18 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, 
     finally:
         codes = svc.stop()
     print(f"stopped (servers exited with {codes[0]} and {codes[1]})", file=sys.stderr)
+
+
+def serving_line(status: dict, protocol_name: str, hosts) -> str:
+    """What the local `invoke serve` says once it answers: the model, and which port is which."""
+    from orchestration.shared.ports import ServicePorts
+
+    ports = ServicePorts(hosts)
+    (a0, c0), (a1, c1) = ports.client(0), ports.client(1)
+    return (f"running service: model generation {status['gen']} ({status['c']} classes, {protocol_name}); clients "
+            f"connect to server 0's gateway at {a0}:{c0} and server 1's at {a1}:{c1} (each server's MPC port + 100; "
+            f"the servers compute on {hosts[0].port} and {hosts[1].port}, which clients never use). Clients on "
+            "this machine use it with service.hosts: local. Ctrl-C or SIGTERM stops it.")
 
 
 def _out_folder(out) -> Path:
@@ -295,9 +324,7 @@ def share_train(c, out, dataset=None, backend=None, detector=None, epochs=None, 
         raise Exit(f"cannot share {dataset}: {exc}", code=1)
     gallery.save(layout.client / "gallery.npz")
     print(f"job {sent.job}: {len(gallery.labels)} faces of {len(gallery.classes)} people")
-    for i, b in enumerate(sent.bundles):
-        print(f"send {b} to server {i}; there: invoke party --id {i} --hosts HOSTS --job <that folder>")
-    _say_dealer(sent)
+    _say_next(sent)
 
 
 @task(iterable=["image"], help={
@@ -328,9 +355,7 @@ def share_predict(c, out, image=None, dir=None, threshold=None, backend=None, de
     except (MPSPDZError, ValueError) as exc:
         raise Exit(f"cannot share the queries: {exc}", code=1)
     print(f"job {sent.job}: {n_faces} faces")
-    for i, b in enumerate(sent.bundles):
-        print(f"send {b} to server {i}")
-    _say_dealer(sent)
+    _say_next(sent)
 
 
 @task(help={"out": "folder for the two job tickets: OUT/server0 and OUT/server1"})
@@ -347,8 +372,7 @@ def share_refresh(c, out):
     except (MPSPDZError, ValueError) as exc:
         raise Exit(str(exc), code=1)
     print(f"job {sent.job}")
-    for i, b in enumerate(sent.bundles):
-        print(f"send {b} to server {i}")
+    _say_next(sent)
 
 
 @task(iterable=["result"], help={

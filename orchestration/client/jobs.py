@@ -62,11 +62,67 @@ def model_record_path(client: Path) -> Path:
     return Path(client) / "model.json"
 
 
+def is_data_owner(client: Path) -> bool | None:
+    """Whether ``client`` is the data owner's client folder: True if it trains or deals (a gallery's
+    embeddings, a pending job, the dealer's key P2), False if it only asks the service (its service key and
+    nothing of those), None if it cannot be told (a folder with neither yet)."""
+    client = Path(client)
+    owner = ((client / "gallery.npz").exists() or (client / "certs" / "P2.key").exists()
+             or any((client / "jobs").glob("*.json")) or (client.parent / "gallery").is_dir())
+    if owner:
+        return True
+    return False if (client / "certs" / "client.pem").exists() else None
+
+
+def missing_record_advice(client: Path) -> str:
+    """What to do on this client when its model record ``<client>/model.json`` is missing or stale."""
+    path = model_record_path(client)
+    train = "train it here: `invoke train` (local mode) or `invoke share-train` and `invoke collect` (two hosts)"
+    copy = (f"copy the data owner's record, var/client/model.json on the data owner's client, to {path} (or set "
+            "service.model_record in invoke.yaml to where the data owner publishes it: a file path or an https URL)")
+    owner = is_data_owner(client)
+    if owner is True:
+        return f"this is the data owner's client: {train}"
+    if owner is False:
+        return f"this client only asks the service: {copy}"
+    return f"on the data owner's client, {train}; on any other client, {copy}"
+
+
+def check_model_record(record: Any, source: str | Path) -> dict[str, Any]:
+    """``record`` as a model record (what ``model.json`` holds), or ModelError naming ``source``."""
+    def bad(why: str) -> ModelError:
+        return ModelError(f"{source}: not a model record ({why}); expected the data owner's var/client/model.json")
+
+    if not isinstance(record, dict):
+        raise bad(f"a JSON {type(record).__name__}, not an object")
+    classes = record.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(x, str) for x in classes):
+        raise bad("'classes' must be a non-empty list of names")
+    d = record.get("d")
+    if not isinstance(d, int) or isinstance(d, bool) or d <= 0:
+        raise bad(f"'d' must be the embedding dimension, got {d!r}")
+    for key in ("run_id", "gen"):
+        if key in record and not isinstance(record[key], str):
+            raise bad(f"{key!r} must be a string, got {record[key]!r}")
+    if "threshold" in record and (not isinstance(record["threshold"], (int, float)) or isinstance(record["threshold"], bool)):
+        raise bad(f"'threshold' must be a number, got {record['threshold']!r}")
+    return record
+
+
+def parse_model_record(text: str | bytes, source: str | Path) -> dict[str, Any]:
+    """A model record from JSON text read from ``source`` (a file or a URL), checked."""
+    try:
+        record = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{source}: not JSON ({exc}); expected the data owner's var/client/model.json") from None
+    return check_model_record(record, source)
+
+
 def load_model_record(client: Path) -> dict[str, Any]:
     path = model_record_path(client)
     if not path.exists():
-        raise ModelError(f"no trained model ({path} missing): run `invoke train` first")
-    return json.loads(path.read_text())
+        raise ModelError(f"no trained model ({path} missing): {missing_record_advice(client)}")
+    return parse_model_record(path.read_bytes(), path)
 
 
 def model_generation(record: dict[str, Any]) -> str:

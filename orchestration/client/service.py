@@ -26,12 +26,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from preprocessing import sharing
-from preprocessing.fileio import destroy_tree, owner_only
+from preprocessing.fileio import atomic_write_json, destroy_tree, owner_only
 from preprocessing.sharing import FRAC_BITS
 
 from orchestration.mpspdz import certs as certs_mod
 from orchestration.shared import reference
-from orchestration.client.jobs import UNKNOWN, ModelError, Prediction, load_model_record, model_generation
+from orchestration.client.jobs import (UNKNOWN, ModelError, Prediction, load_model_record, model_generation,
+                                       model_record_path, parse_model_record)
 from orchestration.mpspdz.hosts import Hosts
 from orchestration.mpspdz.launcher import PartySpec, _kill, bind_shim, start_party
 from orchestration.mpspdz.toolchain import MPSPDZ, Protocol, compile_program
@@ -53,11 +54,26 @@ class ServiceAnswer:
 class ServiceClient:
     """A client of the running service. Not thread-safe: one per thread (they may share a client folder)."""
 
-    def __init__(self, client_dir: Path, hosts: Hosts, *, timeout: float = 30.0, retry_generation: float = 10.0):
+    #: a request for another model generation is asked again after these pauses (seconds, then the last one
+    #: again) until ``retry_generation`` runs out: the servers switch between two batches once both hold it
+    RETRY_PAUSES = (0.2, 0.4, 0.8, 1.6, 2.0)
+    #: after one server's error, how long the other server's answer to the same request is awaited, so that
+    #: both connections stay in step and can be kept
+    OTHER_HALF_WAIT = 2.0
+
+    def __init__(self, client_dir: Path, hosts: Hosts, *, timeout: float = 30.0, retry_generation: float = 10.0,
+                 model_record: str | None = None):
+        """``model_record``: where the data owner publishes its model record (service.model_record: a file
+        path or an https URL), read once before a request for a stale generation gives up."""
         self.client_dir = Path(client_dir)
         self.ports = ServicePorts(hosts)
         self.timeout, self.retry_generation = timeout, retry_generation
+        self.model_record = str(model_record) if model_record else None
         self.socks: list[ssl.SSLSocket | None] = [None, None]
+        self.connects = 0  # TLS connections opened (kept connections are reused)
+
+    clock = staticmethod(time.monotonic)
+    sleep = staticmethod(time.sleep)
 
     # -- connections ----------------------------------------------------------------------------------
 
@@ -68,27 +84,56 @@ class ServiceClient:
                                       "and give the certificate to both servers (`invoke certs --id I --allow-client`)")
         server_pem = certs_mod.cert_dir(self.client_dir) / f"P{i}.pem"
         if not server_pem.is_file():
-            raise certs_mod.CertError(f"server {i}'s certificate {server_pem} missing: copy P{i}.pem from server {i} and "
-                                      f"run `invoke certs --id 2 --peer-cert P{i}.pem`")
+            raise certs_mod.CertError(f"server {i}'s certificate {server_pem} missing: copy P{i}.pem from server {i} "
+                                      f"and install it here with `invoke certs --server-cert P{i}.pem` (it makes no "
+                                      "key; give --server-cert twice for both servers at once)")
         ctx = certs_mod.harden_tls(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # TLS 1.2, ECDHE + AEAD only
         ctx.check_hostname = False  # the certificate itself is pinned: the only one trusted for server i
         ctx.load_verify_locations(cafile=str(server_pem))
         ctx.load_cert_chain(pem, key)
         return ctx
 
+    def not_pinned_advice(self, i: int) -> str:
+        """What server ``i``'s operator runs so that this client's certificate is accepted."""
+        _, pem = certs_mod.client_files(self.client_dir)
+        try:
+            fp = certs_mod.inspect(pem).fingerprint
+        except certs_mod.CertError:
+            fp = "unknown"
+        return (f"this client's certificate {pem} (sha256 {fp}) is not pinned on server {i}: give it to server "
+                f"{i}'s operator, who checks the fingerprint and runs `invoke certs --id {i} --allow-client "
+                "client.pem` (no restart needed)")
+
     def _sock(self, i: int) -> ssl.SSLSocket:
         s = self.socks[i]
         if s is None:
             addr = self.ports.client(i)
+            where = f"server {i}'s service at {addr[0]}:{addr[1]}"
+            ctx = self._context(i)
             try:
                 raw = socket.create_connection(addr, timeout=self.timeout)
-                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                s = self._context(i).wrap_socket(raw)
-            except (OSError, ssl.SSLError) as exc:
-                raise ServiceError(f"server {i}'s service at {addr[0]}:{addr[1]}: cannot connect ({exc})",
+            except OSError as exc:  # refused, timed out, unreachable: nothing listens there for this client
+                raise ServiceError(f"{where} is not running or not reachable ({exc}): on server {i} start it with "
+                                   f"`invoke serve --id {i} --hosts FILE` (on this machine: `invoke serve`), and "
+                                   f"let this client reach port {addr[1]} (its hosts-file port + 100)",
                                    "unavailable") from None
+            try:
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s = ctx.wrap_socket(raw)
+            except ssl.SSLCertVerificationError as exc:
+                raw.close()
+                pinned = certs_mod.cert_dir(self.client_dir) / f"P{i}.pem"
+                raise ServiceError(f"{where} presents a certificate that is not the one pinned in {pinned} "
+                                   f"({exc.verify_message or exc}): if server {i} was re-keyed, check its new "
+                                   f"P{i}.pem's fingerprint with its operator and install it with `invoke certs "
+                                   f"--server-cert P{i}.pem --replace-pin`", "refused") from None
+            except (OSError, ssl.SSLError) as exc:  # a TLS alert (unknown ca, certificate unknown) or a reset
+                raw.close()
+                raise ServiceError(f"{where} refused this client in the TLS handshake ({exc}); "
+                                   f"{self.not_pinned_advice(i)}", "refused") from None
             s.settimeout(self.timeout)
             self.socks[i] = s
+            self.connects += 1
         return s
 
     def close(self) -> None:
@@ -133,6 +178,7 @@ class ServiceClient:
                     raise ServiceError(f"server {i}: connection lost while sending ({exc})", "unavailable") from None
             out: list[tuple[dict[str, Any], bytes] | None] = [None, None]
             deadline = time.monotonic() + self.timeout
+            failed: ServiceError | None = None
             while any(o is None for o in out):
                 waiting = {self._sock(i): i for i in range(2) if out[i] is None}
                 ready = [s for s in waiting if s.pending()]
@@ -140,6 +186,8 @@ class ServiceClient:
                     left = deadline - time.monotonic()
                     ready = select.select(list(waiting), [], [], max(0.0, left))[0] if left > 0 else []
                 if not ready:
+                    if failed is not None:  # the other half did not come: the connections are out of step
+                        raise failed
                     late = " and ".join(f"server {i}" for i in waiting.values())
                     raise ServiceError(f"{late} did not answer within {self.timeout:.0f} s", "unavailable")
                 for s in ready:
@@ -150,12 +198,23 @@ class ServiceClient:
                         raise ServiceError(f"server {i} did not answer within {self.timeout:.0f} s",
                                            "unavailable") from None
                     except (WireError, OSError) as exc:
-                        raise ServiceError(f"server {i}: connection lost ({exc}); the service is restarting or down",
-                                           "unavailable") from None
-                    if out[i][0].get("type") == "error":  # no point waiting for the other half
-                        h = out[i][0]
-                        raise ServiceError(f"server {i}: {h.get('message')}", h.get("code") or "failed")
+                        raise failed or ServiceError(f"server {i}: connection lost ({exc}); the service is "
+                                                     "restarting or down", "unavailable") from None
+                    h = out[i][0]
+                    if h.get("type") == "error" and failed is None:
+                        code = h.get("code") or "failed"
+                        advice = f"; {self.not_pinned_advice(i)}" if code == "refused" else ""
+                        failed = ServiceError(f"server {i}: {h.get('message')}{advice}", code)
+                        if code != "generation" or h.get("id") is None:
+                            raise failed  # the connection is closed or the other half may never come
+                        # server 0 fails the request on server 1 too: read that answer as well, then both
+                        # connections are in step and are kept for the next try
+                        deadline = min(deadline, time.monotonic() + self.OTHER_HALF_WAIT)
+            if failed is not None:
+                raise _Kept(failed)
             return [o for o in out if o is not None]
+        except _Kept as kept:
+            raise kept.error from None
         except BaseException:
             self.close()
             raise
@@ -210,17 +269,32 @@ class ServiceClient:
         if not np.isfinite(threshold):
             raise ValueError(f"threshold {threshold} is not a number")
         padded = reference.with_bias(x)
-        deadline = time.monotonic() + self.retry_generation
+        start = self.clock()
+        deadline = start + self.retry_generation
+        tries, pauses, fetched = 0, 0, False
         wraps = 0
         while True:
             c = len(record["classes"])
             try:
+                tries += 1
                 best, denom, gen = self.recognise_shares(padded, model_generation(record))
             except ServiceError as exc:
-                if exc.code != "generation" or time.monotonic() > deadline:
+                if exc.code != "generation":
                     raise
-                time.sleep(0.2)  # the servers switch between two batches once both hold the new generation
-                record = load_model_record(self.client_dir)
+                pause = self.RETRY_PAUSES[min(pauses, len(self.RETRY_PAUSES) - 1)]
+                if self.clock() + pause > deadline:
+                    if self.model_record and not fetched:
+                        fetched = True
+                        fresh = self.fetch_model_record()
+                        if model_generation(fresh) != model_generation(record):
+                            record = fresh
+                            deadline, pauses = self.clock() + self.retry_generation, 0
+                            continue
+                    raise ServiceError(self._stale_message(exc, record, tries, self.clock() - start, fetched),
+                                       "generation") from None
+                self.sleep(pause)  # the servers switch between two batches once both hold the new generation
+                pauses += 1
+                record = load_model_record(self.client_dir)  # a record copied meanwhile is used at once
                 continue
             if np.all((best >= 0) & (best < c)) and np.all((denom > 1 - 1e-3) & (denom < c + 1e-3)):
                 break
@@ -234,6 +308,57 @@ class ServiceClient:
         preds = [Prediction(int(best[k]) if conf[k] >= threshold else UNKNOWN, float(conf[k]), int(best[k]))
                  for k in range(len(x))]
         return ServiceAnswer(preds, gen, time.monotonic() - t0)
+
+    # -- the model record after a retrain or a refresh ---------------------------------------------------
+
+    def _stale_message(self, exc: ServiceError, record: dict[str, Any], tries: int, seconds: float,
+                       fetched: bool) -> str:
+        path = model_record_path(self.client_dir)
+        head = (f"{exc} ({tries} tries in {seconds:.1f} s): this client's model record {path} is generation "
+                f"{model_generation(record)}, the servers hold a newer one (the data owner retrained or refreshed "
+                "the model)")
+        if fetched:
+            return (f"{head}; the record fetched from service.model_record ({self.model_record}) is the same "
+                    "generation: the data owner has not published the new one there yet. Ask the data owner to "
+                    f"publish its var/client/model.json there, or copy it to {path}")
+        return f"{head}. Copy the data owner's var/client/model.json to {path}, or set service.model_record in " \
+               "invoke.yaml to where the data owner publishes it (a file path or an https URL)"
+
+    def fetch_model_record(self) -> dict[str, Any]:
+        """Read the record at ``model_record`` (a file path or an https URL), check it as
+        :func:`load_model_record` does, and install it as this client's ``model.json`` (atomically)."""
+        source = str(self.model_record)
+        try:
+            if source.startswith(("https://", "http://")):
+                if not source.startswith("https://"):
+                    raise ModelError(f"service.model_record {source}: use an https URL (or a file path)")
+                import urllib.request
+
+                with urllib.request.urlopen(source, timeout=self.timeout) as r:  # noqa: S310 (https only)
+                    text = r.read(MAX_RECORD + 1)
+            else:
+                with open(Path(source).expanduser(), "rb") as f:
+                    text = f.read(MAX_RECORD + 1)
+        except OSError as exc:
+            raise ModelError(f"service.model_record {source}: cannot read it ({exc}); copy the data owner's "
+                             f"var/client/model.json to {model_record_path(self.client_dir)} instead") from None
+        if len(text) > MAX_RECORD:
+            raise ModelError(f"service.model_record {source}: larger than {MAX_RECORD} bytes: no model record")
+        record = parse_model_record(text, f"service.model_record {source}")
+        atomic_write_json(model_record_path(self.client_dir), record)
+        logger.info("fetched the model record (generation %s) from %s", model_generation(record), source)
+        return record
+
+
+MAX_RECORD = 16 << 20  # a model record names the classes: 16 MiB is far more than any gallery's names
+
+
+class _Kept(Exception):
+    """An error answer read from both servers: raised past the closing of the connections, which stay."""
+
+    def __init__(self, error: ServiceError):
+        super().__init__(str(error))
+        self.error = error
 
 
 # ---- the dealer of the service (dealer mode, on the client) --------------------------------------

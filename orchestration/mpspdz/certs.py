@@ -105,18 +105,21 @@ def make_party_cert(server_dir: Path, party: int, *, days: int = DEFAULT_DAYS, f
     d = cert_dir(server_dir)
     key, pem = d / f"P{party}.key", d / f"P{party}.pem"
     if (key.exists() or pem.exists()) and not force:
-        raise CertError(f"{key if key.exists() else pem} exists; use --force to replace server {party}'s key "
-                        "(the other server must then receive the new certificate)")
+        others = "both servers" if party == DEALER else "the other server (and, in the dealer mode, the client)"
+        raise CertError(f"{key if key.exists() else pem} exists; use --force to replace {party_label(party)}'s key "
+                        f"({others} must then receive the new certificate)")
     _make_self_signed(key, pem, f"P{party}", days)
-    logger.info("server %d: new key %s and certificate %s", party, key, pem)
+    logger.info("%s: new key %s and certificate %s", party_label(party), key, pem)
     return inspect(pem)
 
 
 MAX_PARTIES = 3  # two servers and, in the dealer mode, the client
+DEALER = 2  # party 2: the data owner's client, dealing in the dealer mode (never a server)
 
 
 def party_label(party: int) -> str:
-    return "the client" if party == 2 else f"server {party}"
+    """How messages name party ``party``: ``server 0``, ``server 1``, or for party 2 the dealer it is."""
+    return "the dealer (the data owner's client)" if party == DEALER else f"server {party}"
 
 
 def _pin(src: Path, dest: Path, what: str, *, replace: bool) -> bool:
@@ -344,6 +347,47 @@ def allow_client(server_dir: Path, pem: Path, *, replace: bool = False) -> CertI
     return inspect(dest)
 
 
+@owner_only()
+def install_server_certs(client_dir: Path, pems: Sequence[Path], *, replace: bool = False
+                         ) -> list[tuple[CertInfo, bool]]:
+    """A service client pins the servers' certificates (``P0.pem``, ``P1.pem``) in ``<client>/certs``.
+
+    Only the servers' certificates: no key is made here, neither a dealer's (P2) nor a server's. Every file
+    is checked before any is installed (common name P0 or P1, each server once, not expired), so a bad
+    second file leaves the first one's pin as it was. Returns (pinned certificate, whether it changed)."""
+    infos = [inspect(Path(pem)) for pem in pems]
+    seen: dict[str, Path] = {}
+    for pem, info in zip(pems, infos):
+        if info.common_name not in ("P0", "P1"):
+            raise CertError(f"{pem}: certificate is for {info.common_name or 'no name'!r}, expected a server's "
+                            "(common name P0 or P1: the file P0.pem or P1.pem that `invoke certs --id I` printed "
+                            "on server I)")
+        if info.common_name in seen:
+            raise CertError(f"{pem} and {seen[info.common_name]} are both {info.common_name}'s certificate: give "
+                            "server 0's P0.pem and server 1's P1.pem once each")
+        if info.not_after < time.time():
+            raise CertError(f"{pem}: expired on {time.strftime('%Y-%m-%d', time.gmtime(info.not_after))}; server "
+                            f"{info.common_name[1:]} makes a new one with `invoke certs --id {info.common_name[1:]} "
+                            "--force`")
+        seen[info.common_name] = Path(pem)
+    d = cert_dir(client_dir)
+    for pem, info in zip(pems, infos):  # all refusals of a pin before any pin changes
+        dest = d / f"{info.common_name}.pem"
+        if not replace and (dest.is_file() or dest.is_symlink()):
+            try:
+                same = inspect(dest).fingerprint == info.fingerprint
+            except CertError:
+                same = False
+            if not same:
+                _pin(Path(pem), dest, f"server {info.common_name[1:]} ({info.common_name})", replace=False)
+    out = []
+    for pem, info in zip(pems, infos):
+        dest = d / f"{info.common_name}.pem"
+        changed = _pin(Path(pem), dest, f"server {info.common_name[1:]} ({info.common_name})", replace=replace)
+        out.append((inspect(dest), changed))
+    return out
+
+
 @dataclass(frozen=True)
 class PinnedClient:
     name: str
@@ -404,20 +448,47 @@ def harden_tls(ctx: ssl.SSLContext) -> ssl.SSLContext:
 def certs_command(party_dir: Callable[[int], Path], *, party: int | None = None, peer_cert: Path | None = None,
                   folder: Path | None = None, days: int = DEFAULT_DAYS, force: bool = False,
                   replace_pin: bool = False, client: str | None = None,
-                  allow: Path | None = None) -> list[str]:
+                  allow: Path | None = None, server_certs: Sequence[Path] = ()) -> list[str]:
     """The work of ``invoke certs``; returns the lines to print, raises CertError (the task exits 1).
 
     ``party_dir(i)`` is party i's default folder (2: the client's), ``folder`` the --server-dir flag.
     ``force`` replaces this party's own key and certificate; ``replace_pin`` replaces a pinned
     certificate (--peer-cert, --allow-client) that differs from the one given. Neither implies the other."""
     out: list[str] = []
-    if replace_pin and not (peer_cert or allow):
-        raise CertError("--replace-pin only applies with --peer-cert or --allow-client (it replaces a pinned "
-                        "certificate); --force replaces this party's own key")
+    if replace_pin and not (peer_cert or allow or server_certs):
+        raise CertError("--replace-pin only applies with --peer-cert, --server-cert or --allow-client (it replaces "
+                        "a pinned certificate); --force replaces this party's own key")
+    if server_certs:
+        if party is not None or peer_cert or allow:
+            raise CertError("--server-cert is for a service client (with or without --client NAME): it installs the "
+                            "servers' P0.pem and P1.pem and makes no party key; leave out --id, --peer-cert and "
+                            "--allow-client (the dealer installs them with --id 2 --peer-cert)")
+        cdir = folder or party_dir(DEALER)
+        key, pem = client_files(cdir)
+        if client and (force or not (key.exists() and pem.exists())):
+            info = make_client_cert(cdir, str(client), days=days, force=force)
+            out.append(f"service client {client}: key stays here; give {info.path} (sha256 {info.fingerprint}) to "
+                       "both servers: invoke certs --id I --allow-client client.pem")
+        elif client:
+            have = inspect(pem)
+            out.append(f"service client: {pem} exists ({have.common_name}, sha256 {have.fingerprint}); kept "
+                       "(--force replaces it)")
+        for info, changed in install_server_certs(cdir, server_certs, replace=replace_pin):
+            server = info.common_name[1:]
+            out.append(f"service client: {'pinned' if changed else 'already pins'} server {server}'s certificate "
+                       f"{info.path} (sha256 {info.fingerprint}){'' if changed else '; nothing changed'}")
+        missing = [f"P{i}.pem" for i in range(2) if not (cert_dir(cdir) / f"P{i}.pem").is_file()]
+        if missing:
+            out.append(f"still missing: {', '.join(missing)}; install it with invoke certs --server-cert FILE")
+        if not pem.exists():
+            out.append("this client has no key yet: invoke certs --client NAME")
+        return out
     if client:
-        info = make_client_cert(folder or party_dir(2), str(client), days=days, force=force)
+        info = make_client_cert(folder or party_dir(DEALER), str(client), days=days, force=force)
         return [f"service client {client}: key stays here; give {info.path} (sha256 {info.fingerprint}) to both "
-                "servers: invoke certs --id I --allow-client client.pem"]
+                "servers: invoke certs --id I --allow-client client.pem",
+                "then install both servers' certificates here (no other key is made): invoke certs --server-cert "
+                "P0.pem --server-cert P1.pem"]
     if allow:
         if party is None:
             raise CertError("--allow-client needs --id (which server pins the client)")

@@ -121,13 +121,17 @@ def check_can_listen(ep: Endpoint, party: int) -> None:
         except OSError as exc:
             import errno
 
+            from orchestration.mpspdz.certs import DEALER, party_label
+
+            me = party_label(party)
             if exc.errno == errno.EADDRINUSE:
-                raise HostsError(f"server {party}: port {ep.port} on {ep.address} is already in use (hosts file "
-                                 f"says server {party} listens at {ep}); stop what uses it or pick another port") from None
+                raise HostsError(f"{me}: port {ep.port} on {ep.address} is already in use (hosts file "
+                                 f"says {me} listens at {ep}); stop what uses it or pick another port") from None
             if exc.errno == errno.EADDRNOTAVAIL:
-                raise HostsError(f"server {party}: address {ep.address} ({ep.host}) from the hosts file is not an "
-                                 f"address of this machine; run party {party} on that host or fix the file") from None
-            raise HostsError(f"server {party}: cannot listen at {ep}: {exc}") from None
+                run = "`invoke deal`" if party == DEALER else f"`invoke party --id {party}`"
+                raise HostsError(f"{me}: address {ep.address} ({ep.host}) from the hosts file is not an "
+                                 f"address of this machine; run {run} on that host or fix the file") from None
+            raise HostsError(f"{me}: cannot listen at {ep}: {exc}") from None
 
 
 def check_hosts_for(hosts: Hosts, proto: Protocol, job: str) -> None:
