@@ -269,3 +269,26 @@ def test_random_client_behaviour_never_stops_the_gateway(gw, tmp_path_factory, o
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def test_a_refused_client_is_logged_with_its_certificates_name_fingerprint_and_the_pin_command(gw, tmp_path, caplog):
+    """OpenSSL gives no certificate it refused; the gateway reads it from the client's handshake all the same,
+    so the operator knows whom the log speaks of and what to pin. Pinned clients still connect as before."""
+    g = gw()
+    alice = g.client(tmp_path, "alice")
+    door = tmp_path / "client-door"
+    info = certs.make_client_cert(door, "door")  # a real client certificate, pinned nowhere
+    for k in ("P0", "P1"):
+        (door / "certs" / f"{k}.pem").write_bytes((certs.cert_dir(g.server) / "P0.pem").read_bytes())
+    hosts = write_hosts(tmp_path / "hosts-door", [("127.0.0.1", g.port - 100), ("127.0.0.1", g.port - 99)])
+    caplog.set_level("WARNING", logger="orchestration.server.connections")
+    with pytest.raises(Exception):
+        _status(_connect(ServiceClient(door, hosts, timeout=5)))
+    deadline = time.monotonic() + 5
+    while not any("refused client" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(r.getMessage() for r in caplog.records if "refused client" in r.getMessage())
+    assert "server 0 refused client connection" in line, line
+    assert "'client-door'" in line and info.fingerprint in line, line
+    assert "invoke certs --id 0 --allow-client" in line, line
+    assert _status(_connect(alice))["type"] == "status"  # a pinned client is served as before

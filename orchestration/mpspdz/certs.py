@@ -528,6 +528,14 @@ def certs_command(party_dir: Callable[[int], Path], *, party: int | None = None,
     if not peer_cert or force or not own.exists():
         if own.exists() and not force:
             out.append(f"{me}: {own} exists (sha256 {inspect(own).fingerprint}); --force replaces it")
+            for j in range(MAX_PARTIES):  # the pins, to compare with the fingerprints the other parties print
+                pin = cert_dir(sdir) / f"P{j}.pem"
+                if j != party and pin.is_file():
+                    try:
+                        held = inspect(pin).fingerprint
+                    except CertError as exc:
+                        held = f"unreadable ({exc})"
+                    out.append(f"{me}: pins {party_label(j)}'s certificate {pin} (sha256 {held})")
         else:
             info = make_party_cert(sdir, party, days=days, force=force)
             to = "both servers" if party == 2 else f"server {1 - party} (and, in the dealer mode, the client)"

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from preprocessing.fileio import PRIVATE_UMASK, open_private, owner_only, private_dir
 
+from orchestration.mpspdz import certs as certs_mod
 from orchestration.mpspdz.toolchain import MPSPDZ, MPSPDZError, Protocol, protocol
 
 logger = logging.getLogger(__name__)
@@ -186,9 +187,25 @@ _CERT_REFUSED = re.compile(r"(certificate verify failed|unknown ca|bad certifica
                            r"certificate expired|certificate revoked|unsupported certificate|certificate required|"
                            r"no certificate|self[- ]signed certificate|unable to get local issuer|"
                            r"wrong signature type|decrypt error|handshake failure)", re.I)
+#: this party checked the peer's certificate against its own pin of the peer, and refused it
+_WE_REFUSED = re.compile(r"(certificate verify failed|self[- ]signed certificate|unable to get local issuer)", re.I)
+#: the peer's alert: the peer checked this party's certificate against its pin of this party, and refused it
+_PEER_REFUSED = re.compile(r"alert (unknown ca|bad certificate|certificate unknown|certificate expired|"
+                           r"certificate revoked|unsupported certificate|certificate required)", re.I)
 _PEER_LOST = re.compile(r"(Connection reset|Broken pipe|End of file|connection closed|Received 0 bytes|"
                         r"receiving error|sending error|stream truncated|Connection refused)", re.I)
 _BIND_FAILED = re.compile(r"^Binding to socket on .*:(\d+) failed \((.*)\)")
+#: MP-SPDZ gives up on a peer after 60 s (a constant of its networking code): the lowest party waits for the
+#: others to connect ("Timed out waiting for peer"), the others try to connect ("cannot connect from ...")
+_NO_PEER_WAITING = re.compile(r"Timed out waiting for peer")
+_NO_PEER_CONNECT = re.compile(r"cannot connect from \S+ to (\S+):(\d+) after")
+#: printed once a party met all its peers (connections and TLS handshakes done)
+_MET_PEERS = re.compile(r"^Setup took ", re.M)
+#: MP-SPDZ's own advice, written for its default setup (Player-Data/, c_rehash, Scripts/setup-ssl.sh): wrong here,
+#: where each party's certificates are installed for every run from its certs/ folder
+_ADVICE = re.compile(r"(c_rehash|setup-ssl\.sh|Player-Data/P\d|troubleshooting\.html#handshake-failures|"
+                     r"^The certificates should be the same|^Signature \(should match)")
+_RESTART_MARGIN = 5.0  # seconds: a party is not restarted for a late peer when less than this is left of the run
 _SURVIVOR_WAIT = 0.5  # seconds to let the other party end after one failed, to see who went first
 _LOG_DRAIN_WAIT = 2.0  # seconds to let an ended party's last output reach its log
 
@@ -206,18 +223,138 @@ def handshake_cause(text: str) -> str:
     "certificate" only if OpenSSL refused a certificate (ours or theirs: "certificate verify failed",
     "tlsv1 alert unknown ca", "bad certificate", ...), else "cut" ("stream truncated", "End of file",
     "Connection reset by peer", or no reason at all, as when the peer was killed)."""
-    reasons = [ln for ln in text.splitlines() if "handshake:" in ln or "SSL error" in ln or "what()" in ln
-               or "Fatal error" in ln]  # not MP-SPDZ's advice around them, which speaks of certificates anyway
-    return "certificate" if any(_CERT_REFUSED.search(ln) for ln in reasons) else "cut"
+    return "certificate" if any(_CERT_REFUSED.search(ln) for ln in _reasons(text)) else "cut"
 
 
-def diagnose(log_text: str, party: int, proto: Protocol | None = None) -> tuple[str, int | None]:
+def _reasons(text: str) -> list[str]:
+    # not MP-SPDZ's advice around them, which speaks of certificates anyway
+    return [ln for ln in text.splitlines() if "handshake:" in ln or "SSL error" in ln or "what()" in ln
+            or "Fatal error" in ln]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One refused certificate: ``holder``'s pin of ``subject`` (its certs/P<subject>.pem) is not the certificate
+    ``subject`` uses. ``seen_by`` is the party whose log shows it (the holder: "certificate verify failed";
+    the subject: the holder's alert, "unknown ca")."""
+
+    holder: int
+    subject: int
+    seen_by: int
+
+
+def handshake_refusals(text: str, party: int) -> list[Refusal]:
+    """Every certificate refusal party ``party``'s log shows, with who refused whom."""
+    out: list[Refusal] = []
+    for m in _HANDSHAKE.finditer(text):
+        peer = int(m.group(2)[1:])
+        later = _HANDSHAKE.search(text, m.end())
+        reasons = _reasons(text[m.start():later.start() if later else None])
+        if any(_PEER_REFUSED.search(ln) for ln in reasons):
+            out.append(Refusal(peer, party, party))
+        elif any(_WE_REFUSED.search(ln) for ln in reasons):
+            out.append(Refusal(party, peer, party))
+    return list(dict.fromkeys(out))
+
+
+def _colon(hex_fp: str) -> str:
+    """A fingerprint as `invoke certs` prints it (openssl's form: upper-case hex in colon-separated pairs)."""
+    return ":".join(hex_fp[k:k + 2] for k in range(0, len(hex_fp), 2)).upper()
+
+
+def _cert_fp(pem: Path) -> str | None:
+    try:
+        return _colon(certs_mod.fingerprint(Path(pem)))
+    except (OSError, certs_mod.CertError):
+        return None
+
+
+def refusal_text(r: Refusal, proto: Protocol | None, player_data: dict[int, Path] | None = None) -> str:
+    """What a refusal means and what to do, with the fingerprints this process can see.
+
+    ``player_data`` maps the parties run by this process to their run's Player-Data folder (their own
+    certificate P<i>.pem and their pins P<j>.pem): with both sides there, both fingerprints are shown; with one,
+    what this host holds, to compare with the other host's ``invoke certs --id J``."""
+    h, s = party_name(r.holder, proto), party_name(r.subject, proto)
+    hs, ss = f"{certs_mod.party_label(r.holder)}'s", f"{certs_mod.party_label(r.subject)}'s"
+    pd = player_data or {}
+    text = (f"{h} refused {ss} certificate: {hs} pin of {s} (certs/P{r.subject}.pem in {hs} folder) is not the "
+            f"certificate {s} uses (its own certs/P{r.subject}.pem)")
+    facts = []
+    if r.holder in pd and (fp := _cert_fp(pd[r.holder] / f"P{r.subject}.pem")):
+        facts.append(f"{h} pins sha256 {fp}")
+    if r.subject in pd and (fp := _cert_fp(pd[r.subject] / f"P{r.subject}.pem")):
+        facts.append(f"{ss} certificate is sha256 {fp}")
+    if facts:
+        text += "; " + ", ".join(facts)
+    if r.holder not in pd or r.subject not in pd:
+        far = r.subject if r.holder in pd else r.holder
+        text += (f"; compare with what `invoke certs --id {far}` prints on {certs_mod.party_label(far)}'s host "
+                 f"({'its own certificate' if far == r.subject else f'its pin of {s}'})")
+    text += (f". Next: copy {ss} certs/P{r.subject}.pem to {hs} host and run `invoke certs --id {r.holder} "
+             f"--peer-cert P{r.subject}.pem --replace-pin` there (if {s} was re-keyed by mistake, restore its old "
+             "key instead)")
+    return text
+
+
+def _peer_address(hosts_file: Path | None, peer: int) -> str:
+    if hosts_file is None:
+        return ""
+    try:
+        lines = Path(hosts_file).read_text().splitlines()
+    except OSError:
+        return ""
+    return f" at {lines[peer].strip()}" if peer < len(lines) and lines[peer].strip() else ""
+
+
+def _peer_at(hosts_file: Path | None, address: str, port: int) -> int | None:
+    """Which party the hosts file puts at ``address:port``."""
+    if hosts_file is None:
+        return None
+    try:
+        lines = Path(hosts_file).read_text().splitlines()
+    except OSError:
+        return None
+    for j, line in enumerate(lines):
+        host, _, p = line.strip().rpartition(":")
+        if p == str(port) and (host == address or len([ln for ln in lines if ln.strip().endswith(f":{port}")]) == 1):
+            return j
+    return None
+
+
+def missing_peers(text: str, party: int, n_parties: int, hosts_file: Path | None = None) -> list[int] | None:
+    """The peers party ``party`` did not meet, from its log (None: it met them all, or failed otherwise).
+
+    MP-SPDZ's lowest party waits for the others to connect; every other one connects to the lower ones and
+    waits for the higher ones. Its messages name an address ("cannot connect ... to A:P") or no one."""
+    if _MET_PEERS.search(text) or _HANDSHAKE.search(text):
+        return None
+    if m := _NO_PEER_CONNECT.search(text):
+        j = _peer_at(hosts_file, m.group(1), int(m.group(2)))
+        return [j] if j is not None and j != party else [k for k in range(party)]
+    if _NO_PEER_WAITING.search(text):
+        return [k for k in range(party + 1, n_parties)] or [k for k in range(n_parties) if k != party]
+    return None
+
+
+def missing_text(party: int, peers: Sequence[int], proto: Protocol | None, hosts_file: Path | None,
+                 waited: float) -> str:
+    names = " or ".join(f"{party_name(j, proto)}{_peer_address(hosts_file, j)}" for j in peers)
+    return (f"{party_name(party, proto)} waited {waited:.0f} s for {names}, which never came"
+            f"{'' if len(peers) == 1 else ' (one of them at least)'}: start its `invoke "
+            f"{'deal' if proto is not None and peers == [proto.dealer] else 'party'}` (or check that the hosts "
+            "file's address is right and reachable), then run this again")
+
+
+def diagnose(log_text: str, party: int, proto: Protocol | None = None,
+             player_data: dict[int, Path] | None = None) -> tuple[str, int | None]:
     """Why a party stopped, from its own output: (reason, party to blame or None).
 
     With two parties a lost connection blames the other one; with three (the dealer mode) MP-SPDZ's
     message does not say which peer went away, so the reason names both candidates and blames none.
     A failed TLS handshake is blamed on the certificates only if OpenSSL refused one
-    (:func:`handshake_cause`); a handshake cut short is a lost connection to the peer it names."""
+    (:func:`handshake_cause`), and then on the party whose pin is not the other's certificate
+    (:func:`handshake_refusals`); a handshake cut short is a lost connection to the peer it names."""
     n = proto.n_parties if proto else 2
     me = party_name(party, proto)
     if m := _HANDSHAKE.search(log_text):
@@ -225,6 +362,10 @@ def diagnose(log_text: str, party: int, proto: Protocol | None = None) -> tuple[
         them = party_name(peer, proto)
         later = _HANDSHAKE.search(log_text, m.end())
         if handshake_cause(log_text[m.start():later.start() if later else None]) == "certificate":
+            refused = handshake_refusals(log_text, party)
+            if refused:
+                return (f"TLS handshake between {me} and {them} failed: "
+                        + "; ".join(refusal_text(r, proto, player_data) for r in refused), refused[0].holder)
             return (f"TLS handshake between {me} and {them} failed: one side does not hold the other's certificate "
                     f"(certs/P{peer}.pem of {me} must be the certificate {them} uses, and the other way round)", None)
         return (f"{LOST} to {them} during the TLS handshake: the connection was cut ({them} stopped, was killed "
@@ -237,6 +378,24 @@ def diagnose(log_text: str, party: int, proto: Protocol | None = None) -> tuple[
             return f"{LOST} to server {1 - party} (it stopped or its host went away)", 1 - party
         return f"{LOST} to {_others(party, n, proto)} (one of them stopped or its host went away)", None
     return "", None
+
+
+def player_data_of(specs: Sequence[PartySpec]) -> dict[int, Path]:
+    return {s.party: Path(s.workdir) / "Player-Data" for s in specs}
+
+
+def exit_reason(log: Path, party: int, proto: Protocol | None, player_data: dict[int, Path] | None = None,
+                hosts_file: Path | None = None, waited: float | None = None) -> str:
+    """One party's failure from its log, as :func:`diagnose` gives it, else the peers it never met, else ""."""
+    text = _read(log)
+    why, _ = diagnose(text, party, proto, player_data)
+    if why:
+        return why
+    n = proto.n_parties if proto else 2
+    peers = missing_peers(text, party, n, hosts_file)
+    if peers:
+        return missing_text(party, peers, proto, hosts_file, 60.0 if waited is None else waited)
+    return ""
 
 
 @owner_only()
@@ -263,22 +422,29 @@ def run_parties(
     results = [PartyResult(s.party, -1, Path(s.log)) for s in specs]
     readers: list[threading.Thread] = []
     bind_errors: list[str] = []
+    restarts = [0] * len(specs)
     start = time.monotonic()
-    for s in specs:
+    cmds = [party_command(mp, s.party, program, hosts_file, encrypted=encrypted, extra_args=extra_args, proto=proto)
+            for s in specs]
+
+    def spawn(k: int) -> subprocess.Popen[str]:
+        s = specs[k]
         private_dir(Path(s.log).parent)
-        cmd = party_command(mp, s.party, program, hosts_file, encrypted=encrypted, extra_args=extra_args, proto=proto)
-        logger.debug("party %d: %s (cwd %s)", s.party, " ".join(cmd), s.workdir)
-        procs.append(subprocess.Popen(cmd, cwd=s.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, bufsize=1, start_new_session=True, env=party_env(shim, s),
-                                      preexec_fn=_child_setup))
+        logger.debug("party %d: %s (cwd %s)", s.party, " ".join(cmds[k]), s.workdir)
+        return subprocess.Popen(cmds[k], cwd=s.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1, start_new_session=True, env=party_env(shim, s),
+                                preexec_fn=_child_setup)
+
+    for k in range(len(specs)):
+        procs.append(spawn(k))
 
     if on_spawn:  # fault-injection hook for tests
         on_spawn(procs)
 
-    def reader(k: int) -> None:
+    def reader(k: int, proc: subprocess.Popen[str]) -> None:
         with open_private(specs[k].log, "w") as log:
-            assert procs[k].stdout is not None
-            for line in procs[k].stdout:
+            assert proc.stdout is not None
+            for line in proc.stdout:
                 log.write(line)
                 log.flush()
                 _parse(line.strip(), results[k])
@@ -287,10 +453,13 @@ def run_parties(
                 if on_line:
                     on_line(specs[k].party, line.rstrip("\n"))
 
-    for k in range(len(specs)):
-        t = threading.Thread(target=reader, args=(k,), daemon=True)
+    def start_reader(k: int) -> threading.Thread:
+        t = threading.Thread(target=reader, args=(k, procs[k]), daemon=True)
         t.start()
-        readers.append(t)
+        return t
+
+    for k in range(len(specs)):
+        readers.append(start_reader(k))
 
     failed: int | None = None
     reason = ""
@@ -301,6 +470,31 @@ def run_parties(
         exited.extend(k for k, c in enumerate(codes) if c is not None and k not in exited)
         return codes
 
+    def restart_late(bad: list[int]) -> bool:
+        """MP-SPDZ gives up on a late peer after 60 s; the run's timeout is what bounds that wait here:
+        a party that stopped only because a peer had not come yet is started again while time is left."""
+        if time.monotonic() - start > timeout - _RESTART_MARGIN:
+            return False
+        late = []
+        for k in bad:
+            readers[k].join(timeout=_LOG_DRAIN_WAIT)
+            n = proto.n_parties if proto else 2
+            if procs[k].returncode != 1 or not missing_peers(_read(specs[k].log), specs[k].party, n, hosts_file):
+                return False
+            late.append(k)
+        for k in late:
+            restarts[k] += 1
+            peers = missing_peers(_read(specs[k].log), specs[k].party, proto.n_parties if proto else 2, hosts_file)
+            logger.info("%s: %s not there yet after %.0f s; starting the party again (the run may wait %.0f s)",
+                        party_name(specs[k].party, proto),
+                        " or ".join(party_name(j, proto) for j in peers or ()), time.monotonic() - start, timeout)
+            procs[k] = spawn(k)
+            results[k] = PartyResult(specs[k].party, -1, Path(specs[k].log))
+            readers[k] = start_reader(k)
+            if k in exited:
+                exited.remove(k)
+        return True
+
     try:
         while True:
             codes = poll_all()
@@ -310,6 +504,8 @@ def run_parties(
                 reason = f"{party_name(failed, proto)} cannot listen ({line}); is another program using that port?"
                 break
             bad = [k for k, c in enumerate(codes) if c not in (None, 0)]
+            if bad and restart_late(bad):
+                continue
             if bad:
                 # the survivor usually follows within moments: see in which order they end
                 until = time.monotonic() + _SURVIVOR_WAIT
@@ -320,7 +516,8 @@ def run_parties(
                 until = time.monotonic() + _LOG_DRAIN_WAIT
                 for k in exited:
                     readers[k].join(timeout=max(0.0, until - time.monotonic()))
-                failed, reason = _blame(specs, codes, order=exited, proto=proto)
+                failed, reason = _blame(specs, codes, order=exited, proto=proto, hosts_file=hosts_file,
+                                        waited=time.monotonic() - start)
                 break
             if all(c == 0 for c in codes):
                 break
@@ -341,9 +538,18 @@ def run_parties(
         results[k].returncode = p.returncode
     wall = time.monotonic() - start
     if failed is not None or reason:
+        n = proto.n_parties if proto else 2
         if len(specs) == 1 and reason.startswith("timed out"):
-            why, blame = diagnose(_read(specs[0].log), specs[0].party, proto)
-            n = proto.n_parties if proto else 2
+            text = _read(specs[0].log)
+            why, blame = diagnose(text, specs[0].party, proto, player_data_of(specs))
+            peers = None
+            if not why:  # killed by the timeout while it waited (MP-SPDZ says nothing then) or after it gave up
+                peers = missing_peers(text, specs[0].party, n, hosts_file)
+                if peers is None and not _MET_PEERS.search(text):
+                    peers = [j for j in range(n) if j != specs[0].party]
+            if peers:
+                why, blame = missing_text(specs[0].party, peers, proto, hosts_file, wall), (
+                    peers[0] if len(peers) == 1 else None)
             reason += f"; {why}" if why else f"; {_others(specs[0].party, n, proto)} never finished its part"
             failed = blame if blame is not None else (1 - specs[0].party if n == 2 else None)
         logs = "; ".join(f"{party_name(s.party, proto)} log: {s.log}" for s in specs)
@@ -361,7 +567,8 @@ _OUTSIDE_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, sig
 
 
 def _blame(specs: Sequence[PartySpec], codes: list[int | None], order: Sequence[int] | None = None,
-           proto: Protocol | None = None) -> tuple[int | None, str]:
+           proto: Protocol | None = None, hosts_file: Path | None = None,
+           waited: float | None = None) -> tuple[int | None, str]:
     """Which party caused the failure, and why, from the evidence: signals, messages, and exit order.
 
     ``order`` lists indices into ``specs`` in the order their processes were seen to end. Among the
@@ -380,12 +587,27 @@ def _blame(specs: Sequence[PartySpec], codes: list[int | None], order: Sequence[
     killed while the others connect makes their handshakes fail too: those read as a lost connection).
     """
     texts = [_read(s.log) for s in specs]
-    diag = [diagnose(t, s.party, proto) for t, s in zip(texts, specs)]
+    pdata = player_data_of(specs)
+    diag = [diagnose(t, s.party, proto, pdata) for t, s in zip(texts, specs)]
     bad = [k for k, c in enumerate(codes) if c not in (None, 0)]
     killed = any(c is not None and c < 0 and -c in _OUTSIDE_SIGNALS for c in codes)
-    for (why, _), s in zip(diag, specs):
-        if why.startswith("TLS") and not killed:
-            return None, why
+    if not killed:
+        # both sides' evidence: who refused whose certificate, each refusal once (the holder's log and the
+        # subject's both show it)
+        refused = list(dict.fromkeys((r.holder, r.subject) for t, s in zip(texts, specs)
+                                     for r in handshake_refusals(t, s.party)))
+        if refused:
+            h0, s0 = (party_name(j, proto) for j in refused[0])
+            return refused[0][0], f"TLS handshake between {h0} and {s0} failed: " + "; ".join(
+                refusal_text(Refusal(h, sub, h), proto, pdata) for h, sub in refused)
+        for (why, _), s in zip(diag, specs):
+            if why.startswith("TLS"):
+                return None, why
+    n_all = proto.n_parties if proto else 2
+    for k, (t, s) in enumerate(zip(texts, specs)):
+        if k in bad and not diag[k][0] and (peers := missing_peers(t, s.party, n_all, hosts_file)):
+            diag[k] = (missing_text(s.party, peers, proto, hosts_file, 60.0 if waited is None else waited),
+                       peers[0] if len(peers) == 1 else None)
     seen = list(dict.fromkeys([k for k in (order or ()) if k in bad] + bad))  # exit order, then the rest
 
     def rank(k: int) -> int:
@@ -453,9 +675,22 @@ def _kill(p: subprocess.Popen[str]) -> None:
         p.wait()
 
 
+def quiet(text: str) -> list[str]:
+    """A party's output without MP-SPDZ's advice for its own default setup (Player-Data/P0.pem, c_rehash,
+    Scripts/setup-ssl.sh), which does not apply to the certificates installed here; what failed stays."""
+    out = []
+    for line in text.splitlines():
+        if _HANDSHAKE.search(line):
+            line = line[:line.index(" failed") + len(" failed")] + "."
+        elif _ADVICE.search(line):
+            continue
+        out.append(line)
+    return out
+
+
 def _tail(path: Path, n: int = 8) -> str:
     try:
-        lines = path.read_text(errors="replace").strip().splitlines()
+        lines = quiet(Path(path).read_text(errors="replace").strip())
     except OSError:
         return ""
     return "\n".join(lines[-n:])

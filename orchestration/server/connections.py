@@ -20,11 +20,13 @@ has an owner thread that alone reads and writes it; other threads queue frames i
 from __future__ import annotations
 
 import collections
+import fcntl
 import logging
 import os
 import select
 import socket
 import ssl
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -222,9 +224,9 @@ class ClientConnections:
             threading.Thread(target=self._serve, args=(raw, addr), daemon=True).start()
 
     def _handshake(self, raw: socket.socket, peer: str) -> ClientConn | None:
+        seen: list[bytes] = []
         try:
-            raw.settimeout(self.limits.handshake_timeout)
-            sock = self.context().wrap_socket(raw, server_side=True)
+            sock = watched_handshake(self.context(), raw, self.limits.handshake_timeout, seen)
             der = sock.getpeercert(binary_form=True)
             if der is None:
                 raise ssl.SSLError("no client certificate")
@@ -237,10 +239,30 @@ class ClientConnections:
             if time.time() >= not_after:
                 raise ssl.SSLError(f"certificate of client {pinned.name} expired")
         except (ssl.SSLError, OSError, ValueError, KeyError, certs_mod.CertError) as exc:
-            logger.warning("refused client connection from %s: %s", peer, _one_line(exc))
+            logger.warning("server %d refused client connection from %s: %s", self.party, peer,
+                           self._refusal(exc, seen))
             raw.close()
             return None
         return ClientConn(sock, pinned.name, fp, not_after, peer)
+
+    def _refusal(self, exc: BaseException, seen: list[bytes]) -> str:
+        """Why, and whom: the certificate the client sent (read from its handshake bytes, since OpenSSL
+        keeps a refused certificate to itself), its name and fingerprint, and how to pin it."""
+        why = _one_line(exc)
+        der = client_certificate(seen) if isinstance(exc, ssl.SSLError) else None
+        if der is None:
+            if isinstance(exc, ssl.SSLError) and "did not return a certificate" in why:
+                return f"{why}: the client sent no certificate (make one with `invoke certs --client NAME`)"
+            return why
+        fp = certs_mod.fingerprint(ssl.DER_cert_to_PEM_cert(der))
+        cn = common_name(der)
+        held = self.pins.current().get(fp)
+        who = f"certificate {cn!r}" if cn else "a certificate without a common name"
+        if held is not None:  # pinned, refused all the same (expired, say): the reason is OpenSSL's
+            return f"client {held.name}'s pinned {who} (sha256 {colon(fp)}) was refused: {why}"
+        return (f"{who} (sha256 {colon(fp)}) is not pinned in {self.pins.folder} ({why}); if this client is to "
+                f"be served, pin its certificate (its certs/client.pem) on both servers: "
+                f"invoke certs --id {self.party} --allow-client FILE")
 
     def _admit(self, conn: ClientConn) -> str | None:
         """Count ``conn`` in, or say why not."""
@@ -348,6 +370,145 @@ class ClientConnections:
     def count(self) -> int:
         with self.lock:
             return len(self.conns)
+
+
+# ---- the client's certificate as it sent it -----------------------------------------------------------
+#
+# A refused certificate never reaches Python (ssl gives no peer certificate when verification fails), so the
+# gateway reads the client's handshake itself: OpenSSL shakes hands over one end of a socket pair, and the
+# gateway relays between the client and the other end, one whole TLS record at a time and only when OpenSSL
+# asks for more, keeping a copy of what the client sent. On a failure the TLS 1.2 Certificate message is
+# looked up in that copy. On success nothing of the client's is left unread (OpenSSL read every record it was
+# given), and the connection's own socket is put under the SSLSocket's descriptor (dup2): from then on it is
+# an ordinary ssl.SSLSocket over the client's TCP connection, as if wrap_socket had been given it.
+
+_MAX_RECORD = 5 + (1 << 14) + 2048  # a TLS 1.2 record's header and its largest body
+
+
+def _recv_exact(raw: socket.socket, n: int, deadline: float) -> bytes:
+    out = b""
+    while len(out) < n:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([raw], [], [], left)[0]:
+            raise socket.timeout("TLS handshake not done in time")
+        part = raw.recv(n - len(out))
+        if not part:
+            raise ConnectionError("the client closed the connection during the TLS handshake")
+        out += part
+    return out
+
+
+def _client_record(raw: socket.socket, deadline: float) -> bytes:
+    """The client's next TLS record, whole (or the next bytes, if they are no TLS record)."""
+    head = _recv_exact(raw, 5, deadline)
+    if head[0] not in (20, 21, 22, 23) or head[1] != 3:
+        return head  # no TLS: OpenSSL says what is wrong with it
+    n = int.from_bytes(head[3:5], "big")
+    return head + _recv_exact(raw, min(n, _MAX_RECORD), deadline)
+
+
+def _to_client(inner: socket.socket, raw: socket.socket) -> None:
+    """Everything OpenSSL wrote so far, to the client."""
+    while True:
+        try:
+            data = inner.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            return
+        raw.sendall(data)
+
+
+def watched_handshake(ctx: ssl.SSLContext, raw: socket.socket, timeout: float, seen: list[bytes]) -> ssl.SSLSocket:
+    """A server-side TLS handshake on ``raw`` within ``timeout`` that keeps, in ``seen``, each record the client
+    sent; returns the SSLSocket on ``raw``'s connection with ``timeout`` set, as ``ctx.wrap_socket`` would."""
+    deadline = time.monotonic() + timeout
+    outer, inner = socket.socketpair()
+    sock = ctx.wrap_socket(outer, server_side=True, do_handshake_on_connect=False)
+    try:
+        inner.setblocking(False)
+        sock.setblocking(False)
+        raw.settimeout(timeout)
+        while True:
+            try:
+                sock.do_handshake()
+                done = True
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                done = False
+            except ssl.SSLError:
+                _to_client(inner, raw)  # OpenSSL's alert: the client learns why, as with wrap_socket
+                raise
+            _to_client(inner, raw)
+            if done:
+                break
+            record = _client_record(raw, deadline)
+            seen.append(record)
+            inner.sendall(record)
+        try:
+            left = outer_unread(sock)
+        except OSError:
+            left = 0
+        if left:
+            raise ssl.SSLError(f"{left} bytes of the client's left unread after the handshake")
+        os.dup2(raw.fileno(), sock.fileno())  # the SSLSocket now speaks over the client's connection itself
+        raw.close()  # its descriptor only: the connection stays open under sock's
+        sock.settimeout(timeout)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        inner.close()
+
+
+def outer_unread(sock: ssl.SSLSocket) -> int:
+    """Bytes waiting, unread by OpenSSL, in the socket under ``sock`` (FIONREAD)."""
+    buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(buf, "little") + sock.pending()
+
+
+def client_certificate(seen: list[bytes]) -> bytes | None:
+    """The first certificate (DER) of a TLS 1.2 Certificate message in the client's bytes, or None.
+
+    Records: type 22 (handshake), version 3.x, 2-byte length; in them handshake messages: type 11
+    (Certificate), 3-byte length, then the list's 3-byte length and each certificate's 3-byte length."""
+    for data in seen:
+        at = data.find(b"\x16\x03")
+        while at != -1:
+            body = data[at + 5:at + 5 + int.from_bytes(data[at + 3:at + 5], "big")]
+            j = 0
+            while j + 4 <= len(body):
+                n = int.from_bytes(body[j + 1:j + 4], "big")
+                msg = body[j + 4:j + 4 + n]
+                if body[j] == 11 and len(msg) == n and n >= 6:
+                    size = int.from_bytes(msg[3:6], "big")
+                    der = msg[6:6 + size]
+                    if size and len(der) == size and der[:1] == b"\x30":
+                        return der
+                j += 4 + n
+            at = data.find(b"\x16\x03", at + 1)
+    return None
+
+
+_CN_OID = b"\x06\x03\x55\x04\x03"
+
+
+def common_name(der: bytes) -> str:
+    """The subject's common name of a DER certificate (the last CN: the issuer's comes first), printable
+    ASCII only and at most 64 characters, for a log line; "" if none. The client chose it: it proves nothing."""
+    at = der.rfind(_CN_OID)
+    if at == -1 or at + 7 > len(der):
+        return ""
+    n = der[at + 6]
+    if n & 0x80:
+        return ""
+    raw = der[at + 7:at + 7 + n]
+    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in raw.decode("latin-1"))[:64]
+
+
+def colon(hex_fp: str) -> str:
+    """A hex fingerprint as `invoke certs` prints it: upper case, colon-separated pairs."""
+    return ":".join(hex_fp[k:k + 2] for k in range(0, len(hex_fp), 2)).upper()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 from preprocessing.fileio import copy_private, destroy_file, destroy_tree
 
 from orchestration.mpspdz import certs as certs_mod
-from orchestration.mpspdz.launcher import PartySpec, _kill, _tail, bind_shim, start_party
+from orchestration.mpspdz.launcher import PartySpec, _kill, _tail, bind_shim, exit_reason, start_party
 from orchestration.mpspdz.rundir import prepare_run
 from orchestration.mpspdz.toolchain import MPSPDZ, Protocol, compile_program
 from orchestration.server.job import PREDICT_PROGRAM, Server
@@ -98,8 +98,12 @@ class PartyDriver:
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
+            # why, from its log and the certificates in its run folder (still there: stop() destroys it)
+            why = exit_reason(self.log_path, self.party, self.proto, {self.party: self.rundir / "Player-Data"},
+                              self.rundir / "hosts")
             tail = " | ".join(_tail(self.log_path, 3).splitlines())
-            raise SessionEnded(f"party {self.party} exited with code {self.proc.returncode}: {tail}")
+            raise SessionEnded(f"party {self.party} exited with code {self.proc.returncode}: "
+                               + (f"{why} (its last lines: {tail})" if why else tail))
 
     def connect(self, give_up: Callable[[], bool]) -> None:
         """Connect to our party as MP-SPDZ client C<i> once it listens (after it met the other parties)."""
