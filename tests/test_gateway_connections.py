@@ -218,7 +218,7 @@ def test_random_client_behaviour_never_stops_the_gateway(gw, tmp_path_factory, o
     gateway keeps accepting, every connection it holds is within its caps, and a well-behaved client is
     answered afterwards."""
     root = tmp_path_factory.mktemp("ops")
-    g = gw(root=root, max_connections=6, max_per_client=3, frame_timeout=0.5, handshake_timeout=0.5)
+    g = gw(root=root, max_connections=6, max_per_client=3, frame_timeout=1.0, handshake_timeout=2.0)
     names = ["alice", "bob"]
     clients = [g.client(root, n) for n in names]
     pins = [(certs.client_dir_of(g.server) / f"{n}.pem", (certs.client_dir_of(g.server) / f"{n}.pem").read_bytes())
@@ -260,7 +260,7 @@ def test_random_client_behaviour_never_stops_the_gateway(gw, tmp_path_factory, o
     for path, pem in pins:
         path.write_bytes(pem)
     fresh = g.client(root, "carol")
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20  # generous: CI's machine may be busy
     while True:  # the gateway frees the places of closed connections within its timeouts
         try:
             assert _status(_connect(fresh))["type"] == "status"

@@ -128,7 +128,7 @@ def test_a_rekeyed_server_0_seen_from_the_dealer_alone_names_the_dealers_pin_wit
     lab = Lab(tmp_path, mp)
     certs.make_party_cert(lab.dirs[0], 0, force=True)  # server 0 re-keyed: the others still pin the old one
     got = lab.apart()
-    assert "the client refused server 0's certificate" in got[2] or "the client (dealer) refused server 0's" in got[2], got[2]
+    assert "the client refused server 0's certificate" in got[2] or "the dealer (the data owner's client) refused server 0's" in got[2], got[2]
     assert "the client's pin of server 0" in got[2] and f"pins sha256 {lab.fp(2, 0)}" in got[2], got[2]
     # server 0 was refused by the client (and by server 1): it shows its own new certificate
     assert f"server 0's certificate is sha256 {lab.fp(0, 0)}" in got[0], got[0]
@@ -143,7 +143,7 @@ def test_a_missing_peer_is_named_with_its_hosts_file_address(mp, tmp_path):
     assert f"server 0 at {lab.addr[0]}" in got[1] and "never came" in got[1], got[1]
     lab3 = Lab(tmp_path / "dealer", mp)
     got = lab3.apart([0], timeout=6)
-    assert f"server 1 at {lab3.addr[1]}" in got[0] and f"the client (dealer) at {lab3.addr[2]}" in got[0], got[0]
+    assert f"server 1 at {lab3.addr[1]}" in got[0] and f"the dealer (the data owner's client) at {lab3.addr[2]}" in got[0], got[0]
 
 
 def test_a_peer_later_than_mpspdz_s_own_60_s_still_joins_within_the_runs_timeout(mp, tmp_path):

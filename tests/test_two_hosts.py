@@ -297,7 +297,7 @@ def test_client_with_wrong_certificate_cannot_deal(net_ok, tmp_path, data):
         assert time.monotonic() - start < 90
         for rc, out in res:
             assert rc == 1, out
-        assert any("TLS handshake" in out and "the client (dealer)" in out for _, out in res), res
+        assert any("TLS handshake" in out and "the dealer (the data owner's client)" in out for _, out in res), res
         assert not (dep.servers[0] / "model").exists() and not (dep.servers[1] / "model").exists()
 
 

@@ -39,7 +39,7 @@ def party_args(proto: Protocol) -> tuple[str, ...]:
 def party_name(party: int, proto: Protocol | None = None) -> str:
     """How errors name a party: the servers by number, the dealer as what it is, the client."""
     if proto is not None and party == proto.dealer:
-        return "the client (dealer)"
+        return certs_mod.party_label(party)
     return f"server {party}"
 
 _DATA_SENT = re.compile(r"^Data sent = ([0-9.e+]+) MB in ~(\d+) rounds")
@@ -449,7 +449,7 @@ def run_parties(
                 log.flush()
                 _parse(line.strip(), results[k])
                 if _BIND_FAILED.match(line.strip()):
-                    bind_errors.append(f"server {specs[k].party}: {line.strip()}")
+                    bind_errors.append(f"{party_name(specs[k].party, proto)}: {line.strip()}")
                 if on_line:
                     on_line(specs[k].party, line.rstrip("\n"))
 

@@ -232,12 +232,20 @@ class ClientConnections:
                 raise ssl.SSLError("no client certificate")
             fp = certs_mod.fingerprint(ssl.DER_cert_to_PEM_cert(der))
             pinned = self.pins.current().get(fp)
-            if pinned is None:
-                raise ssl.SSLError(f"certificate {fp[:16]}... is not pinned in {self.pins.folder}")
             info = sock.getpeercert() or {}
             not_after = ssl.cert_time_to_seconds(info["notAfter"]) if "notAfter" in info else float("inf")
-            if time.time() >= not_after:
-                raise ssl.SSLError(f"certificate of client {pinned.name} expired")
+            late = (f"this client's certificate (sha256 {colon(fp)}) is not pinned on server {self.party}" if pinned
+                    is None else f"client {pinned.name}'s certificate expired" if time.time() >= not_after else None)
+            if late is not None:  # the handshake passed (the pins changed meanwhile): say so to the client
+                logger.warning("server %d refused client connection from %s: %s", self.party, peer, late)
+                try:
+                    sock.settimeout(2.0)
+                    sock.sendall(encode({"type": "error", "id": None, "code": "refused", "message": late}))
+                    sock.close()
+                except OSError:
+                    pass
+                raw.close()
+                return None
         except (ssl.SSLError, OSError, ValueError, KeyError, certs_mod.CertError) as exc:
             logger.warning("server %d refused client connection from %s: %s", self.party, peer,
                            self._refusal(exc, seen))
