@@ -34,7 +34,7 @@ from orchestration.shared import reference
 from orchestration.client.jobs import (UNKNOWN, ModelError, Prediction, load_model_record, model_generation,
                                        model_record_path, parse_model_record)
 from orchestration.mpspdz.hosts import Hosts
-from orchestration.mpspdz.launcher import PartySpec, _kill, bind_shim, start_party
+from orchestration.mpspdz.launcher import PartySpec, _kill, bind_shim, exit_reason, start_party
 from orchestration.mpspdz.toolchain import MPSPDZ, Protocol, compile_program
 from orchestration.mpspdz.rundir import prepare_run
 from orchestration.shared.model import PREDICT_PROGRAM
@@ -406,7 +406,9 @@ def run_service_dealer(mp: MPSPDZ, client_dir: Path, build: Path, hosts: Hosts, 
                 if proc.poll() is None:
                     _kill(proc)
                 else:
-                    logger.info("dealer: the session ended (dealer exit code %s)", proc.returncode)
+                    why = exit_reason(log_path, proto.dealer, proto, hosts_file=hosts_file) if proc.returncode else ""
+                    logger.info("dealer: the session ended (dealer exit code %s%s)", proc.returncode,
+                                f": {why}" if why else "")
             finally:
                 log.close()
             destroy_tree(run)
