@@ -1,6 +1,7 @@
-"""Two hosts on one machine: network namespaces joined by a veth pair, with optional netem latency.
+"""Two hosts on one machine: network namespaces joined by a veth pair, with optional netem latency; or three
+(:class:`ThreeHosts`: server 0, server 1 and the data owner's client) on one bridge.
 
-Used by the two-host tests and ``benchmarks/two_hosts.py``. Needs root (or CAP_NET_ADMIN) and
+Used by the two-host tests, tests/test_operator.py and ``benchmarks/two_hosts.py``. Needs root (or CAP_NET_ADMIN) and
 iproute2; :func:`unavailable` says why not, so callers can skip with the reason printed.
 """
 from __future__ import annotations
@@ -51,7 +52,81 @@ def netem_available() -> bool:
     return _NETEM
 
 
-class TwoHosts:
+class _Namespaces:
+    """Running commands in namespace ``self.ns[i]`` and looking at its listeners."""
+
+    ns: tuple[str, ...]
+
+    def cmd(self, i: int, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.ns[i], *argv]
+
+    def run(self, i: int, argv: Sequence[str], **kw) -> subprocess.CompletedProcess[str]:
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        kw.setdefault("check", True)
+        return subprocess.run(self.cmd(i, argv), **kw)
+
+    def popen(self, i: int, argv: Sequence[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(self.cmd(i, argv), **kw)
+
+    def listeners(self, i: int) -> list[tuple[str, int]]:
+        """(address, port) of every listening TCP socket in namespace i."""
+        text = self.run(i, ["cat", "/proc/net/tcp"]).stdout
+        out = []
+        for line in text.splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A":  # LISTEN
+                ip_hex, port_hex = f[1].split(":")
+                ip = ".".join(str(b) for b in struct.pack("<I", int(ip_hex, 16)))
+                out.append((ip, int(port_hex, 16)))
+        return out
+
+
+class ThreeHosts(_Namespaces):
+    """``with ThreeHosts() as net:`` gives namespaces net.ns[0..2] at net.addr[0..2] (server 0, server 1, the
+    client), each with a veth into one bridge that lives in a fourth namespace (the "switch"), no added delay.
+    Every host reaches every other one at its address; nothing is routed to or from the machine's own network."""
+
+    def __init__(self):
+        tag = secrets.token_hex(3)
+        self.ns = tuple(f"fr{tag}{c}" for c in "abc")
+        self.switch = f"fr{tag}s"
+        self.veth = tuple(f"vfr{tag}{c}" for c in "abc")  # inside host i; its peer in the switch is ...s<i>
+        octet = 16 + secrets.randbelow(200)
+        self.addr = tuple(f"10.232.{octet}.{k + 1}" for k in range(3))
+
+    def __enter__(self) -> "ThreeHosts":
+        try:
+            for ns in (*self.ns, self.switch):
+                _ip("netns", "add", ns)
+            sw = ["ip", "netns", "exec", self.switch]
+            subprocess.run([*sw, "ip", "link", "add", "br0", "type", "bridge"], check=True, capture_output=True)
+            subprocess.run([*sw, "ip", "link", "set", "br0", "up"], check=True, capture_output=True)
+            for i in range(3):
+                port = f"{self.veth[i]}s"
+                _ip("link", "add", self.veth[i], "type", "veth", "peer", "name", port)
+                _ip("link", "set", self.veth[i], "netns", self.ns[i])
+                _ip("link", "set", port, "netns", self.switch)
+                subprocess.run([*sw, "ip", "link", "set", port, "master", "br0"], check=True, capture_output=True)
+                subprocess.run([*sw, "ip", "link", "set", port, "up"], check=True, capture_output=True)
+                self.run(i, ["ip", "addr", "add", f"{self.addr[i]}/24", "dev", self.veth[i]])
+                self.run(i, ["ip", "link", "set", self.veth[i], "up"])
+                self.run(i, ["ip", "link", "set", "lo", "up"])
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for ns in (*self.ns, self.switch):
+            _ip("netns", "del", ns, check=False)  # removes the veth pairs and the bridge too
+
+    def hosts_text(self, ports: tuple[int, int, int]) -> str:
+        """The hosts file every party uses (the same on all three): one ``address:port`` line per party."""
+        return "".join(f"{self.addr[i]}:{ports[i]}\n" for i in range(3))
+
+
+class TwoHosts(_Namespaces):
     """``with TwoHosts(rtt_ms=20) as net:`` gives namespaces net.ns[0], net.ns[1] at net.addr[0], net.addr[1]."""
 
     def __init__(self, rtt_ms: float = 0.0):
@@ -132,18 +207,6 @@ class TwoHosts:
             raise RuntimeError("delay relay did not start")
         self.extra_relays.append(r)
 
-    def cmd(self, i: int, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.ns[i], *argv]
-
-    def run(self, i: int, argv: Sequence[str], **kw) -> subprocess.CompletedProcess[str]:
-        kw.setdefault("capture_output", True)
-        kw.setdefault("text", True)
-        kw.setdefault("check", True)
-        return subprocess.run(self.cmd(i, argv), **kw)
-
-    def popen(self, i: int, argv: Sequence[str], **kw) -> subprocess.Popen:
-        return subprocess.Popen(self.cmd(i, argv), **kw)
-
     def rtt_ms(self) -> float:
         """Median round trip from namespace 0 to 1: a TCP connect to a closed port (SYN, RST).
         (With the relay, the delay is on server 1's path to server 0 only: see :meth:`hosts_text`.)"""
@@ -151,18 +214,6 @@ class TwoHosts:
                 f" try: s.connect(('{self.addr[1]}', 9))\n except OSError: pass\n"
                 " ts.append(time.perf_counter()-t); s.close()\nprint(statistics.median(ts)*1000)")
         return float(self.run(0, [sys.executable, "-c", code]).stdout)
-
-    def listeners(self, i: int) -> list[tuple[str, int]]:
-        """(address, port) of every listening TCP socket in namespace i."""
-        text = self.run(i, ["cat", "/proc/net/tcp"]).stdout
-        out = []
-        for line in text.splitlines()[1:]:
-            f = line.split()
-            if f[3] == "0A":  # LISTEN
-                ip_hex, port_hex = f[1].split(":")
-                ip = ".".join(str(b) for b in struct.pack("<I", int(ip_hex, 16)))
-                out.append((ip, int(port_hex, 16)))
-        return out
 
     def capture(self, i: int, out: Path) -> subprocess.Popen:
         """Start capturing TCP frames on namespace i's veth into ``out`` (stop with terminate())."""

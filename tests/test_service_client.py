@@ -240,3 +240,25 @@ def test_a_service_that_is_not_running_is_told_apart_from_one_that_refuses_the_c
     assert err.value.code == "refused" and "is not pinned on server 0" in msg, msg
     assert fp in msg and "invoke certs --id 0 --allow-client client.pem" in msg, msg
     assert "not running" not in msg and "invoke serve" not in msg
+
+
+def test_names_come_from_the_record_of_the_answers_generation(tmp_path):
+    """After a retrain that added a person, a client that fetched the new record (service.model_record) names the
+    answers with the new record's classes (it named them with the old one's, and the new person's index crashed)."""
+    from orchestration.client import app
+    from orchestration.client.private import Layout
+
+    published = tmp_path / "published.json"
+    published.write_text(json.dumps({"d": 2, "classes": ["ann", "bob", "cy"], "run_id": "r2", "gen": "g2"}))
+    (tmp_path / "var" / "client").mkdir(parents=True)
+    cl = Stale(tmp_path / "var" / "client", model_record=str(published))
+    cl.recognise_shares = lambda padded, gen: (cl.gens.append(gen) or _stale_or(gen, (np.array([2, 0]),
+                                                                                      np.array([1.25, 1.0]), gen)))
+    out, _ = app.recognise(None, Layout(tmp_path / "var"), np.array([[0.6, 0.8], [1.0, 0.0]]), 0.5, service=cl)
+    assert [name for name, _ in out] == ["cy", "ann"]
+
+
+def _stale_or(gen, answer):
+    if gen != "g2":
+        raise ServiceError(STALE.replace("g1", gen), "generation")
+    return answer

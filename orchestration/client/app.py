@@ -16,6 +16,7 @@ from orchestration.mpspdz.toolchain import MPSPDZ
 from orchestration.client.private import UNKNOWN, Layout, Prediction, PredictReport, TrainReport, load_client_model, predict_private, \
     train_private
 from orchestration.shared.model import PREDICT_PROGRAM, TRAIN_PROGRAM
+from orchestration.client.jobs import model_generation
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,16 @@ def recognise(mp: MPSPDZ | None, layout: Layout, embeddings: np.ndarray, thresho
     reports = []
     for s in range(0, len(embeddings), batch):
         if service is not None:
-            preds = service.recognise(embeddings[s:s + batch], threshold).predictions
+            answer = service.recognise(embeddings[s:s + batch], threshold)
+            preds = answer.predictions
+            if answer.gen != model_generation(record):
+                # the service client moved on to a newer record while it retried (one the data owner copied
+                # here, or fetched from service.model_record): name the classes after the answer's generation
+                record = load_client_model(layout)
+                classes = record["classes"]
+                if model_generation(record) != answer.gen:
+                    raise ValueError(f"the service answered with model generation {answer.gen}, this client's "
+                                     f"record is generation {model_generation(record)}")
         else:
             if mp is None:
                 raise ValueError("no MP-SPDZ installation and no service to recognise with")
