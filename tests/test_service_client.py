@@ -262,3 +262,24 @@ def _stale_or(gen, answer):
     if gen != "g2":
         raise ServiceError(STALE.replace("g1", gen), "generation")
     return answer
+
+
+def test_the_unknown_threshold_comes_from_the_record_of_the_answers_generation(tmp_path):
+    """Without --threshold, the decision uses the threshold of the record that answered: a retrain whose new
+    record raises the threshold to 0.9 makes a 0.8 answer unknown_person; a threshold given explicitly stays."""
+    from orchestration.client import app
+    from orchestration.client.private import Layout
+
+    published = tmp_path / "published.json"
+    published.write_text(json.dumps({"d": 2, "classes": ["ann", "bob", "cy"], "run_id": "r2", "gen": "g2",
+                                     "threshold": 0.9}))
+    (tmp_path / "var" / "client").mkdir(parents=True)
+    x = np.array([[0.6, 0.8], [1.0, 0.0]])
+    for threshold, expect in ((None, ["unknown_person", "ann"]), (0.5, ["cy", "ann"])):
+        client_dir = tmp_path / "var" / "client"
+        (client_dir / "model.json").unlink(missing_ok=True)
+        cl = Stale(client_dir, model_record=str(published))
+        cl.recognise_shares = lambda padded, gen, cl=cl: (cl.gens.append(gen) or _stale_or(
+            gen, (np.array([2, 0]), np.array([1.25, 1.0]), gen)))
+        out, _ = app.recognise(None, Layout(tmp_path / "var"), x, threshold, service=cl)
+        assert [name for name, _ in out] == expect, threshold

@@ -93,7 +93,7 @@ def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, det
 
     try:
         app.check_backend(layout, face.backend)
-        thr = float(threshold) if threshold is not None else app.default_threshold(layout)
+        thr = float(threshold) if threshold is not None else None  # None: the record's, of the answering generation
         out = csv.writer(sys.stdout)
         out.writerow(["path", "name", "confidence"])
         for rows in app.recognise_images(mp, layout, said(app.face_queries(_progress(paths, "faces"), face)), thr,

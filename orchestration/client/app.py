@@ -104,34 +104,42 @@ def face_queries(paths: Iterable[Path], face: FaceSettings) -> Iterator[FaceQuer
             yield FaceQuery(path, tuple(int(t) for t in f.location), v)
 
 
-def recognise(mp: MPSPDZ | None, layout: Layout, embeddings: np.ndarray, threshold: float, *, host: str = "127.0.0.1",
+def recognise(mp: MPSPDZ | None, layout: Layout, embeddings: np.ndarray, threshold: float | None, *,
+              host: str = "127.0.0.1",
               timeout: float = 600.0, batch: int = 64, encrypted: bool = True, service: Any = None
               ) -> tuple[list[tuple[str, float]], list[PredictReport]]:
     """Names and confidences for embeddings.
 
     With ``service`` (an :class:`orchestration.client.service.ServiceClient`) through the running
     service, in requests of at most ``batch`` faces; otherwise one MPC run per batch of at most
-    ``batch`` faces (the reports of those runs are returned; the service gives none)."""
+    ``batch`` faces (the reports of those runs are returned; the service gives none). ``threshold`` None:
+    the record's own, of the generation that answered."""
     record = load_client_model(layout)
     classes = record["classes"]
+    thr = float(record.get("threshold", 0.0)) if threshold is None else threshold
     out: list[tuple[str, float]] = []
     reports = []
     for s in range(0, len(embeddings), batch):
         if service is not None:
-            answer = service.recognise(embeddings[s:s + batch], threshold)
+            answer = service.recognise(embeddings[s:s + batch], thr)
             preds = answer.predictions
             if answer.gen != model_generation(record):
                 # the service client moved on to a newer record while it retried (one the data owner copied
-                # here, or fetched from service.model_record): name the classes after the answer's generation
+                # here, or fetched from service.model_record): name the classes after the answer's generation,
+                # and decide with its threshold unless the caller gave one
                 record = load_client_model(layout)
                 classes = record["classes"]
                 if model_generation(record) != answer.gen:
                     raise ValueError(f"the service answered with model generation {answer.gen}, this client's "
                                      f"record is generation {model_generation(record)}")
+                if threshold is None:
+                    thr = float(record.get("threshold", 0.0))
+                    preds = [Prediction(p.best if p.confidence >= thr else UNKNOWN, p.confidence, p.best)
+                             for p in preds]
         else:
             if mp is None:
                 raise ValueError("no MP-SPDZ installation and no service to recognise with")
-            rep = predict_private(mp, layout, embeddings[s:s + batch], threshold, host=host, timeout=timeout,
+            rep = predict_private(mp, layout, embeddings[s:s + batch], thr, host=host, timeout=timeout,
                                   encrypted=encrypted)
             reports.append(rep)
             preds = rep.predictions
@@ -167,7 +175,7 @@ class Recognised:
     confidence: float | None  # None for NO_FACE
 
 
-def recognise_images(mp: MPSPDZ | None, layout: Layout, queries: Iterable[FaceQuery], threshold: float, *,
+def recognise_images(mp: MPSPDZ | None, layout: Layout, queries: Iterable[FaceQuery], threshold: float | None, *,
                      batch: int = 64, host: str = "127.0.0.1", timeout: float = 600.0, encrypted: bool = True,
                      service: Any = None) -> Iterator[list[Recognised]]:
     """Every query's answer, in input order, a list per batch: the faces among up to ``batch`` of them go to
@@ -183,7 +191,7 @@ def recognise_images(mp: MPSPDZ | None, layout: Layout, queries: Iterable[FaceQu
                              encrypted=encrypted, service=service)
 
 
-def _recognise_pending(mp: MPSPDZ | None, layout: Layout, pending: Sequence[FaceQuery], threshold: float, *,
+def _recognise_pending(mp: MPSPDZ | None, layout: Layout, pending: Sequence[FaceQuery], threshold: float | None, *,
                        batch: int, **run: Any) -> list[Recognised]:
     faces = [q for q in pending if q.embedding is not None]
     results = iter([])
