@@ -40,6 +40,7 @@ from pathlib import Path
 import pytest
 
 import netlab
+from test_two_hosts import net_ok  # noqa: F401 - a fixture: namespaces can be made here
 
 REPO = Path(__file__).resolve().parents[1]
 PEOPLE = ["Colin_Powell", "George_W_Bush", "Tony_Blair"]
@@ -323,12 +324,6 @@ def wait_serving(dep: Deployment, gen: str, timeout: float = 240) -> None:
                          + "\n".join(f.read_text()[-3000:] for f in dep.root.glob("serve*.log")))
 
 
-@pytest.fixture(scope="module")
-def net_ok():
-    reason = netlab.unavailable()
-    if reason:
-        print(f"\nSKIP operator test: {reason}", file=sys.stderr)
-        pytest.skip(reason)
 
 
 @pytest.mark.mpc
