@@ -223,10 +223,10 @@ class Hostile:
 
     def revoke_and_repin(self) -> None:
         pins = [certs.client_dir_of(self.layout.server(i)) / f"{self.name}.pem" for i in (0, 1)]
+        saved = [p.read_bytes() for p in pins]
         cl = self.client()
         try:
             cl.status()
-            saved = [p.read_bytes() for p in pins]
             for p in pins:
                 p.unlink()
             time.sleep(1.5)
@@ -252,7 +252,7 @@ class Hostile:
             try:
                 getattr(self, name)()
             except (OSError, ssl.SSLError, ServiceError, WireError):
-                pass
+                pass  # what the service does to an attacker is its business; only the honest clients count
             self.count[name] = self.count.get(name, 0) + 1
 
 
