@@ -129,7 +129,7 @@ def test_a_rekeyed_server_0_seen_from_the_dealer_alone_names_the_dealers_pin_wit
     certs.make_party_cert(lab.dirs[0], 0, force=True)  # server 0 re-keyed: the others still pin the old one
     got = lab.apart()
     assert "the client refused server 0's certificate" in got[2] or "the dealer (the data owner's client) refused server 0's" in got[2], got[2]
-    assert "the client's pin of server 0" in got[2] and f"pins sha256 {lab.fp(2, 0)}" in got[2], got[2]
+    assert "the dealer (the data owner's client)'s pin of server 0" in got[2] and f"pins sha256 {lab.fp(2, 0)}" in got[2], got[2]
     # server 0 was refused by the client (and by server 1): it shows its own new certificate
     assert f"server 0's certificate is sha256 {lab.fp(0, 0)}" in got[0], got[0]
     _no_advice(got[2] + got[0])

@@ -431,7 +431,7 @@ def test_killed_dealer_mid_training_is_named_and_changes_nothing(mp, trained, da
         threading.Timer(0.5, _kill, args=(procs[2],)).start()
 
     start = time.monotonic()
-    with pytest.raises(PartyFailed, match=r"the client \(dealer\) was killed") as err:
+    with pytest.raises(PartyFailed, match=r"the dealer \(the data owner's client\) was killed") as err:
         train_private(mp, layout, x[tr], [labels[k] for k in tr], PARAMS, timeout=60, on_spawn=kill_dealer)
     assert err.value.party == 2 and time.monotonic() - start < 60
     assert [current_generation(Server(layout.server(i), i)) for i in range(2)] == before

@@ -91,7 +91,8 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> Layout:
     """A client folder with a model record only: the stub answers in place of the servers."""
     lay = Layout(tmp_path_factory.mktemp("var"))
     lay.client.mkdir(parents=True)
-    (lay.client / "model.json").write_text(json.dumps({"classes": CLASSES, "d": 128, "threshold": 0.5}))
+    (lay.client / "model.json").write_text(json.dumps({"classes": CLASSES, "d": 128, "threshold": 0.5, "run_id": "r0",
+                                                    "gen": "gen0"}))
     return lay
 
 
