@@ -153,7 +153,8 @@ class Pins:
     def _stamp_now(self) -> tuple[Any, ...]:
         try:
             st = os.stat(self.folder)
-            entries = sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in os.scandir(self.folder))
+            entries = sorted((e.name, st.st_mtime_ns, st.st_size) for e in os.scandir(self.folder)
+                             for st in (e.stat(),))
         except OSError:
             return ()
         return (st.st_mtime_ns, tuple(entries))

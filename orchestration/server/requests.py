@@ -150,10 +150,7 @@ class RequestTable:
         now = self.clock()
         with self.lock:
             for item in items:
-                if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str)
-                        or not all(isinstance(v, int) and not isinstance(v, bool) for v in item[1:])):
-                    raise ValueError(f"an announced request {str(item)[:80]!r} is not [id, n, d1]")
-                rid, n, d1 = item
+                rid, n, d1 = _id_and_two_ints(item, "an announced request", "[id, n, d1]")
                 req = self.requests.get(rid)
                 if req is not None:
                     self._match(req, n, d1)
@@ -340,10 +337,7 @@ class RequestTable:
         total = 0
         with self.lock:
             for item in wanted:
-                if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str)
-                        or not all(isinstance(v, int) and not isinstance(v, bool) for v in item[1:])):
-                    raise ValueError(f"a planned slot {str(item)[:80]!r} is not [id, start, count]")
-                rid, start, count = item
+                rid, start, count = _id_and_two_ints(item, "a planned slot", "[id, start, count]")
                 if count < 1 or total + count > self.batch:
                     raise ValueError(f"plan of {total + max(count, 0)} queries or a slot of {count}: the batch is "
                                      f"{self.batch}")
@@ -408,6 +402,14 @@ class RequestTable:
     def queued_by(self, name: str) -> int:
         with self.lock:
             return self.per_client.get(name, 0)
+
+
+def _id_and_two_ints(item: Any, what: str, shape: str) -> tuple[str, int, int]:
+    """A link message's ``[id, int, int]`` (an announcement or a planned slot), or ValueError."""
+    if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str)
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in item[1:])):
+        raise ValueError(f"{what} {str(item)[:80]!r} is not {shape}")
+    return item[0], item[1], item[2]
 
 
 __all__ = ["MAX_D1", "MAX_PER_CLIENT", "MAX_QUERIES", "MAX_QUEUED", "REQUEST_TIMEOUT", "Request", "RequestTable",
