@@ -326,6 +326,13 @@ def wait_serving(dep: Deployment, gen: str, timeout: float = 240) -> None:
 
 
 
+def pin_on_both_servers(dep, pem: Path, name: str) -> None:
+    """docs/service.md: a client's certificate, handed to each server's operator, pinned with --allow-client."""
+    for i in (0, 1):  # server 0's and server 1's party index in the deployment
+        got = dep.send(pem, i, f"{name}/client.pem")
+        dep.run(i, "allow-client", {"I": str(i), "client.pem": str(got)}, label=f"certs --allow-client {name}")
+
+
 @pytest.mark.mpc
 def test_an_operators_first_deployment(net_ok, mp, lfw10, tmp_path):
     root = tmp_path
@@ -374,9 +381,7 @@ def _first_deployment(dep: Deployment, held: dict[str, Path]) -> None:
     r = dep.run(OWNER, "certs-owner-client", label="certs --client owner")
     owner_pem = dep.var(OWNER) / "client" / "certs" / "client.pem"
     assert str(owner_pem) in r.stdout, r.stdout
-    for i in (S0, S1):
-        got = dep.send(owner_pem, i, "owner/client.pem")
-        dep.run(i, "allow-client", {"I": str(i), "client.pem": str(got)}, label="certs --allow-client owner")
+    pin_on_both_servers(dep, owner_pem, "owner")
     for i in (S0, S1):
         names = sorted(p.name for p in (dep.var(i) / f"server{i}" / "certs").iterdir())
         assert names == sorted([f"P{i}.key", f"P{i}.pem", f"P{1 - i}.pem", "P2.pem"]), names
@@ -417,9 +422,7 @@ def _first_deployment(dep: Deployment, held: dict[str, Path]) -> None:
     r = dep.run(DOOR, "door-certs", label="door: certs --client door1")
     door_pem = dep.var(DOOR) / "client" / "certs" / "client.pem"
     assert str(door_pem) in r.stdout, r.stdout
-    for i in (S0, S1):
-        got = dep.send(door_pem, i, "door1/client.pem")
-        dep.run(i, "allow-client", {"I": str(i), "client.pem": str(got)}, label="certs --allow-client door1")
+    pin_on_both_servers(dep, door_pem, "door1")
     # 3. the servers' certificates (from each server's operator) ...
     p0, p1 = (dep.send(pem(i, i), DOOR) for i in (S0, S1))
     dep.run(DOOR, "door-server-certs", {"P0.pem": str(p0), "P1.pem": str(p1)}, label="door: certs --server-cert")
