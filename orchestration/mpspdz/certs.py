@@ -88,12 +88,14 @@ def inspect(pem: Path) -> CertInfo:
     return CertInfo(pem, cn, not_after, hash_line.strip(), fp)
 
 
-def _make_self_signed(key: Path, pem: Path, common_name: str, days: int) -> None:
+def _make_self_signed(key: Path, pem: Path, common_name: str, days: int, unit: str | None = None) -> None:
+    """A new EC key and its self-signed certificate; ``unit``: the subject's organizationalUnit (a client's role)."""
     private_dir(key.parent)
+    subject = f"/CN={common_name}" + (f"/OU={unit}" if unit else "")
     with tempfile.TemporaryDirectory(dir=key.parent, prefix=".new-") as tmp:  # 0700; openssl runs under umask 077
         tkey, tpem = Path(tmp) / "key", Path(tmp) / "pem"
         _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                 "-days", str(days), "-subj", f"/CN={common_name}", "-keyout", str(tkey), "-out", str(tpem))
+                 "-days", str(days), "-subj", subject, "-keyout", str(tkey), "-out", str(tpem))
         os.chmod(tkey, 0o600)
         os.replace(tkey, key)
         os.replace(tpem, pem)
@@ -164,6 +166,8 @@ def import_peer_cert(server_dir: Path, party: int, pem: Path, *, replace: bool =
         raise CertError(f"{pem}: certificate is for {info.common_name or 'no name'!r}, {party_label(party)} needs the "
                         f"one of {wanted}")
     peer = names[info.common_name]
+    if peer == DEALER:  # a server pins the dealer: never the key of a client that holds data or asks
+        _refuse_the_dealers_key(server_dir, dealer=Path(pem))
     dest = cert_dir(server_dir) / f"P{peer}.pem"
     _pin(Path(pem), dest, f"{party_label(peer)} (P{peer})", replace=replace)
     return inspect(dest)
@@ -221,6 +225,8 @@ def check_party_certs(server_dir: Path, party: int, n_parties: int = 2) -> Party
     for j, other in others.items():
         if own.fingerprint == other.fingerprint:
             raise CertError(f"{other.path} is {me}'s own certificate, not {party_label(j)}'s")
+    if party != DEALER and DEALER in others:  # a pin copied by hand is checked too, before every run
+        check_dealer_is_no_source(server_dir)
     return PartyCerts(party, own, key, others)
 
 
@@ -285,17 +291,135 @@ def client_files(client_dir: Path) -> tuple[Path, Path]:
     return d / "client.key", d / "client.pem"
 
 
+# ---- a service client's role: the organizationalUnit of its certificate's subject -------------
+#
+# ``invoke certs --client NAME --role R`` writes ``OU=role-R`` into the subject; a certificate without
+# an OU (made before roles existed) is ``owner``, so the single data owner's certificate keeps working.
+# The role is part of the pinned certificate: changing it means a new certificate and a new pin. What
+# each role may ask the gateways is orchestration.shared.roles.
+
+OWNER, SOURCE, QUERY, DEALER_ROLE = "owner", "source", "query", "dealer"
+#: owner: the single data owner (trains, recognises); source: one data owner among several (contributes,
+#: lists and withdraws its own persons); query: asks who a face is, learns a name; dealer: the third host
+#: that deals correlated randomness (only polls the servers' status)
+ROLES: tuple[str, ...] = (OWNER, SOURCE, QUERY, DEALER_ROLE)
+DEFAULT_ROLE = OWNER
+ROLE_UNIT_PREFIX = "role-"
+#: roles whose client certificate may never share its key with the dealer's (party 2's) certificate: a
+#: station that deals, together with one server, unmasks every opened value (only a dealer-role key may)
+NEVER_THE_DEALERS_KEY: tuple[str, ...] = (OWNER, SOURCE, QUERY)
+#: roles of a client that must not run ``invoke deal`` (the single data owner deals in the dealer mode)
+NEVER_DEALS: tuple[str, ...] = (SOURCE, QUERY)
+
+
+def check_role(role: str) -> str:
+    """``role`` if it is one of :data:`ROLES`, else CertError listing them."""
+    if role not in ROLES:
+        raise CertError(f"unknown client role {role!r}: use one of {', '.join(ROLES)}")
+    return role
+
+
+_OID_OU = b"\x55\x04\x0b"  # 2.5.4.11 organizationalUnitName
+_STRINGS = {0x0C: "utf-8", 0x13: "ascii", 0x14: "latin-1", 0x16: "ascii", 0x1E: "utf-16-be"}
+
+
+def _der(buf: bytes, at: int) -> tuple[int, int, int]:
+    """The DER element at ``at``: (tag, start of its content, end of its content); CertError if truncated."""
+    if at + 2 > len(buf):
+        raise CertError("truncated DER")
+    tag, n = buf[at], buf[at + 1]
+    at += 2
+    if n & 0x80:
+        k = n & 0x7F
+        if not 0 < k <= 4 or at + k > len(buf):
+            raise CertError("bad DER length")
+        n, at = int.from_bytes(buf[at:at + k], "big"), at + k
+    if at + n > len(buf):
+        raise CertError("truncated DER")
+    return tag, at, at + n
+
+
+def _children(buf: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
+    """The elements inside ``buf[start:end]``: (tag, element start, content start, content end)."""
+    out, at = [], start
+    while at < end:
+        tag, c0, c1 = _der(buf, at)
+        if c1 > end:
+            raise CertError("bad DER nesting")
+        out.append((tag, at, c0, c1))
+        at = c1
+    return out
+
+
+def _subject_and_key(text: str) -> tuple[list[tuple[bytes, int, bytes]], bytes]:
+    """A PEM certificate's subject as [(attribute OID, string tag, value bytes)] and its SubjectPublicKeyInfo (DER)."""
+    try:
+        der = ssl.PEM_cert_to_DER_cert(text)
+    except ValueError as exc:
+        raise CertError(f"not a PEM certificate ({exc})") from None
+    tag, c0, c1 = _der(der, 0)
+    tbs = _children(der, c0, c1)[0] if tag == 0x30 else None
+    if tbs is None or tbs[0] != 0x30:
+        raise CertError("not an X.509 certificate")
+    fields = _children(der, tbs[2], tbs[3])
+    if fields and fields[0][0] == 0xA0:  # [0] version
+        fields = fields[1:]
+    if len(fields) < 6 or fields[4][0] != 0x30 or fields[5][0] != 0x30:  # serial, sigalg, issuer, validity, subject, key
+        raise CertError("not an X.509 certificate")
+    subject = []
+    for rdn in _children(der, fields[4][2], fields[4][3]):
+        for atv in _children(der, rdn[2], rdn[3]) if rdn[0] == 0x31 else ():
+            parts = _children(der, atv[2], atv[3]) if atv[0] == 0x30 else []
+            if len(parts) == 2 and parts[0][0] == 0x06:
+                subject.append((der[parts[0][2]:parts[0][3]], parts[1][0], der[parts[1][2]:parts[1][3]]))
+    return subject, der[fields[5][1]:fields[5][3]]
+
+
+def client_role(pem_text: str) -> str:
+    """The role of a service client's certificate (PEM text): its subject's ``OU=role-<role>``, or ``owner``
+    without any OU. CertError for any other OU, several, or a role not in :data:`ROLES`."""
+    units = []
+    for oid, tag, value in _subject_and_key(pem_text)[0]:
+        if oid == _OID_OU:
+            try:
+                units.append(value.decode(_STRINGS[tag]))
+            except (KeyError, UnicodeDecodeError):
+                units.append(repr(value))
+    allowed = ", ".join(ROLE_UNIT_PREFIX + r for r in ROLES)
+    if not units:
+        return DEFAULT_ROLE
+    if len(units) > 1:
+        raise CertError(f"the certificate names {len(units)} organizational units ({', '.join(map(repr, units))}): "
+                        f"a client has one role, OU={' or OU='.join(ROLE_UNIT_PREFIX + r for r in ROLES)}")
+    role = units[0][len(ROLE_UNIT_PREFIX):] if units[0].startswith(ROLE_UNIT_PREFIX) else None
+    if role not in ROLES:
+        raise CertError(f"the certificate's organizational unit {units[0]!r} is no client role: allowed roles are "
+                        f"{', '.join(ROLES)} (OU {allowed}; no OU means {DEFAULT_ROLE}); make the certificate "
+                        "with `invoke certs --client NAME --role ROLE`")
+    return role
+
+
+def public_key(pem: Path | str) -> bytes:
+    """A certificate's SubjectPublicKeyInfo (DER): equal for two certificates of one key."""
+    text = Path(pem).read_text() if isinstance(pem, Path) else pem
+    try:
+        return _subject_and_key(text)[1]
+    except CertError as exc:
+        raise CertError(f"{pem if isinstance(pem, Path) else 'certificate'}: {exc}") from None
+
+
 @owner_only()
 def make_client_cert(client_dir: Path, name: str = "owner", *, days: int = DEFAULT_DAYS,
-                     force: bool = False) -> CertInfo:
-    """The service client's key and certificate (common name ``client-<name>``)."""
+                     force: bool = False, role: str = DEFAULT_ROLE) -> CertInfo:
+    """The service client's key and certificate (common name ``client-<name>``, ``OU=role-<role>``)."""
     check_client_name(name)
+    check_role(role)
     key, pem = client_files(client_dir)
     if (key.exists() or pem.exists()) and not force:
         raise CertError(f"{key if key.exists() else pem} exists; use --force to replace this client's key "
                         "(both servers must then be given the new certificate)")
-    _make_self_signed(key, pem, CLIENT_PREFIX + name, days)
-    logger.info("service client %s: new key %s and certificate %s", name, key, pem)
+    _make_self_signed(key, pem, CLIENT_PREFIX + name, days, ROLE_UNIT_PREFIX + role)
+    logger.info("service client %s (role %s): new key %s and certificate %s", name, role, key, pem)
     return inspect(pem)
 
 
@@ -326,6 +450,12 @@ def allow_client(server_dir: Path, pem: Path, *, replace: bool = False) -> CertI
                         f"{CLIENT_PREFIX!r} use {CLIENT_NAME_RULE}") from None
     if info.not_after < time.time():
         raise CertError(f"{pem}: expired on {time.strftime('%Y-%m-%d', time.gmtime(info.not_after))}")
+    text = pem.read_text()
+    try:
+        role = client_role(text)
+    except CertError as exc:
+        raise CertError(f"{pem} (client {name!r}): {exc}") from None
+    _refuse_the_dealers_key(server_dir, clients=[(pem, name, role, public_key(text))])
     d = private_dir(client_dir_of(server_dir))
     dest = d / f"{name}.pem"
     if dest.resolve().parent != d.resolve():  # the rule above already keeps it there; never write elsewhere
@@ -392,20 +522,89 @@ def install_server_certs(client_dir: Path, pems: Sequence[Path], *, replace: boo
 class PinnedClient:
     name: str
     pem: str  # the certificate, PEM text
+    role: str = DEFAULT_ROLE  # from the certificate's OU (client_role)
 
 
 def allowed_clients(server_dir: Path) -> dict[str, PinnedClient]:
-    """{fingerprint: client} of every client this server accepts now (each file read once)."""
+    """{fingerprint: client} of every client this server accepts now (each file read once).
+
+    A pin whose certificate names an unknown role is ignored (logged), as an unreadable one is: the
+    gateway serves no client whose role it cannot tell."""
     out: dict[str, PinnedClient] = {}
     d = client_dir_of(server_dir)
     if d.is_dir():
         for path in sorted(d.glob("*.pem")):
             try:
                 text = path.read_text()
-                out[fingerprint(text)] = PinnedClient(path.stem, text)
+                out[fingerprint(text)] = PinnedClient(path.stem, text, client_role(text))
             except (OSError, CertError) as exc:
                 logger.warning("%s: ignored (%s)", path, exc)
     return out
+
+
+# ---- a client that holds data or asks never deals ---------------------------------------------
+#
+# The dealer (party 2) hands both servers correlated randomness: whoever deals and also holds one
+# server's view unmasks every value the servers open. So on a server the dealer's certificate
+# (certs/P2.pem) may share its key with no pinned client but a dealer-role one; and a data source or
+# query client does not run `invoke deal`. (The single data owner deals with P2.key, a key of its own
+# beside its client.key: the two never were one key.)
+
+def _pinned_roles(server_dir: Path) -> list[tuple[Path, str, str, bytes]]:
+    """(file, name, role, public key) of every readable client pin (others are ignored, as the gateway does)."""
+    out = []
+    d = client_dir_of(server_dir)
+    for path in sorted(d.glob("*.pem")) if d.is_dir() else ():
+        try:
+            text = path.read_text()
+            out.append((path, path.stem, client_role(text), public_key(text)))
+        except (OSError, CertError):
+            continue
+    return out
+
+
+def _refuse_the_dealers_key(server_dir: Path, *, dealer: Path | None = None,
+                            clients: Sequence[tuple[Path, str, str, bytes]] | None = None) -> None:
+    """CertError if the dealer's certificate (``dealer``, default the pinned certs/P2.pem) has the key of a
+    client of a role in :data:`NEVER_THE_DEALERS_KEY` (``clients``: (file, name, role, public key),
+    default every pinned client)."""
+    dealer = dealer if dealer is not None else cert_dir(server_dir) / "P2.pem"
+    if not dealer.is_file():
+        return
+    try:
+        dealer_key = public_key(dealer)
+    except (OSError, CertError):
+        return  # an unreadable dealer pin: check_party_certs says so before any run
+    for path, name, role, key in _pinned_roles(server_dir) if clients is None else clients:
+        if role in NEVER_THE_DEALERS_KEY and key == dealer_key:
+            raise CertError(f"{path} (client {name!r}, role {role}) and {dealer} (the dealer, P2) are one key: a "
+                            f"{role} client never deals (whoever deals and sees one server's share unmasks every "
+                            "opened value); the dealer runs on a host of its own with its own key (`invoke certs "
+                            "--id 2` there) and, for the service, a client certificate of role dealer")
+
+
+def check_dealer_is_no_source(server_dir: Path) -> None:
+    """On a server: CertError if the pinned dealer's certificate (certs/P2.pem) has the public key of a
+    pinned client of role owner, source or query (only a dealer-role client may share its key)."""
+    _refuse_the_dealers_key(Path(server_dir))
+
+
+def refuse_to_deal_as_source(client_dir: Path) -> None:
+    """For `invoke deal`: CertError if this client's own certificate (certs/client.pem) has role source or
+    query. No client certificate (a host that only deals) or role owner or dealer: nothing to refuse."""
+    pem = client_files(Path(client_dir))[1]
+    if not pem.is_file():
+        return
+    try:
+        role = client_role(pem.read_text())
+    except CertError as exc:
+        raise CertError(f"{pem}: {exc}") from None
+    if role in NEVER_DEALS:
+        who = "a source" if role == SOURCE else f"a {role} client"
+        raise CertError(f"this client's certificate {pem} has role {role}: {who} never deals: run the dealer on a "
+                        "host of its own with a dealer certificate (`invoke certs --client NAME --role dealer` and "
+                        "`invoke certs --id 2` there); whoever deals and sees one server's share unmasks every "
+                        "opened value")
 
 
 @owner_only()
@@ -447,14 +646,21 @@ def harden_tls(ctx: ssl.SSLContext) -> ssl.SSLContext:
 
 def certs_command(party_dir: Callable[[int], Path], *, party: int | None = None, peer_cert: Path | None = None,
                   folder: Path | None = None, days: int = DEFAULT_DAYS, force: bool = False,
-                  replace_pin: bool = False, client: str | None = None,
+                  replace_pin: bool = False, client: str | None = None, role: str | None = None,
                   allow: Path | None = None, server_certs: Sequence[Path] = ()) -> list[str]:
     """The work of ``invoke certs``; returns the lines to print, raises CertError (the task exits 1).
 
     ``party_dir(i)`` is party i's default folder (2: the client's), ``folder`` the --server-dir flag.
     ``force`` replaces this party's own key and certificate; ``replace_pin`` replaces a pinned
-    certificate (--peer-cert, --allow-client) that differs from the one given. Neither implies the other."""
+    certificate (--peer-cert, --allow-client) that differs from the one given. Neither implies the other.
+    ``role`` (--role, only with --client; default owner) goes into a new client certificate. With --client the
+    last line is the client certificate's path."""
     out: list[str] = []
+    if role is not None and not client:
+        raise CertError("--role only applies with --client NAME (it goes into the new client certificate; a pinned "
+                        "certificate's role is the one it was made with)")
+    if client:
+        check_role(role or DEFAULT_ROLE)
     if replace_pin and not (peer_cert or allow or server_certs):
         raise CertError("--replace-pin only applies with --peer-cert, --server-cert or --allow-client (it replaces "
                         "a pinned certificate); --force replaces this party's own key")
@@ -466,13 +672,20 @@ def certs_command(party_dir: Callable[[int], Path], *, party: int | None = None,
         cdir = folder or party_dir(DEALER)
         key, pem = client_files(cdir)
         if client and (force or not (key.exists() and pem.exists())):
-            info = make_client_cert(cdir, str(client), days=days, force=force)
-            out.append(f"service client {client}: key stays here; give {info.path} (sha256 {info.fingerprint}) to "
-                       "both servers: invoke certs --id I --allow-client client.pem")
+            info = make_client_cert(cdir, str(client), days=days, force=force, role=role or DEFAULT_ROLE)
+            out.append(f"service client {client} (role {role or DEFAULT_ROLE}): key stays here; give {info.path} "
+                       f"(sha256 {info.fingerprint}) to both servers: invoke certs --id I --allow-client client.pem")
         elif client:
             have = inspect(pem)
-            out.append(f"service client: {pem} exists ({have.common_name}, sha256 {have.fingerprint}); kept "
-                       "(--force replaces it)")
+            try:
+                held = client_role(pem.read_text())
+            except CertError as exc:
+                held = f"unreadable: {exc}"
+            out.append(f"service client: {pem} exists ({have.common_name}, role {held}, sha256 {have.fingerprint}); "
+                       "kept (--force replaces it)")
+            if role is not None and role != held:
+                out.append(f"service client: --role {role} not applied: the kept certificate's role is {held}; "
+                           "--force makes a new one with --role")
         for info, changed in install_server_certs(cdir, server_certs, replace=replace_pin):
             server = info.common_name[1:]
             out.append(f"service client: {'pinned' if changed else 'already pins'} server {server}'s certificate "
@@ -481,25 +694,29 @@ def certs_command(party_dir: Callable[[int], Path], *, party: int | None = None,
         if missing:
             out.append(f"still missing: {', '.join(missing)}; install it with invoke certs --server-cert FILE")
         if not pem.exists():
-            out.append("this client has no key yet: invoke certs --client NAME")
+            out.append("this client has no key yet: invoke certs --client NAME [--role ROLE]")
+        elif client:
+            out.append(str(pem))  # last: the certificate to give both servers
         return out
     if client:
-        info = make_client_cert(folder or party_dir(DEALER), str(client), days=days, force=force)
-        return [f"service client {client}: key stays here; give {info.path} (sha256 {info.fingerprint}) to both "
-                "servers: invoke certs --id I --allow-client client.pem",
+        r = role or DEFAULT_ROLE
+        info = make_client_cert(folder or party_dir(DEALER), str(client), days=days, force=force, role=r)
+        return [f"service client {client} (role {r}): key stays here; give {info.path} (sha256 {info.fingerprint}) "
+                "to both servers: invoke certs --id I --allow-client client.pem",
                 "then install both servers' certificates here (no other key is made): invoke certs --server-cert "
-                "P0.pem --server-cert P1.pem"]
+                "P0.pem --server-cert P1.pem",
+                str(info.path)]  # last: the certificate to give both servers
     if allow:
         if party is None:
             raise CertError("--allow-client needs --id (which server pins the client)")
         sdir = folder or party_dir(party)
         before = {c.name: f for f, c in allowed_clients(sdir).items()}
         info = allow_client(sdir, Path(allow), replace=replace_pin)
+        who = f"service client {info.path.stem} (role {client_role(info.path.read_text())}, {info.common_name})"
         if before.get(info.path.stem) == fingerprint(info.path):
-            return [f"server {party}: already accepts service client {info.common_name} with this certificate "
-                    f"({info.path}, sha256 {info.fingerprint}); nothing changed"]
-        return [f"server {party}: accepts service client {info.common_name} from now on ({info.path}, "
-                f"sha256 {info.fingerprint})"]
+            return [f"server {party}: already accepts {who} with this certificate ({info.path}, sha256 "
+                    f"{info.fingerprint}); nothing changed"]
+        return [f"server {party}: accepts {who} from now on ({info.path}, sha256 {info.fingerprint})"]
     if party is None:
         if peer_cert:
             raise CertError("--peer-cert needs --id (which server receives it)")
