@@ -113,10 +113,15 @@ class Outbox:
 
 
 class ClientConn:
-    """One authenticated client connection, owned by its thread; replies from other threads are queued."""
+    """One authenticated client connection, owned by its thread; replies from other threads are queued.
 
-    def __init__(self, sock: ssl.SSLSocket, name: str, fp: str, not_after: float, peer: str):
+    ``name`` and ``role`` are the pinned certificate's (``clients/<name>.pem``, its ``OU=role-<role>``;
+    see orchestration.shared.roles for what each role may ask)."""
+
+    def __init__(self, sock: ssl.SSLSocket, name: str, fp: str, not_after: float, peer: str,
+                 role: str = certs_mod.DEFAULT_ROLE):
         self.sock, self.name, self.fp, self.not_after, self.peer = sock, name, fp, not_after, peer
+        self.role = role
         self.outbox = Outbox()
         self.open = True
         self.last_frame = time.monotonic()
@@ -252,7 +257,7 @@ class ClientConnections:
                            self._refusal(exc, seen))
             raw.close()
             return None
-        return ClientConn(sock, pinned.name, fp, not_after, peer)
+        return ClientConn(sock, pinned.name, fp, not_after, peer, role=pinned.role)
 
     def _refusal(self, exc: BaseException, seen: list[bytes]) -> str:
         """Why, and whom: the certificate the client sent (read from its handshake bytes, since OpenSSL
@@ -304,7 +309,7 @@ class ClientConnections:
             conn.close()
             return
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        logger.info("client %s connected from %s", conn.name, peer)
+        logger.info("client %s (role %s) connected from %s", conn.name, conn.role, peer)
         try:
             self._loop(conn)
         except Refused as exc:
