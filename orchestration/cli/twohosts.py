@@ -65,15 +65,21 @@ def _party_id(value, allow_client: bool = False) -> int:
     "replace_pin": "with --peer-cert, --server-cert or --allow-client: replace a pinned certificate that differs "
                    "from the given one (after a re-key); without it such a change is refused with both fingerprints",
     "client": "the service: make this client's key and certificate, common name client-NAME (in <var>/client/certs; "
-              "give client.pem to both servers)",
+              "give client.pem to both servers); prints the certificate's path as the last line",
+    "role": "with --client: the client's role, written into its certificate (OU=role-ROLE): owner (the default: the "
+            "single data owner; a certificate without a role is one), source (a data owner among several: "
+            "contributes, lists and withdraws its own persons), query (asks who a face is, learns only a name) or "
+            "dealer (the third host that deals; only polls the servers' status). A source or query client never "
+            "deals",
     "allow_client": "the service: pin a client's certificate file on server --id as <server>/clients/NAME.pem "
-                    "(it may then ask); remove that file to refuse it again",
+                    "(it may then ask what its role allows; prints its name and role); remove that file to refuse "
+                    "it again",
     "server_cert": "the service, on a client that only asks it (a door camera): install a server's certificate "
                    "(P0.pem or P1.pem; give it twice, once per server) into <var>/client/certs; makes no party "
                    "key (the dealer's P2 is --id 2); with --client NAME also this client's key if it has none",
 })
 def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False, client=None, allow_client=None,
-          replace_pin=False, server_cert=None):
+          replace_pin=False, server_cert=None, role=None):
     """Make TLS keys and certificates for the parties' encrypted channels, or install another party's certificate.
 
     Two hosts: on each server `invoke certs --id I` (keeps certs/P<I>.key, prints where P<I>.pem is), send
@@ -81,9 +87,10 @@ def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False, cl
     client runs `invoke certs --id 2`, installs both servers' certificates with --peer-cert, and each
     server installs the client's P2.pem the same way. A pin is never replaced silently: after a party
     re-keys (--force), the others install its new certificate with --peer-cert FILE --replace-pin.
-    Service: a client makes its key with `invoke certs --client NAME`; one that only asks the service (a
-    door camera) installs the servers' certificates with `invoke certs --server-cert P0.pem --server-cert
-    P1.pem`, which makes no party key.
+    Service: a client makes its key with `invoke certs --client NAME [--role owner|source|query|dealer]`
+    (the last line printed is its certificate's path); one that only asks the service (a door camera,
+    --role query) installs the servers' certificates with `invoke certs --server-cert P0.pem --server-cert
+    P1.pem`, which makes no party key. Each server pins it with `invoke certs --id I --allow-client FILE`.
     """
     _logging()
     from orchestration.mpspdz import certs as certs_mod
@@ -95,7 +102,7 @@ def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False, cl
         lines = certs_mod.certs_command(lambda i: _server_dir(c, i), party=party,
                                         peer_cert=Path(peer_cert) if peer_cert else None,
                                         folder=Path(server_dir) if server_dir else None, days=int(days),
-                                        force=force, replace_pin=replace_pin, client=client,
+                                        force=force, replace_pin=replace_pin, client=client, role=role,
                                         allow=Path(allow_client) if allow_client else None,
                                         server_certs=[Path(p) for p in server_cert or ()])
     except certs_mod.CertError as exc:
