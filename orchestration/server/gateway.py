@@ -31,6 +31,7 @@ Ports: see :class:`orchestration.shared.ports.ServicePorts`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -47,6 +48,9 @@ from preprocessing.sharing import SharingError
 from orchestration.mpspdz import certs as certs_mod
 from orchestration.mpspdz.hosts import Hosts
 from orchestration.mpspdz.toolchain import MPSPDZ, MPSPDZError, Protocol
+from orchestration.server import gallery_ops
+from orchestration.server.gallery import Gallery, Settings
+from orchestration.server.registry import KINDS, REGISTRY_LINK_OFFSET, Registry
 from orchestration.server.connections import ClientConn, ClientConnections, Limits, Outbox, Refused
 from orchestration.server.job import ModelError, Server, current_generation, plain_id
 from orchestration.server.link import Follower, Leader, LinkListener, connect_link, link_box_messages, link_receive
@@ -54,6 +58,7 @@ from orchestration.server.party import PartyDriver, SessionEnded, Switching
 from orchestration.server.requests import MAX_D1, MAX_PER_CLIENT, MAX_QUERIES, MAX_QUEUED, REQUEST_TIMEOUT, Request, \
     RequestTable, Slot
 from orchestration.shared.ports import CLIENT_OFFSET, LINK_OFFSET, SPDZ_OFFSET, ServicePorts, service_program_args
+from orchestration.shared.roles import ACTIONS, RoleError, require_role
 from orchestration.shared.wire import WireError, body_shares, int_field, send, str_field
 
 logger = logging.getLogger(__name__)
@@ -67,7 +72,8 @@ class ServiceServer:
     def __init__(self, mp: MPSPDZ, server: Server, build: Path, hosts: Hosts, proto: Protocol, *, batch: int = 16,
                  follower_wait: float = 10.0, party_timeout: float = 30.0, start_timeout: float = 120.0,
                  max_queued: int = MAX_QUEUED, max_per_client: int | None = None,
-                 request_timeout: float = REQUEST_TIMEOUT, limits: Limits = Limits()):
+                 request_timeout: float = REQUEST_TIMEOUT, limits: Limits = Limits(),
+                 sources: Settings | None = None):
         if server.party not in (0, 1):
             raise ValueError(f"server id {server.party}: expected 0 or 1")
         if batch < 1 or batch > 1024:
@@ -97,6 +103,14 @@ class ServiceServer:
                                          handle=self._handle, on_close=self._closed, stop=self.stop, limits=limits)
         self.links = LinkListener(lambda: self._link_context(server_side=True), self.stop)
         self._listeners: list[socket.socket] = []
+        self.registry: Registry | None = None  # a gallery of many sources (--sources)
+        if sources is not None:
+            gallery = Gallery(server)
+            settings = gallery.init(sources)
+            env = gallery_ops.Env(mp, server, proto, hosts, gallery, settings,
+                                  announce=(lambda job: self.registry.announce(job)) if self.party == 0 else None)
+            self.registry = Registry(env, lambda side: self._link_context(server_side=side),
+                                     lambda: (self.serving or {}).get("gen"), self._wake, self.stop)
 
     # -- TLS contexts -------------------------------------------------------------------------------
 
@@ -125,9 +139,18 @@ class ServiceServer:
         kind = header["type"]
         if kind == "status":
             return 0
+        if kind in KINDS:
+            if self.registry is None:
+                raise Refused(f"server {self.party} keeps no gallery of many sources (serve --sources): {kind} "
+                              "is refused", "refused", header.get("id") if isinstance(header.get("id"), str) else None)
+            return self.registry.check(conn, header)
         if kind != "recognize":
             raise Refused(f"unknown message type {kind[:40]!r}")
         rid = str_field(header, "id", 64)
+        try:
+            require_role(conn.role, ACTIONS["recognize"], "recognize", conn.name)
+        except RoleError as exc:
+            raise Refused(str(exc), "refused", rid) from None
         str_field(header, "gen")
         n = int_field(header, "n", 1, MAX_QUERIES)
         d1 = int_field(header, "d1", 1, MAX_D1)
@@ -141,6 +164,10 @@ class ServiceServer:
     def _handle(self, conn: ClientConn, header: dict[str, Any], body: bytes) -> None:
         if header["type"] == "status":
             conn.reply(self._status(conn))
+            return
+        if header["type"] in KINDS:
+            assert self.registry is not None
+            self.registry.handle(conn, header, body)
             return
         n, d1 = header["n"], header["d1"]
         req = Request(header["id"], header["gen"], n, body_shares(body, n * d1, f"request {header['id']}")
@@ -163,9 +190,19 @@ class ServiceServer:
         queue, only this client's own part."""
         s = self.serving or self.starting or {}
         state = "serving" if self.serving else "starting" if self.starting else "waiting"
-        return {"type": "status", "party": self.party, "state": state, "gen": s.get("gen"), "d1": s.get("d1"),
-                "c": s.get("c"), "exp_bits": s.get("exp_bits"), "batch": self.batch, "protocol": self.proto.name,
-                "queued": self.table.queued_by(conn.name), "max_queued": self.table.max_per_client}
+        out = {"type": "status", "party": self.party, "state": state, "gen": s.get("gen"), "d1": s.get("d1"),
+               "c": s.get("c"), "exp_bits": s.get("exp_bits"), "names": s.get("names"), "batch": self.batch,
+               "protocol": self.proto.name, "queued": self.table.queued_by(conn.name),
+               "max_queued": self.table.max_per_client}
+        if self.registry is not None:
+            out.update(self.registry.status(conn.role))
+        return out
+
+    def _wake(self) -> None:
+        """A new generation is installed: server 0's leader looks at once (not at its next heartbeat)."""
+        box = self.link_box
+        if box is not None and self.party == 0:
+            box.put(None)
 
     def _janitor(self) -> None:
         """Every second: expire requests (half ones, and any past the request timeout) and close revoked,
@@ -184,8 +221,9 @@ class ServiceServer:
         try:
             meta = json.loads((self.server.models / plain_id(gen, "gen", self.server.models) / "manifest.json")
                               .read_text())
+            names = [int(meta["name_words"]), float(meta["threshold"])] if meta.get("mode") == "names" else None
             return {"gen": gen, "d1": int(meta["d1"]), "c": int(meta["c"]),
-                    "exp_bits": int(meta.get("exp_bits", DEFAULT_EXP_BITS))}
+                    "exp_bits": int(meta.get("exp_bits", DEFAULT_EXP_BITS)), "names": names}
         except (OSError, ValueError, KeyError, TypeError, SharingError):
             raise ModelError(f"server {self.party} does not hold model generation {gen}") from None
 
@@ -211,8 +249,7 @@ class ServiceServer:
         """One batch on the party; the answers go to the requests' clients."""
         assert self.serving is not None
         x = self.table.batch_input(slots, int(self.serving["d1"]))
-        best, denom = self.driver.run_batch(command, x)
-        self.table.deliver(slots, best, denom, gen)
+        self.table.deliver(slots, self.driver.run_batch(command, x), gen)
 
     # -- sessions -------------------------------------------------------------------------------------
 
@@ -249,6 +286,10 @@ class ServiceServer:
         if self.party == 1:
             lk = self._listen(self.ports.link(), "server 0's gateway")
             threading.Thread(target=self._link_accept_loop, args=(lk,), daemon=True).start()
+        if self.registry is not None and self.party == 1:
+            rl = self._listen((self.ports.hosts[1].address, self.ports.hosts[1].port + REGISTRY_LINK_OFFSET),
+                              "server 0's registry")
+            threading.Thread(target=self.registry.listen, args=(rl,), daemon=True).start()
         threading.Thread(target=self._janitor, daemon=True).start()
         logger.info("server %d: serving clients on %s:%d (%s, batch %d)", self.party, *self.ports.client(self.party),
                     self.proto.name, self.batch)
@@ -347,6 +388,17 @@ def _one_line(exc: BaseException) -> str:
 __all__ = ["CLIENT_OFFSET", "LINK_OFFSET", "SPDZ_OFFSET", "ServicePorts", "ServiceServer", "service_program_args"]
 
 
+def _settings(text: str | None) -> Settings | None:
+    if text is None:
+        return None
+    try:
+        raw = json.loads(text)
+        return Settings(int(raw["d"]), int(raw["name_words"]), float(raw["alpha"]), float(raw["threshold"]),
+                        int(raw["exp_bits"]), str(raw["embedder"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--sources {text[:200]!r}: expected the gallery's settings as JSON ({exc})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m orchestration.server.gateway``: one server's gateway (what ``invoke serve --id I`` runs)."""
     import argparse
@@ -377,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="connections one client certificate may hold at once")
     ap.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout,
                     help="seconds after which a connection that sent nothing is closed")
+    ap.add_argument("--sources", default=None, metavar="JSON",
+                    help="keep a gallery of many sources with these public settings (d, name_words, alpha, "
+                         "threshold, exp_bits, embedder), the same on both servers")
+    ap.add_argument("--job-timeout", type=float, default=600.0, help="seconds a gallery job may take")
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr, force=True,
@@ -390,8 +446,11 @@ def main(argv: list[str] | None = None) -> int:
                         idle_timeout=a.idle_timeout)
         svc = ServiceServer(mp, server, server.build_dir, hosts, proto, batch=a.batch, follower_wait=a.follower_wait,
                             max_queued=a.max_queued, max_per_client=a.max_per_client,
-                            request_timeout=a.request_timeout, limits=limits)
-    except (MPSPDZError, HostsError, ValueError, OSError) as exc:
+                            request_timeout=a.request_timeout, limits=limits,
+                            sources=_settings(a.sources))
+        if svc.registry is not None:
+            svc.registry.env = dataclasses.replace(svc.registry.env, timeout=a.job_timeout)
+    except (MPSPDZError, HostsError, ValueError, OSError, TypeError) as exc:
         print(f"serve: {exc}", file=sys.stderr)
         return 1
 

@@ -159,8 +159,8 @@ class Leader:
                     self.send_plan({"type": "plan", "seq": self.seq, "probe": True})
                     follower_gen = self.ack()
                 if mine is not None and mine["gen"] != gen and follower_gen == mine["gen"]:
-                    if tuple(mine[k] for k in ("d1", "c", "exp_bits")) != tuple(
-                            gw.serving[k] for k in ("d1", "c", "exp_bits")):
+                    if tuple(mine.get(k) for k in ("d1", "c", "exp_bits", "names")) != tuple(
+                            gw.serving.get(k) for k in ("d1", "c", "exp_bits", "names")):
                         self.send_plan({"type": "plan", "seq": self.seq, "restart": mine["gen"]})
                         raise Switching(f"switching to generation {mine['gen']}, of other sizes: restarting")
                     command, gen = CMD_RELOAD, mine["gen"]

@@ -54,6 +54,7 @@ class PartyDriver:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
         self.sock: ssl.SSLSocket | None = None
+        self.outputs = 2  # answer values per query of the program running (names mode: name words + 1)
 
     @property
     def log_path(self) -> Path:
@@ -70,7 +71,8 @@ class PartyDriver:
         os.replace(tmp, dest)
 
     def start(self, model: dict[str, Any], certs: certs_mod.PartyCerts) -> None:
-        args = service_program_args(self.batch, model["d1"], model["c"], model["exp_bits"])
+        args = service_program_args(self.batch, model["d1"], model["c"], model["exp_bits"], model.get("names"))
+        self.outputs = 2 if model.get("names") is None else int(model["names"][0]) + 1
         program = compile_program(self.mp, PREDICT_PROGRAM, args, self.build, proto=self.proto)
         hosts_file = prepare_run(self.rundir, certs, self.build, self.proto, program, self.ports.hosts,
                                  self.ports.spdz(self.party)[1] - self.party)
@@ -136,8 +138,9 @@ class PartyDriver:
             raise SessionEnded(f"party {self.party} computes over an unexpected domain {spec[:12]!r}")
         self.sock = sock
 
-    def run_batch(self, command: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One batch: ``x`` is ``batch`` x ``d1`` of this server's shares. Returns (best, denominator) shares."""
+    def run_batch(self, command: int, x: np.ndarray) -> np.ndarray:
+        """One batch: ``x`` is ``batch`` x ``d1`` of this server's shares. Returns ``batch`` x k answer shares
+        (k = 2: best, S; names mode: the L name words and accept * S)."""
         assert self.sock is not None
         if x.shape[0] != self.batch:
             raise SessionEnded(f"a batch of {x.shape[0]} queries, the party takes {self.batch}")
@@ -148,9 +151,11 @@ class PartyDriver:
         except socket.timeout:
             raise SessionEnded(f"party {self.party} did not answer within {self.party_timeout:.0f} s") from None
         vals = np.frombuffer(out, dtype="<u8").astype(np.uint64)
-        if len(vals) != 2 * self.batch:
-            raise SessionEnded(f"party {self.party} answered {len(vals)} shares, expected {2 * self.batch}")
-        return vals[0::2], vals[1::2]
+        k = self.outputs
+        if len(vals) != k * self.batch:
+            raise SessionEnded(f"party {self.party} answered {len(vals)} shares, expected {k * self.batch}")
+        # write_shares_to_socket interleaves its vectors: query 0's k values, then query 1's, ...
+        return vals.reshape(self.batch, k)
 
 
 # ---- MP-SPDZ's octetStream framing (ExternalIO/client.py) ----------------------------------------

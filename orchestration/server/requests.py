@@ -58,8 +58,7 @@ class Request:
     shares: np.ndarray  # n x d1, this server's shares
     conn: Conn
     t0: float = field(default_factory=time.monotonic)
-    best: np.ndarray | None = None
-    denom: np.ndarray | None = None
+    out: np.ndarray | None = None  # n x k answer shares (k = 2: best, S; names mode: L name words, accept*S)
     filled: int = 0
     scheduled: int = 0  # leader: queries already put into a plan
     both: bool = False  # the other server announced that it holds this request too, with the same sizes
@@ -374,27 +373,27 @@ class RequestTable:
                 pos += count
         return x
 
-    def deliver(self, slots: list[Slot], best: np.ndarray, denom: np.ndarray, gen: str) -> None:
+    def deliver(self, slots: list[Slot], out: np.ndarray, gen: str) -> None:
+        """A batch's answers (``batch`` x k shares) to the requests of ``slots``."""
         pos = 0
         with self.lock:
             for req, start, count in slots:
                 if req is not None and not req.finished:
-                    if req.best is None or req.denom is None:
-                        req.best = np.zeros(req.n, dtype=np.uint64)
-                        req.denom = np.zeros(req.n, dtype=np.uint64)
-                    req.best[start:start + count] = best[pos:pos + count]
-                    req.denom[start:start + count] = denom[pos:pos + count]
+                    if req.out is None:
+                        req.out = np.zeros((req.n, out.shape[1]), dtype=np.uint64)
+                    req.out[start:start + count] = out[pos:pos + count]
                     req.filled += count
                     if req.filled == req.n:
                         self._answer(req, gen)
                 pos += count
 
     def _answer(self, req: Request, gen: str) -> None:
-        assert req.best is not None and req.denom is not None
+        assert req.out is not None
         if not self._release(req):
             return
-        req.conn.reply({"type": "result", "id": req.id, "gen": gen, "n": req.n},
-                       shares_body(np.concatenate([req.best, req.denom])))
+        # column after column: all queries' first value, then all second values (best, then S)
+        req.conn.reply({"type": "result", "id": req.id, "gen": gen, "n": req.n, "k": int(req.out.shape[1])},
+                       shares_body(np.ascontiguousarray(req.out.T).reshape(-1)))
         self.served += 1
         logger.info("request %s: %d queries, generation %s, %.1f ms", req.id[:12], req.n, gen,
                     1000 * (self.clock() - req.t0))

@@ -8,6 +8,7 @@ from orchestration.mpspdz.toolchain import MPSPDZError
 TRAIN_PROGRAM = "face_train"
 PREDICT_PROGRAM = "face_predict"
 REFRESH_PROGRAM = "face_refresh"
+ENROL_PROGRAM = "gallery_enrol"
 PROGRAMS = {"train": TRAIN_PROGRAM, "predict": PREDICT_PROGRAM, "refresh": REFRESH_PROGRAM}
 CONFIRM_FILE = "confirm.json"  # the client's confirmation ticket (see orchestration.server.job.confirm)
 

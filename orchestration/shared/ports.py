@@ -8,6 +8,7 @@ so two hosts files may differ (NAT, relays).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from orchestration.mpspdz.hosts import Hosts
 
@@ -34,9 +35,14 @@ class ServicePorts:
         return self.hosts[i].address, self.hosts[i].port + SPDZ_OFFSET
 
 
-def service_program_args(batch: int, d1: int, c: int, exp_bits: int) -> list[str]:
-    """The serve program's compile-time arguments: sizes only, the same for both servers and the dealer."""
-    return [str(batch), str(d1), str(c), str(exp_bits), "serve"]
+def service_program_args(batch: int, d1: int, c: int, exp_bits: int,
+                         names: tuple[int, float] | list[Any] | None = None) -> list[str]:
+    """The serve program's compile-time arguments, the same for both servers and the dealer: sizes only,
+    and for a gallery of many sources (``names``: name width in words, the public threshold) the names mode."""
+    args = [str(batch), str(d1), str(c), str(exp_bits), "serve"]
+    if names is not None:
+        args += ["names", str(int(names[0])), repr(float(names[1]))]
+    return args
 
 
 __all__ = ["CLIENT_OFFSET", "LINK_OFFSET", "SPDZ_OFFSET", "ServicePorts", "service_program_args"]
