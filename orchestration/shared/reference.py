@@ -122,6 +122,21 @@ def predict(w: np.ndarray, x: np.ndarray, exp_bits: int) -> tuple[np.ndarray, np
     return p.argmax(axis=1), p.max(axis=1)
 
 
+def predict_names(w: np.ndarray, names: np.ndarray, x: np.ndarray, exp_bits: int,
+                  threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """face_predict's names mode: (words (q, L) uint64, accept * S (q,)).
+
+    ``names`` (c, L) holds each class's name words. The top class (ties: the lower index) and
+    S = sum_j exp(z_j - z_max) as in :func:`predict`; a query is accepted when S <= 1/threshold
+    (confidence 1/S >= threshold), and then answers the winner's words and S; a rejected one zeros."""
+    z = with_bias(x) @ w
+    best = z.argmax(axis=1)
+    s = exp_nonpos(z - z.max(axis=1, keepdims=True), exp_bits).sum(axis=1)
+    accept = s <= 1.0 / threshold
+    words = np.where(accept[:, None], np.asarray(names, dtype=np.uint64)[best], np.uint64(0)).astype(np.uint64)
+    return words, np.where(accept, s, 0.0)
+
+
 @dataclass(frozen=True)
 class ThresholdChoice:
     threshold: float
