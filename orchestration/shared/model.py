@@ -8,7 +8,7 @@ from orchestration.mpspdz.toolchain import MPSPDZError
 TRAIN_PROGRAM = "face_train"
 PREDICT_PROGRAM = "face_predict"
 REFRESH_PROGRAM = "face_refresh"
-ENROL_PROGRAM = "gallery_enrol"
+ENROL_PROGRAM = "gallery_enrol"  # one person's model column from shares of their photos
 PROGRAMS = {"train": TRAIN_PROGRAM, "predict": PREDICT_PROGRAM, "refresh": REFRESH_PROGRAM}
 CONFIRM_FILE = "confirm.json"  # the client's confirmation ticket (see orchestration.server.job.confirm)
 
@@ -17,4 +17,4 @@ class ModelError(MPSPDZError):
     """No model, or the server's model shares do not match what the client expects."""
 
 
-__all__ = ["CONFIRM_FILE", "PREDICT_PROGRAM", "PROGRAMS", "REFRESH_PROGRAM", "TRAIN_PROGRAM", "ModelError"]
+__all__ = ["CONFIRM_FILE", "ENROL_PROGRAM", "PREDICT_PROGRAM", "PROGRAMS", "REFRESH_PROGRAM", "TRAIN_PROGRAM", "ModelError"]

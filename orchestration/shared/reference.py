@@ -55,14 +55,44 @@ def softmax_rows(z: np.ndarray, exp_bits: int) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def ncm_column(photos: np.ndarray, alpha: float) -> np.ndarray:
+    """One person's nearest-class-mean column (d+1,): [alpha * mu, -alpha/2 * |mu|^2], mu = mean of ``photos`` (m, d).
+
+    What gallery_enrol.mpc computes on shares, and the warm start of face_train for every class."""
+    mu = np.asarray(photos, dtype=np.float64).mean(axis=0)
+    return np.concatenate([alpha * mu, [-alpha / 2 * float(mu @ mu)]])
+
+
 def warm_start(x1: np.ndarray, labels: np.ndarray, c: int, alpha: float) -> np.ndarray:
     d1 = x1.shape[1]
     w = np.zeros((d1, c))
     for j in range(c):
-        mu = x1[labels == j, :-1].mean(axis=0)
-        w[:-1, j] = alpha * mu
-        w[-1, j] = -alpha / 2 * float(mu @ mu)
+        w[:, j] = ncm_column(x1[labels == j, :-1], alpha)
     return w
+
+
+#: gallery_enrol's bounds on a row's squared norm (the embeddings are L2-normalised)
+ENROL_NORM_BOUNDS = (0.9, 1.1)
+
+
+def rows_ok(photos: np.ndarray, frac_bits: int = 16) -> np.ndarray:
+    """gallery_enrol's range check per row: every |x| < 1 and |x|^2 within ENROL_NORM_BOUNDS, on fixed point.
+
+    ``photos``: real values (float, encoded as the client does: round(x * 2^f)) or raw ring elements
+    (uint64, read as signed 64-bit: what a hostile source may send). The squared norm is the exact sum of
+    the raw squares at scale 2^(2f), compared with int(bound * 2^(2f)), as the program does."""
+    arr = np.asarray(photos)
+    if arr.dtype == np.uint64:
+        raw = arr.view(np.int64)
+    else:
+        raw = np.round(np.asarray(arr, dtype=np.float64) * 2 ** frac_bits).astype(np.int64)
+    lo, hi = (int(b * 2 ** (2 * frac_bits)) for b in ENROL_NORM_BOUNDS)
+    out = np.zeros(raw.shape[0], dtype=bool)
+    for r, row in enumerate(raw):
+        vals = [int(v) for v in row]  # Python integers: no wrap, whatever the values
+        if all(-2 ** frac_bits < v < 2 ** frac_bits for v in vals):
+            out[r] = lo <= sum(v * v for v in vals) <= hi
+    return out
 
 
 def train(x: np.ndarray, labels: np.ndarray, c: int, params: TrainParams) -> np.ndarray:
@@ -90,6 +120,21 @@ def predict(w: np.ndarray, x: np.ndarray, exp_bits: int) -> tuple[np.ndarray, np
     """Class index and top-class probability for each row of ``x``."""
     p = softmax_rows(with_bias(x) @ w, exp_bits)
     return p.argmax(axis=1), p.max(axis=1)
+
+
+def predict_names(w: np.ndarray, names: np.ndarray, x: np.ndarray, exp_bits: int,
+                  threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """face_predict's names mode: (words (q, L) uint64, accept * S (q,)).
+
+    ``names`` (c, L) holds each class's name words. The top class (ties: the lower index) and
+    S = sum_j exp(z_j - z_max) as in :func:`predict`; a query is accepted when S <= 1/threshold
+    (confidence 1/S >= threshold), and then answers the winner's words and S; a rejected one zeros."""
+    z = with_bias(x) @ w
+    best = z.argmax(axis=1)
+    s = exp_nonpos(z - z.max(axis=1, keepdims=True), exp_bits).sum(axis=1)
+    accept = s <= 1.0 / threshold
+    words = np.where(accept[:, None], np.asarray(names, dtype=np.uint64)[best], np.uint64(0)).astype(np.uint64)
+    return words, np.where(accept, s, 0.0)
 
 
 @dataclass(frozen=True)
