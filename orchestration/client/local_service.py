@@ -6,6 +6,7 @@ log; the dealer (dealer mode) runs in the calling process, as the client's part.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -14,14 +15,17 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from preprocessing.fileio import open_private, private_dir
 
 from orchestration.mpspdz import certs as certs_mod
 from orchestration.mpspdz.hosts import Hosts, write_hosts
 from orchestration.mpspdz.toolchain import MPSPDZ, Protocol
+from orchestration.client.local_sources import dealer_dir, ensure_local_sources
 from orchestration.client.private import Layout, ensure_local_certs
 from orchestration.client.service import ServiceClient, run_service_dealer
+from orchestration.dealer.daemon import run_dealer
 from orchestration.shared.wire import ServiceError
 
 logger = logging.getLogger(__name__)
@@ -51,7 +55,10 @@ class LocalService:
 
     def __init__(self, mp: MPSPDZ, layout: Layout, proto: Protocol, *, host: str = "127.0.0.1", port: int = 7300,
                  batch: int = 16, log_dir: Path | None = None, follower_wait: float = 10.0,
-                 max_queued: int | None = None, extra_args: list[str] | None = None):
+                 max_queued: int | None = None, extra_args: list[str] | None = None,
+                 sources: dict[str, Any] | None = None):
+        """``sources``: a gallery of many sources with these settings (``layout`` is then the sources layout of
+        :mod:`orchestration.client.local_sources`); its dealer runs from its own folder with its own key."""
         self.mp, self.layout, self.proto = mp, layout, proto
         self.host, self.port, self.batch = host, int(port), int(batch)
         self.log_dir = log_dir
@@ -62,10 +69,14 @@ class LocalService:
         self.stop_dealer = threading.Event()
         self.dealer: threading.Thread | None = None
         self.hosts: Hosts | None = None
+        self.sources = sources
 
     def start(self) -> "LocalService":
-        ensure_local_certs(self.layout, 3)  # the client's certificate serves the dealer mode; harmless otherwise
-        ensure_local_client(self.layout)
+        if self.sources is not None:
+            ensure_local_sources(self.layout, self.proto.dealer is not None)
+        else:
+            ensure_local_certs(self.layout, 3)  # the client's certificate serves the dealer mode; harmless otherwise
+            ensure_local_client(self.layout)
         self.hosts = local_hosts(self.layout, self.host, self.port, self.proto.n_parties)
         for i in range(2):
             self.start_server(i)
@@ -75,6 +86,12 @@ class LocalService:
         return self
 
     def _deal(self) -> None:
+        if self.sources is not None:
+            try:
+                run_dealer(self.mp, dealer_dir(self.layout), self.layout.build, self.hosts, self.proto, self.stop_dealer)
+            except Exception:  # noqa: BLE001 - reported, the servers then say they wait for the dealer
+                logger.exception("the dealer failed")
+            return
         try:
             run_service_dealer(self.mp, self.layout.client, self.layout.build, self.hosts, self.proto,
                                self.stop_dealer)
@@ -87,6 +104,7 @@ class LocalService:
                 "--id", str(i), "--hosts", str(self.hosts.path), "--protocol", self.proto.name,
                 "--batch", str(self.batch), "--mpspdz-home", str(self.mp.home),
                 "--follower-wait", str(self.follower_wait)] + (
+                    ["--sources", json.dumps(self.sources)] if self.sources is not None else []) + (
                     ["--max-queued", str(self.max_queued)] if self.max_queued is not None else []) + self.extra_args
 
     def start_server(self, i: int) -> subprocess.Popen[bytes]:
@@ -116,8 +134,8 @@ class LocalService:
         self.procs[i] = None
         return p.returncode
 
-    def wait_ready(self, timeout: float = 120.0) -> list[dict]:
-        """Until both servers serve; their status."""
+    def wait_ready(self, timeout: float = 120.0, serving: bool = True) -> list[dict]:
+        """Until both servers serve (``serving`` False: answer at all); their status."""
         assert self.hosts is not None
         deadline = time.monotonic() + timeout
         last: Exception | None = None
@@ -128,7 +146,7 @@ class LocalService:
                         raise ServiceError(f"server {i} exited with code {p.returncode} while starting", "unavailable")
                 try:
                     st = cl.status()
-                    if all(s.get("state") == "serving" for s in st):
+                    if all(s.get("state") == "serving" or not serving for s in st):
                         return st
                 except ServiceError as exc:
                     last = exc

@@ -11,6 +11,7 @@ runs may be in flight at once (a recognition session and a job), each in its own
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import ssl
@@ -24,7 +25,7 @@ from typing import Any
 from preprocessing.fileio import destroy_tree
 
 from orchestration.mpspdz import certs as certs_mod
-from orchestration.mpspdz.hosts import Endpoint, Hosts
+from orchestration.mpspdz.hosts import Hosts
 from orchestration.mpspdz.launcher import PartySpec, _kill, bind_shim, exit_reason, start_party
 from orchestration.mpspdz.rundir import prepare_run
 from orchestration.mpspdz.toolchain import MPSPDZ, MPSPDZError, Protocol, compile_program
@@ -92,7 +93,7 @@ class Dealer:
 
     def _start(self, slot: str, key: tuple[Any, ...], program: str, args: list[str], offset: int) -> Run:
         full = compile_program(self.mp, program, args, self.build, proto=self.proto)
-        hosts = Hosts(self.hosts.path, tuple(Endpoint(e.address, e.port + offset)
+        hosts = Hosts(self.hosts.path, tuple(dataclasses.replace(e, port=e.port + offset)
                                              for e in self.hosts.parties[:self.proto.n_parties]))
         folder = self.dir / f"run-{slot}"
         hosts_file = prepare_run(folder, self.certs, self.build, self.proto, full, hosts)
@@ -123,7 +124,7 @@ class Dealer:
         if st.get("state") in ("starting", "serving") and st.get("protocol") == self.proto.name:
             args = service_program_args(int(st["batch"]), int(st["d1"]), int(st["c"]), int(st["exp_bits"]),
                                         st.get("names"))
-            wanted["service"] = (("service", st.get("gen"), *args), PREDICT_PROGRAM, args, 0)
+            wanted["service"] = (("service", *args), PREDICT_PROGRAM, args, 0)  # a RELOAD keeps the run
         job = st.get("job")
         if isinstance(job, dict):
             args = [str(a) for a in job.get("args", [])]

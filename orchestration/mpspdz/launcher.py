@@ -160,11 +160,14 @@ def party_env(shim: Path | None, spec: PartySpec) -> dict[str, str]:
 
 
 def start_party(mp: MPSPDZ, spec: PartySpec, program: str, hosts_file: Path, *, shim: Path,
-                proto: Protocol) -> tuple[subprocess.Popen[bytes], Any]:
+                proto: Protocol, every_party_prints: bool = False) -> tuple[subprocess.Popen[bytes], Any]:
     """A long-lived party (the service's): TLS always, its output into ``spec.log``; stop it with :func:`_kill`.
 
+    ``every_party_prints``: MP-SPDZ's ``-OF .``, so that a public line the program prints (a gallery job's
+    revealed range check) reaches every party's log, not only party 0's.
     Returns the process and its open log file (close it after the process ended)."""
-    cmd = party_command(mp, spec.party, program, hosts_file, encrypted=True, proto=proto)
+    extra = [*party_args(proto), "-OF", "."] if every_party_prints else None
+    cmd = party_command(mp, spec.party, program, hosts_file, encrypted=True, proto=proto, extra_args=extra)
     private_dir(Path(spec.log).parent)
     log = open_private(spec.log, "w")
     proc = subprocess.Popen(cmd, cwd=spec.workdir, stdout=log, stderr=subprocess.STDOUT, env=party_env(shim, spec),

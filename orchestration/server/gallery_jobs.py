@@ -8,6 +8,7 @@ What a job prints is public by construction: the one line of revealed range-chec
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -35,7 +36,7 @@ _ROWS_OK = re.compile(r"^ROWS_OK ([01]+)\s*$", re.M)
 
 def job_hosts(hosts: Hosts, n_parties: int) -> Hosts:
     """The hosts of a gallery job: the service's, each port moved by JOB_OFFSET."""
-    return Hosts(hosts.path, tuple(type(e)(e.address, e.port + JOB_OFFSET) for e in hosts.parties[:n_parties]))
+    return Hosts(hosts.path, tuple(dataclasses.replace(e, port=e.port + JOB_OFFSET) for e in hosts.parties[:n_parties]))
 
 
 @dataclass
@@ -67,7 +68,8 @@ def run_job_party(mp: MPSPDZ, server: Server, proto: Protocol, hosts: Hosts, pro
         log_path = server.logs / f"gallery-{job}.log"
         me = hosts_j[party]
         spec = PartySpec(party, run, log_path, me.address, me.port)
-        proc, log = start_party(mp, spec, full, hosts_file, shim=bind_shim(server.build_dir), proto=proto)
+        proc, log = start_party(mp, spec, full, hosts_file, shim=bind_shim(server.build_dir), proto=proto,
+                                every_party_prints=True)
         if announce is not None:
             announce({"id": job, "program": program, "args": list(args)})
         t0 = time.monotonic()

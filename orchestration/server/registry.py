@@ -77,7 +77,7 @@ class Registry:
         self.job = job
 
     def status(self, role: str) -> dict[str, Any]:
-        out: dict[str, Any] = {"sources": True, "job": self.job}
+        out: dict[str, Any] = {"sources": True, "job": self.job, "settings": self.env.settings.as_dict()}
         if role == "owner":
             out["gallery"] = self.gallery.counts()
         return out
