@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from invoke import Collection
 
-from orchestration.cli import machine, owner, twohosts
+from orchestration.cli import machine, owner, sources, twohosts
 
 #: every task at the top level, named as the function with dashes (build_mpc: build-mpc); the tasks live in
 #: orchestration/cli, one module per who runs them
@@ -16,4 +16,5 @@ ns = Collection(
     owner.train, owner.predict, owner.enroll, owner.demo, owner.evaluate, owner.recognize, owner.refresh_shares,
     twohosts.certs, twohosts.party, twohosts.deal, twohosts.serve, twohosts.share_train, twohosts.share_predict,
     twohosts.share_refresh, twohosts.collect, twohosts.share_confirm, twohosts.confirm,
+    sources.contribute, sources.gallery, sources.withdraw,
 )

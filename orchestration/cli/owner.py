@@ -20,11 +20,24 @@ from orchestration.cli.common import (TRAIN_HELP, _cfg, _embedded_gallery, _face
     "timeout": "seconds the protocol may run before both servers are stopped",
     "mpspdz_home": "MP-SPDZ folder (else MP_SPDZ_HOME, invoke.yaml, /opt/mp-spdz)",
     "verbose": "debug logging",
+    "on_servers": "many sources: retrain from the servers' gallery of every source (warm start + SGD on shares), "
+                  "asked by the operator's client; nothing is embedded or sent from here",
+    "hosts": "with --on-servers: the service's hosts file (default service.hosts; unset: the local service)",
 })
 def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None, lr=None, alpha=None, timeout=None,
-          mpspdz_home=None, verbose=False):
-    """Embed a gallery on the client, secret-share it and train the classifier on the two servers."""
+          mpspdz_home=None, verbose=False, on_servers=False, hosts=None):
+    """Embed a gallery on the client, secret-share it and train the classifier on the two servers.
+
+    With --on-servers (many sources): the servers retrain on the gallery they hold as shares."""
     _logging(verbose)
+    if on_servers:
+        from orchestration.cli.sources import train_on_servers
+
+        if dataset:
+            raise Exit("--on-servers trains on the servers' gallery: --dataset does not apply (sources add persons "
+                       "with invoke contribute --as NAME --dataset DIR)", code=1)
+        train_on_servers(c, epochs, batch, lr, hosts, timeout)
+        return
     from orchestration.client import app
     from orchestration.mpspdz.toolchain import MPSPDZError
 
@@ -67,11 +80,16 @@ RECOGNISE_HELP = {
     "threshold": "confidence below which a face is unknown_person (default: the one chosen at training)",
     "batch": "faces per MPC run",
     **RECOGNISE_HELP,
+    "as_": "many sources: recognise as query client NAME (role query) through the many-source service; it learns a "
+           "name or unknown_person, nothing else",
 })
 def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, detector=None, timeout=None,
-            mpspdz_home=None, verbose=False, service=False, one_job=False):
+            mpspdz_home=None, verbose=False, service=False, one_job=False, as_=None):
     """Recognise faces privately; prints CSV `path,name,confidence` (one line per face)."""
     _logging(verbose)
+    if as_:
+        _predict_as(c, as_, image, dir, backend, detector, timeout)
+        return
     from orchestration.client import app
     from orchestration.mpspdz.toolchain import MPSPDZError
     from orchestration.shared.wire import ServiceError
@@ -380,3 +398,22 @@ def refresh_shares(c, timeout=None, mpspdz_home=None):
     except MPSPDZError as exc:
         raise Exit(f"share refresh failed: {exc}", code=1)
     print(f"model shares renewed: generation {gen} ({run.wall_seconds:.1f} s, {run.data_sent_mb:.1f} MB)")
+
+
+def _predict_as(c, name, image, dir, backend, detector, timeout) -> None:
+    """`invoke predict --as NAME`: a query client of the many-source service."""
+    from orchestration.client import app
+    from orchestration.cli.sources import predict_as
+    from orchestration.client.sources import SourceError
+    from orchestration.shared.wire import ServiceError
+
+    face = _face(c, backend, detector)
+    paths = _query_paths(image, dir)
+    out = csv.writer(sys.stdout)
+    out.writerow(["path", "name", "confidence"])
+    try:
+        for row in predict_as(c, name, app.face_queries(_progress(paths, "faces"), face), timeout=timeout):
+            out.writerow(row)
+            sys.stdout.flush()
+    except (ServiceError, SourceError) as exc:
+        raise Exit(f"private recognition failed: {exc}", code=1)

@@ -98,6 +98,15 @@ def certs(c, id=None, peer_cert=None, server_dir=None, days=365, force=False, cl
     party = None
     if id is not None and not client:
         party = _party_id(id, allow_client=not allow_client)
+    if client and role in ("source", "dealer") and not server_dir and not allow_client:
+        # many sources: each named client has a folder of its own (`--as NAME` finds it there); the dealer's
+        # host keeps its MPC key and its client key together
+        from orchestration.mpspdz.certs import check_client_name, CertError
+
+        try:
+            server_dir = str(_layout(c).root / ("dealer" if role == "dealer" else f"clients/{check_client_name(client)}"))
+        except CertError as exc:
+            raise Exit(str(exc), code=1)
     try:
         lines = certs_mod.certs_command(lambda i: _server_dir(c, i), party=party,
                                         peer_cert=Path(peer_cert) if peer_cert else None,
@@ -157,8 +166,12 @@ def party(c, id, hosts, job, server_dir=None, timeout=None, mpspdz_home=None, ve
     "verbose": "debug logging",
     "serve": "deal for the running service (`invoke serve --id I` on both servers) until Ctrl-C or SIGTERM, "
              "instead of one job",
+    "sources": "the dealer of a many-source service, on a host of its own: deals for the service and every "
+               "gallery job from --dealer-dir (its P2 key and a dealer-role client certificate)",
+    "dealer_dir": "with --sources: the dealer's folder (default <var>/dealer)",
 })
-def deal(c, job=None, hosts=None, timeout=None, mpspdz_home=None, verbose=False, serve=False):
+def deal(c, job=None, hosts=None, timeout=None, mpspdz_home=None, verbose=False, serve=False, sources=False,
+         dealer_dir=None):
     """Client, two hosts, dealer mode: deal the preprocessing of a job while both servers run `invoke party`.
 
     The client joins the run as party 2 and sends each server fresh correlated randomness for this
@@ -173,6 +186,33 @@ def deal(c, job=None, hosts=None, timeout=None, mpspdz_home=None, verbose=False,
     mp = _mp(c, mpspdz_home)
     layout = _layout(c)
     _say_protocol(layout)
+    if sources:
+        import threading
+
+        from orchestration.dealer.daemon import run_dealer
+        from orchestration.mpspdz.toolchain import protocol
+
+        service_hosts = _service_hosts(c, hosts)
+        if service_hosts is None:
+            raise Exit("--sources needs the service's hosts file: --hosts FILE (or service.hosts)", code=1)
+        folder = Path(dealer_dir) if dealer_dir else layout.root / "dealer"
+        done = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: done.set())
+        signal.signal(signal.SIGINT, lambda *_: done.set())
+        print(f"the dealer: dealing for the many-source service at {service_hosts[0]} and {service_hosts[1]} "
+              f"from {folder}", file=sys.stderr)
+        try:
+            run_dealer(mp, folder, layout.build, service_hosts, protocol(layout.protocol), done)
+        except (remote.ERRORS + (ValueError,)) as exc:
+            raise Exit(f"the dealer: {exc}", code=1)
+        print("the dealer: stopped", file=sys.stderr)
+        return
+    try:
+        from orchestration.mpspdz import certs as certs_mod
+
+        certs_mod.refuse_to_deal_as_source(layout.client)
+    except certs_mod.CertError as exc:
+        raise Exit(str(exc), code=1)
     if serve:
         import threading
 
@@ -222,9 +262,12 @@ def deal(c, job=None, hosts=None, timeout=None, mpspdz_home=None, verbose=False,
                               "service.max_client_connections)",
     "mpspdz_home": "MP-SPDZ folder",
     "verbose": "debug logging",
+    "sources": "a gallery of many sources (contribute, gallery, withdraw, train --on-servers, predict --as); local "
+               "mode runs the dealer as a third process with a key of its own (<var>/sources/dealer)",
+    "backend": "with --sources: the gallery's embedder, facenet | dlib (default face.backend)",
 })
 def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, max_per_client=None,
-          max_client_connections=None, mpspdz_home=None, verbose=False):
+          max_client_connections=None, mpspdz_home=None, verbose=False, sources=False, backend=None):
     """Run the recognition service until SIGTERM or Ctrl-C: servers that stay up and answer in milliseconds.
 
     Each server runs one long-lived MP-SPDZ party with its model share loaded and a gateway that
@@ -249,6 +292,13 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, 
               (("max_per_client", _cfg(c, "service", "max_per_client", max_per_client)),
                ("max_client_connections", _cfg(c, "service", "max_client_connections", max_client_connections)))
               if v is not None]
+    settings = None
+    if sources:
+        import json
+
+        from orchestration.cli.sources import sources_settings
+
+        settings = sources_settings(c, _face(c, backend).backend)
     if id is not None:
         from orchestration.server import gateway as service_server
 
@@ -259,7 +309,8 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, 
         code = service_server.main(["--server-dir", str(_server_dir(c, party, server_dir)), "--id", str(party),
                                     "--hosts", str(hosts_value), "--protocol", proto.name, "--batch", str(n_batch),
                                     "--max-queued", str(n_queued), "--mpspdz-home", str(mp.home), *limits]
-                                   + (["--verbose"] if verbose else []))
+                                   + (["--verbose"] if verbose else [])
+                                   + (["--sources", json.dumps(settings)] if settings is not None else []))
         if code:
             raise Exit(f"server {party}: the service stopped with an error (see above)", code=code)
         return
@@ -272,13 +323,25 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, 
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if settings is not None:
+        from orchestration.client.local_sources import sources_layout
+
+        layout = sources_layout(layout)
     svc = LocalService(mp, layout, proto, host=_cfg(c, "mpspdz", "host", None),
                        port=int(_cfg(c, "service", "port", None)), batch=n_batch, max_queued=n_queued,
-                       extra_args=limits)
+                       extra_args=limits, sources=settings)
     try:
         svc.start()
-        st = svc.wait_ready(timeout=300)
-        print(serving_line(st[0], proto.name, svc.hosts), file=sys.stderr)
+        st = svc.wait_ready(timeout=300, serving=settings is None)
+        if settings is None:
+            print(serving_line(st[0], proto.name, svc.hosts), file=sys.stderr)
+        else:
+            g = st[0].get("gallery") or {}
+            print(f"running many-source service in {layout.root} ({proto.name}"
+                  f"{', the dealer as a third process' if proto.dealer is not None else ''}): gallery of "
+                  f"{g.get('persons', 0)} persons from {g.get('sources', 0)} sources, embedder "
+                  f"{settings['embedder']}, threshold {settings['threshold']}; clients: invoke contribute --as NAME "
+                  "--dataset DIR, invoke predict --as NAME --image P. Ctrl-C or SIGTERM stops it.", file=sys.stderr)
         stopped = svc.watch(done)
         if stopped is not None:
             raise Exit(f"server {stopped[0]} stopped with code {stopped[1]} (see its log lines above)", code=1)

@@ -259,16 +259,25 @@ class SourceClient(_Gallery):
 class QueryClient(_Gallery):
     """Who is this face: a name or unknown_person, and the confidence of a name."""
 
+    def _serving(self) -> dict[str, Any]:
+        """Server 0's status once both servers serve the gallery (a session may be starting: waited for)."""
+        deadline = time.monotonic() + self.svc.timeout
+        while True:
+            st = self.status()
+            if all(s.get("state") == "serving" and s.get("names") is not None for s in st):
+                return st[0]
+            if time.monotonic() > deadline:
+                raise ServiceError(f"the service serves no gallery of names within {self.svc.timeout:.0f} s (state "
+                                   f"{st[0].get('state')}: no person enrolled yet, or the servers are starting)",
+                                   "unavailable")
+            time.sleep(0.2)
+
     def recognise(self, embeddings: np.ndarray) -> list[tuple[str, float]]:
         x = np.asarray(embeddings, dtype=np.float64)
         if x.ndim != 2 or not np.isfinite(x).all():
             raise SourceError(f"queries of shape {x.shape}: expected finite embeddings, one row per face")
         for wraps in range(3):
-            st = self.svc.status()
-            s0 = st[0]
-            if s0.get("names") is None or s0.get("state") != "serving":
-                raise ServiceError("the service serves no gallery of names yet (no person enrolled, or it is "
-                                   "starting)", "unavailable")
+            s0 = self._serving()
             L, c = int(s0["names"][0]), int(s0["c"])
             padded = np.hstack([x, np.ones((len(x), 1))])
             if padded.shape[1] != int(s0["d1"]):

@@ -189,7 +189,7 @@ def retrain(env: Env, op: str, job: str, params: reference.TrainParams) -> dict[
     _, base = current_model(env)
     gen = next_gen(base, op)
     install(env, gen, model, _header_file(env), n, f"retraining {op}")
-    return {"ok": True, "gen": gen, "persons": c, "photos": n, "seconds": out.stats.seconds,
+    return {"ok": True, "gen": gen, "persons": c, "photos": n, "seed": params.seed, "seconds": out.stats.seconds,
             "rounds": out.stats.rounds, "data_sent_mb": out.stats.data_sent_mb}
 
 
