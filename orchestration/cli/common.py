@@ -160,6 +160,10 @@ def _service(c, use=None, task: str = "predict"):
         print("recognition: one MPC job per batch, both servers on this machine (--one-job)", file=sys.stderr)
         return None
     hosts = _service_hosts(c)
+    found = False
+    if hosts is None:
+        hosts = _running_local_service(c)
+        found = hosts is not None
     if hosts is None:
         _refuse_plain_client(c)
         if use:
@@ -183,9 +187,32 @@ def _service(c, use=None, task: str = "predict"):
         raise Exit(f"the service in service.hosts ({hosts.path}) does not answer: {exc}{other}", code=1)
     except Exception as exc:  # certificates missing or wrong
         raise Exit(f"cannot use the service: {exc}", code=1)
+    how = (" (found running on this machine: `invoke serve`; set service.hosts: local to say so, or --one-job for "
+           "one MPC job per batch)") if found else ""
     print(f"recognition: through the running service at {hosts[0]} and {hosts[1]} ({st[0].get('protocol')}, model "
-          f"generation {st[0].get('gen')}, {st[0].get('state')})", file=sys.stderr)
+          f"generation {st[0].get('gen')}, {st[0].get('state')}){how}", file=sys.stderr)
     return client
+
+
+def _running_local_service(c):
+    """The local service's hosts when `invoke serve` runs on this machine now (service.hosts unset), else None:
+    a client command then uses it instead of running one MPC job per batch."""
+    import socket
+
+    from orchestration.mpspdz.hosts import HostsError, load_hosts
+    from orchestration.shared.ports import ServicePorts
+
+    path = _layout(c).root / "service-hosts"
+    if not path.is_file():
+        return None
+    try:
+        hosts = load_hosts(path)
+        for i in range(2):
+            with socket.create_connection(ServicePorts(hosts).client(i), timeout=0.5):
+                pass
+    except (OSError, HostsError):
+        return None
+    return hosts
 
 
 def _said_by(label: str, exc: BaseException) -> str:
