@@ -18,7 +18,7 @@ from orchestration.client.local_sources import ensure_local_client
 from orchestration.client.private import Layout
 from orchestration.mpspdz.toolchain import MPSPDZ, protocol
 
-SETTINGS = {"d": 128, "name_words": 8, "alpha": 16.0, "threshold": 0.9, "exp_bits": 8, "embedder": "facenet"}
+SETTINGS = {"d": 128, "name_words": 8, "alpha": 16.0, "thresholds": [[1, 0.9]], "exp_bits": 8, "embedder": "facenet"}
 
 
 class People:

@@ -225,17 +225,23 @@ def predict_as(c, name: str, queries, hosts=None, timeout=None):
 
 
 def sources_settings(c, backend: str) -> dict:
-    """The gallery's public settings for `invoke serve --sources`, from invoke.yaml and models/."""
-    from preprocessing.models import open_set_threshold
+    """The gallery's public settings for `invoke serve --sources`: invoke.yaml's training settings and the
+    thresholds calibrated for the embedder on public faces (models/thresholds.json)."""
+    from preprocessing.models import open_set_calibration
 
     alpha = (c.config.get("train", {}).get("alpha") or {}).get(backend)
     if alpha is None:
         raise Exit(f"train.alpha.{backend} missing in invoke.yaml", code=1)
     try:
-        threshold = open_set_threshold(backend)
-    except (KeyError, ValueError) as exc:
+        cal = open_set_calibration(backend)
+    except (KeyError, ValueError, OSError) as exc:
         raise Exit(str(exc), code=1)
-    return {"d": 128, "name_words": 8, "alpha": float(alpha), "threshold": float(threshold),
+    if float(cal["alpha"]) != float(alpha):
+        raise Exit(f"models/thresholds.json calibrates {backend} at alpha {cal['alpha']}, invoke.yaml trains with "
+                   f"train.alpha.{backend} {alpha}: recalibrate (python benchmarks/calibrate_threshold.py --backend "
+                   f"{backend} --write) or use the calibrated alpha", code=1)
+    table = sorted([int(n), float(t)] for n, t in cal["threshold_by_gallery_size"].items())
+    return {"d": 128, "name_words": 8, "alpha": float(alpha), "thresholds": table,
             "exp_bits": int(_cfg(c, "train", "exp_bits", None)), "embedder": backend}
 
 

@@ -340,7 +340,7 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, 
             print(f"running many-source service in {layout.root} ({proto.name}"
                   f"{', the dealer as a third process' if proto.dealer is not None else ''}): gallery of "
                   f"{g.get('persons', 0)} persons from {g.get('sources', 0)} sources, embedder "
-                  f"{settings['embedder']}, threshold {settings['threshold']}; clients: invoke contribute --as NAME "
+                  f"{settings['embedder']}, thresholds calibrated on public faces (models/thresholds.json); clients: invoke contribute --as NAME "
                   "--dataset DIR, invoke predict --as NAME --image P. Ctrl-C or SIGTERM stops it.", file=sys.stderr)
         stopped = svc.watch(done)
         if stopped is not None:

@@ -63,7 +63,7 @@ class Settings:
     d: int = 128
     name_words: int = 8  # 64 bytes of UTF-8
     alpha: float = 16.0
-    threshold: float = 0.5
+    thresholds: tuple[tuple[int, float], ...] = ((1, 0.5),)  # (gallery size n, threshold from n persons on)
     exp_bits: int = 8
     embedder: str = "facenet"
 
@@ -71,9 +71,28 @@ class Settings:
     def d1(self) -> int:
         return self.d + 1
 
+    def threshold_for(self, persons: int) -> float:
+        """The public confidence threshold of a gallery of ``persons``: the entry of the largest calibrated
+        size <= persons (models/thresholds.json: strangers' confidence falls as the gallery grows)."""
+        below = [t for n, t in sorted(self.thresholds) if n <= persons]
+        return below[-1] if below else min(self.thresholds)[1]
+
     def as_dict(self) -> dict[str, Any]:
-        return {"d": self.d, "name_words": self.name_words, "alpha": self.alpha, "threshold": self.threshold,
-                "exp_bits": self.exp_bits, "embedder": self.embedder}
+        return {"d": self.d, "name_words": self.name_words, "alpha": self.alpha,
+                "thresholds": [list(t) for t in self.thresholds], "exp_bits": self.exp_bits,
+                "embedder": self.embedder}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Settings":
+        """Settings from JSON (settings.json, --sources); ValueError/KeyError/TypeError when malformed."""
+        table = tuple(sorted((int(n), float(t)) for n, t in raw["thresholds"]))
+        if not table or not all(n >= 1 and 0 < t < 1 for n, t in table):
+            raise ValueError(f"thresholds {raw['thresholds']!r}: expected [[gallery size >= 1, 0 < threshold < 1], ...]")
+        out = cls(int(raw["d"]), int(raw["name_words"]), float(raw["alpha"]), table, int(raw["exp_bits"]),
+                  str(raw["embedder"]))
+        if not (1 <= out.d <= 4096 and 1 <= out.name_words <= 64 and 0 < out.alpha < 1000 and 4 <= out.exp_bits <= 12):
+            raise ValueError(f"gallery settings out of range: {raw}")
+        return out
 
 
 def capacity(c: int) -> int:
@@ -108,9 +127,7 @@ class Gallery:
     def settings(self) -> Settings:
         path = self.root / "settings.json"
         try:
-            raw = json.loads(path.read_text())
-            return Settings(int(raw["d"]), int(raw["name_words"]), float(raw["alpha"]), float(raw["threshold"]),
-                            int(raw["exp_bits"]), str(raw["embedder"]))
+            return Settings.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:
             raise GalleryError(f"{path}: no gallery here (start the service with --sources)") from None
         except (ValueError, KeyError, TypeError) as exc:

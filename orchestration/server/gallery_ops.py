@@ -77,7 +77,8 @@ def install(env: Env, gen: str, model: SlotModel, header_from: Path, n_photos: i
     tmp = env.server.root / f".gallery-{gen}.data"
     model.write(tmp, header_from)
     meta = {"run_id": gen, "gen": gen, "d1": s.d1, "c": model.cap, "n": n_photos, "frac_bits": FRAC_BITS,
-            "exp_bits": s.exp_bits, "mode": "names", "name_words": s.name_words, "threshold": s.threshold,
+            "exp_bits": s.exp_bits, "mode": "names", "name_words": s.name_words,
+            "threshold": s.threshold_for(sum(k is not None for k in model.classes)),
             "classes": model.classes, "made_by": how, "created": time.time()}
     try:
         _install_generation(env.server, gen, tmp, meta)

@@ -392,9 +392,7 @@ def _settings(text: str | None) -> Settings | None:
     if text is None:
         return None
     try:
-        raw = json.loads(text)
-        return Settings(int(raw["d"]), int(raw["name_words"]), float(raw["alpha"]), float(raw["threshold"]),
-                        int(raw["exp_bits"]), str(raw["embedder"]))
+        return Settings.from_dict(json.loads(text))
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"--sources {text[:200]!r}: expected the gallery's settings as JSON ({exc})") from None
 
@@ -431,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds after which a connection that sent nothing is closed")
     ap.add_argument("--sources", default=None, metavar="JSON",
                     help="keep a gallery of many sources with these public settings (d, name_words, alpha, "
-                         "threshold, exp_bits, embedder), the same on both servers")
+                         "thresholds by gallery size, exp_bits, embedder), the same on both servers")
     ap.add_argument("--job-timeout", type=float, default=600.0, help="seconds a gallery job may take")
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
