@@ -75,8 +75,9 @@ def test_predict_prints_csv_with_names_and_sentinels(workspace, lfw10, lfw_unkno
 
 
 def test_serve_answers_predict_and_stops_on_sigterm(workspace, lfw10, lfw_unknown):
-    """Local mode: `invoke serve` runs both servers and the dealer; `invoke predict` with service.hosts
-    set goes through it (and says so) with the one-job mode's answers; SIGTERM stops it all."""
+    """Local mode: `invoke serve` runs both servers and the dealer; `invoke predict` goes through it (and says
+    so) with the one-job mode's answers, with service.hosts set and also without (it finds the running local
+    service); SIGTERM stops it all."""
     import signal
     import socket
     import time
@@ -101,7 +102,9 @@ def test_serve_answers_predict_and_stops_on_sigterm(workspace, lfw10, lfw_unknow
         assert any(ln.startswith("running service: model generation") for ln in lines), "".join(lines)
         images = [held["Tony_Blair"][0], held["Vladimir_Putin"][0], sorted(lfw_unknown.glob("*.jpg"))[5]]
         args = ["predict", "--backend", "dlib"] + [a for img in images for a in ("--image", str(img))]
-        one_job = invoke(var, *args)
+        found = invoke(var, *args)  # service.hosts unset: the running local service is found, and said so
+        assert "found running on this machine" in found.stderr, found.stderr
+        one_job = invoke(var, *args, "--one-job")
         os.environ["INVOKE_SERVICE_HOSTS"] = "local"
         os.environ["INVOKE_SERVICE_PORT"] = str(base)
         try:
@@ -112,6 +115,7 @@ def test_serve_answers_predict_and_stops_on_sigterm(workspace, lfw10, lfw_unknow
         assert "recognition: one MPC job per batch" in one_job.stderr
         rows = [r[:2] for r in csv.reader(io.StringIO(through.stdout))]
         assert rows == [r[:2] for r in csv.reader(io.StringIO(one_job.stdout))]
+        assert rows == [r[:2] for r in csv.reader(io.StringIO(found.stdout))]
         assert [r[1] for r in rows[1:]] == ["Tony_Blair", "Vladimir_Putin", "unknown_person"]
     finally:
         serve.send_signal(signal.SIGTERM)

@@ -33,6 +33,7 @@ PROSE = {"tasks", "task", "finds", "import"}
 FOREIGN_FLAGS = {
     "--no-cache",  # lint-imports (invoke test runs it)
     "--init", "--recursive",  # git submodule update (setup --from-source on a tree without its submodules)
+    "--write",  # benchmarks/calibrate_threshold.py (a gallery of many sources: recalibrating a threshold)
 }
 
 
