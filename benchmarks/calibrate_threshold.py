@@ -37,16 +37,16 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestration.shared import reference  # noqa: E402
+from orchestration.shared import reference
 
 logger = logging.getLogger("calibrate_threshold")
 
@@ -123,7 +123,7 @@ def split(labels: np.ndarray, size: int, eligible: Sequence[str], seed: int
     for name in sorted(enrolled):
         idx = np.flatnonzero(labels == name)
         rng.shuffle(idx)
-        k = min(max(int(round(len(idx) * TEST_FRACTION)), 1), len(idx) - 1)
+        k = min(max(round(len(idx) * TEST_FRACTION), 1), len(idx) - 1)
         held += idx[:k].tolist()
         enrol += idx[k:].tolist()
     strangers = np.flatnonzero(~np.isin(labels, sorted(enrolled)))
@@ -169,7 +169,7 @@ def lowest_threshold(stranger_conf: np.ndarray, max_fpir: float) -> float:
     if not len(stranger_conf):
         return 0.0
     desc = np.sort(stranger_conf)[::-1]
-    k = int(math.floor(max_fpir * len(desc) + 1e-9))  # strangers that may be accepted
+    k = math.floor(max_fpir * len(desc) + 1e-9)  # strangers that may be accepted
     if k >= len(desc):
         return 0.0
     return float(np.nextafter(desc[k], np.inf))  # just above the (k+1)-th highest: at most k accepted
@@ -233,11 +233,11 @@ def calibrate(x: np.ndarray, labels: np.ndarray, unknown: np.ndarray, params: re
 
 # --- output --------------------------------------------------------------------------------------
 def table(cal: Calibration) -> str:
-    lines = [f"embedder {cal.backend}: alpha {cal.params.alpha:g}; FPIR bound {cal.max_fpir:.0%}; "
-             f"single threshold {cal.threshold:.5f} (accept iff S <= {1 / cal.threshold:.5f}); "
-             "per-size threshold: the calibrated size at or below the gallery's (* = size not calibrated on)",
-             "| gallery size | closed-set accuracy | single T: TPIR | FPIR | per-size T | TPIR | FPIR "
-             "| equal-error T | genuine / stranger queries |",
+    lines = [(f"embedder {cal.backend}: alpha {cal.params.alpha:g}; FPIR bound {cal.max_fpir:.0%}; "
+              f"single threshold {cal.threshold:.5f} (accept iff S <= {1 / cal.threshold:.5f}); "
+              "per-size threshold: the calibrated size at or below the gallery's (* = size not calibrated on)"),
+             ("| gallery size | closed-set accuracy | single T: TPIR | FPIR | per-size T | TPIR | FPIR "
+              "| equal-error T | genuine / stranger queries |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for n, r in cal.single.items():
         st, c = cal.stepped[n], cal.counts[n]
