@@ -3,6 +3,10 @@
 The registry is models/models.json in the repository. Entries with a
 "package" key live in that installed package's models/ folder; the others
 live in models_dir() (the repository's models/ folder, or $FACE_MODELS_DIR).
+
+models/thresholds.json holds the open-set thresholds calibrated per embedder on public faces
+(benchmarks/calibrate_threshold.py), read by open_set_threshold(): with several data owners nobody
+holds the gallery in the clear to tune the threshold on.
 """
 from __future__ import annotations
 
@@ -114,3 +118,54 @@ def model_path(key: str) -> Path:
     with _verified_lock:
         _verified[path] = stamp
     return path
+
+
+# --- open-set thresholds ---------------------------------------------------------------------------
+THRESHOLDS_PATH = REGISTRY_PATH.parent / "thresholds.json"
+
+
+@lru_cache(maxsize=1)
+def _thresholds() -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads(THRESHOLDS_PATH.read_text(encoding="utf-8"))
+        return dict(data["embedders"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelFileError(f"{THRESHOLDS_PATH}: cannot read the open-set thresholds ({exc!r}); "
+                             "to make it: python benchmarks/calibrate_threshold.py --write") from exc
+
+
+def calibrated_embedders() -> list[str]:
+    """Embedders with an open-set threshold in models/thresholds.json, sorted."""
+    return sorted(_thresholds())
+
+
+def open_set_calibration(embedder: str) -> dict[str, Any]:
+    """The whole models/thresholds.json entry of ``embedder`` (thresholds, train settings, source, rates)."""
+    table = _thresholds()
+    if embedder not in table:
+        raise ValueError(f"no calibrated open-set threshold for embedder {embedder!r}; calibrated embedders: "
+                         f"{', '.join(sorted(table)) or 'none'} (see {THRESHOLDS_PATH.name}; to add one: "
+                         "python benchmarks/calibrate_threshold.py --backend <embedder> --write)")
+    return dict(table[embedder])
+
+
+def open_set_threshold(embedder: str, classes: int, *, alpha: float | None = None) -> float:
+    """Confidence threshold for a gallery of ``classes`` persons, calibrated on public faces (LFW).
+
+    Accept a query iff its confidence 1/S >= the threshold (S <= 1/threshold on shares), S the softmax
+    denominator of the model trained with the calibration's train settings. The value is the entry of the
+    largest calibrated gallery size <= ``classes`` (the smallest size's below it): strangers' confidence
+    falls as the gallery grows, so this keeps FPIR at about the calibration's bound (1 %).
+    ``alpha``: the warm-start scale the model is trained with; a ValueError if it is not the calibrated one
+    (the threshold holds for that softmax temperature only).
+    """
+    entry = open_set_calibration(embedder)
+    if alpha is not None and float(alpha) != float(entry["alpha"]):
+        raise ValueError(f"the open-set threshold of {embedder!r} is calibrated for alpha {entry['alpha']:g}, "
+                         f"the model is trained with alpha {float(alpha):g}: recalibrate "
+                         f"(python benchmarks/calibrate_threshold.py --backend {embedder} --write)")
+    if int(classes) < 1:
+        raise ValueError(f"classes must be >= 1 (persons in the gallery), got {classes}")
+    by_size = {int(n): float(t) for n, t in entry["threshold_by_gallery_size"].items()}
+    below = [n for n in sorted(by_size) if n <= int(classes)]
+    return by_size[below[-1] if below else min(by_size)]

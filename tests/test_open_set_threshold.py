@@ -1,0 +1,93 @@
+"""Open-set thresholds calibrated on public faces (models/thresholds.json, benchmarks/calibrate_threshold.py)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from preprocessing import models
+from tests.synthetic import clusters
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _benchmark():
+    if "calibrate_threshold" in sys.modules:
+        return sys.modules["calibrate_threshold"]
+    spec = importlib.util.spec_from_file_location("calibrate_threshold", REPO / "benchmarks" / "calibrate_threshold.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["calibrate_threshold"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_shipped_thresholds_load_and_are_probabilities() -> None:
+    assert {"facenet", "dlib"} <= set(models.calibrated_embedders())
+    bench = _benchmark()
+    for embedder in models.calibrated_embedders():
+        entry = models.open_set_calibration(embedder)
+        assert entry["alpha"] == bench.train_params(embedder).alpha  # calibrated with invoke.yaml's alpha
+        sizes = sorted(int(n) for n in entry["threshold_by_gallery_size"])
+        values = [models.open_set_threshold(embedder, n, alpha=entry["alpha"]) for n in sizes]
+        assert all(0 < t < 1 for t in values), values
+        assert values == sorted(values, reverse=True)  # larger galleries: lower confidence, lower threshold
+        assert all(entry["fpir_at_threshold"][str(n)] <= 0.0101 for n in sizes)
+        # between two calibrated sizes the smaller one's threshold applies; below the smallest, the smallest's
+        assert models.open_set_threshold(embedder, sizes[1] + 1) == values[1]
+        assert models.open_set_threshold(embedder, 1) == values[0]
+        assert models.open_set_threshold(embedder, 10 ** 6) == values[-1]
+
+
+def test_unknown_embedder_lists_the_calibrated_ones() -> None:
+    with pytest.raises(ValueError, match="calibrated embedders: dlib, facenet"):
+        models.open_set_threshold("vgg_face", 10)
+
+
+def test_threshold_refused_for_another_alpha() -> None:
+    with pytest.raises(ValueError, match="calibrated for alpha 16"):
+        models.open_set_threshold("facenet", 10, alpha=32.0)
+    with pytest.raises(ValueError, match="classes must be >= 1"):
+        models.open_set_threshold("facenet", 0)
+
+
+def test_lowest_threshold_meets_the_bound_exactly() -> None:
+    bench = _benchmark()
+    conf = np.linspace(0.0, 0.99, 100)
+    t = bench.lowest_threshold(conf, 0.05)
+    assert np.mean(conf >= t) <= 0.05 and np.mean(conf >= conf[conf < t].max()) > 0.05
+    assert bench.rounded_up(0.123451) == 0.12346 and bench.rounded_up(2.0) == 1.0
+    assert bench.step_threshold({2: 0.9, 10: 0.5}, 7) == 0.9 and bench.step_threshold({2: 0.9, 10: 0.5}, 10) == 0.5
+
+
+def test_calibration_on_synthetic_clusters() -> None:
+    bench = _benchmark()
+    x, labels = clusters(people=12, per=8, spread=0.6, seed=3)
+    unknown, _ = clusters(people=30, per=1, spread=0.6, seed=4)
+    cal = bench.calibrate(x, np.array(labels), unknown, bench.train_params("facenet"), [3, 6], repeats=2,
+                          max_fpir=0.05)
+    assert 0 < cal.threshold < 1 and cal.by_size[3] >= cal.by_size[6]
+    assert all(cal.stepped[n]["fpir"] <= 0.05 for n in (3, 6))
+
+
+def test_calibration_on_lfw10_is_quick(lfw10: Path, tmp_path: Path) -> None:
+    """The benchmark's core on real faces: lfw10's people split into enrolled persons and strangers."""
+    bench = _benchmark()
+    gallery = tmp_path / "gallery"  # 6 photos of each person: 4 to enrol, 2 held out (half the embedding time)
+    for person in sorted(p for p in lfw10.iterdir() if p.is_dir()):
+        (gallery / person.name).mkdir(parents=True)
+        for photo in sorted(person.glob("*.jpg"))[:6]:
+            (gallery / person.name / photo.name).symlink_to(photo)
+    start = time.monotonic()
+    x, labels = bench.embed_people(gallery, "facenet", tmp_path / "cache", progress=False)
+    cal = bench.calibrate(x, labels, np.zeros((0, x.shape[1])), bench.train_params("facenet"), [3, 5],
+                          backend="facenet", repeats=3)
+    assert time.monotonic() - start < 60
+    assert 0 < cal.threshold < 1
+    for n in (3, 5):
+        assert cal.stepped[n]["fpir"] <= 0.01 and cal.stepped[n]["closed_set_accuracy"] > 0.9
+        assert cal.counts[n]["stranger_queries"] > 0
+    assert "| 5 |" in bench.table(cal)
