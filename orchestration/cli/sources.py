@@ -221,7 +221,7 @@ def predict_as(c, name: str, queries, hosts=None, timeout=None):
                 yield [str(q.path), "no_face_found", ""]
                 continue
             (label, conf), = qc.recognise(q.embedding[None, :])
-            yield [str(q.path), label, f"{conf:.4f}" if label != "unknown_person" else f"{conf:.4f}"]
+            yield [str(q.path), label, f"{conf:.4f}" if label != "unknown_person" else ""]  # nothing to learn
 
 
 def sources_settings(c, backend: str) -> dict:
