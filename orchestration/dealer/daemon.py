@@ -54,17 +54,40 @@ def status_context(dealer_dir: Path) -> ssl.SSLContext:
     return ctx
 
 
-def server_status(ctx: ssl.SSLContext, hosts: Hosts, timeout: float = 5.0) -> dict[str, Any]:
-    addr = (hosts[0].address, hosts[0].port + CLIENT_OFFSET)
-    with socket.create_connection(addr, timeout=timeout) as raw:
-        with ctx.wrap_socket(raw) as sock:
-            sock.settimeout(timeout)
-            send(sock, {"type": "status"})
-            header, _ = receive(sock, max_body=0)
-    if header.get("type") != "status":
-        raise WireError(f"server 0 answered {str(header.get('type'))[:40]!r} to a status request: "
-                        f"{str(header.get('message'))[:300]}")
-    return header
+class StatusLink:
+    """One TLS connection to server 0's gateway, kept open for the status polls (opened again when lost)."""
+
+    def __init__(self, ctx: ssl.SSLContext, hosts: Hosts, timeout: float = 5.0):
+        self.ctx, self.addr, self.timeout = ctx, (hosts[0].address, hosts[0].port + CLIENT_OFFSET), timeout
+        self.sock: ssl.SSLSocket | None = None
+
+    def status(self) -> dict[str, Any]:
+        for attempt in (0, 1):
+            try:
+                if self.sock is None:
+                    raw = socket.create_connection(self.addr, timeout=self.timeout)
+                    self.sock = self.ctx.wrap_socket(raw)
+                    self.sock.settimeout(self.timeout)
+                send(self.sock, {"type": "status"})
+                header, _ = receive(self.sock, max_body=0)
+                break
+            except (OSError, ssl.SSLError, WireError):
+                self.close()
+                if attempt:
+                    raise
+        if header.get("type") != "status":
+            self.close()
+            raise WireError(f"server 0 answered {str(header.get('type'))[:40]!r} to a status request: "
+                            f"{str(header.get('message'))[:300]}")
+        return header
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.sock = None
 
 
 @dataclass
@@ -157,11 +180,12 @@ def run_dealer(mp: MPSPDZ, dealer_dir: Path, build: Path, hosts: Hosts, proto: P
                stop: threading.Event) -> None:
     """Deal until ``stop`` is set."""
     dealer = Dealer(mp, dealer_dir, build, hosts, proto)
+    link = StatusLink(dealer.ctx, hosts)
     warned = False
     try:
         while not stop.is_set():
             try:
-                st = server_status(dealer.ctx, hosts)
+                st = link.status()
                 warned = False
             except (OSError, ssl.SSLError, WireError) as exc:
                 if not warned:
@@ -176,7 +200,8 @@ def run_dealer(mp: MPSPDZ, dealer_dir: Path, build: Path, hosts: Hosts, proto: P
                 stop.wait(1.0)
             stop.wait(POLL)
     finally:
+        link.close()
         dealer.close()
 
 
-__all__ = ["Dealer", "JOB_OFFSET", "run_dealer", "server_status", "status_context"]
+__all__ = ["Dealer", "JOB_OFFSET", "StatusLink", "run_dealer", "status_context"]

@@ -53,6 +53,7 @@ class Op:
     kind: str
     source: str
     fields: dict[str, Any]
+    started: threading.Event = field(default_factory=threading.Event)  # server 1: server 0 leads it now
     done: threading.Event = field(default_factory=threading.Event)
     result: dict[str, Any] | None = None
     t0: float = field(default_factory=time.monotonic)
@@ -70,6 +71,8 @@ class Registry:
         self.ops: dict[str, Op] = {}
         self.ops_lock = threading.Condition()
         self.job: dict[str, Any] | None = None  # the MPC job running now (server 0 tells the dealer in its status)
+        for cid in self.gallery.pending_ids() if self.gallery.root.exists() else []:
+            self.gallery.drop_pending(cid)  # halves of operations a stop cut short: never committed, gone
 
     # -- the dealer's view ------------------------------------------------------------------------------
 
@@ -246,12 +249,24 @@ class Registry:
                 link.close()
 
     def _follow_wait(self, op: Op) -> dict[str, Any]:
-        """Server 1: wait until server 0 led ``op`` on the registry link."""
-        if not op.done.wait(HALF_WAIT + self.env.timeout + 60):
-            self._drop(op.id)
-            return {"ok": False, "code": "unavailable",
-                    "message": f"server 1 holds {op.kind} {op.id}, but server 0 never started it: it reached this "
-                               "server only; nothing was changed, send it again with a new id"}
+        """Server 1: wait until server 0 led ``op`` on the registry link: HALF_WAIT seconds for it to start
+        (longer while this server runs an earlier operation: server 0 takes them in order), then its run."""
+        deadline = time.monotonic() + HALF_WAIT
+        while not op.started.wait(0.5):
+            if self.lock.locked():
+                deadline = time.monotonic() + HALF_WAIT
+            if time.monotonic() > deadline or self.stop.is_set():
+                with self.ops_lock:
+                    self.ops.pop(op.id, None)
+                if op.started.is_set():
+                    break
+                self._drop(op.id)
+                return {"ok": False, "code": "unavailable",
+                        "message": f"server 1 holds {op.kind} {op.id}, but server 0 did not start it within "
+                                   f"{HALF_WAIT:.0f} s: it reached this server only (or server 0 is down); nothing "
+                                   "was changed, send it again with a new id"}
+        if not op.done.wait(self.env.timeout + 60):
+            return {"ok": False, "code": "failed", "message": f"{op.kind} {op.id} did not finish in time"}
         assert op.result is not None
         return op.result
 
@@ -304,7 +319,12 @@ class Registry:
         try:
             plan = self._receive(link)
             op_id = check_id(plan.get("op"), "operation id")
-            op = self._await(op_id)
+            try:
+                op = self._await(op_id)
+            except GalleryError as exc:
+                send(link, {"type": "ready", "ok": False, "message": f"{exc}: it reached server 0 only"})
+                return
+            op.started.set()
             with self.lock:
                 why = self._disagree(op, plan)
                 if why:
@@ -338,7 +358,7 @@ class Registry:
     def _await(self, op_id: str) -> Op:
         deadline = time.monotonic() + HALF_WAIT
         with self.ops_lock:
-            while op_id not in self.ops:
+            while op_id not in self.ops or self.ops[op_id].started.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise GalleryError(f"operation {op_id} did not reach server 1 within {HALF_WAIT:.0f} s")
