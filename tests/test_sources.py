@@ -148,6 +148,28 @@ def test_bad_input_is_refused_with_a_clear_error_and_changes_nothing(lab):
     assert _ask(lab, [0])[0][0] == "Ana Álvarez"
 
 
+def test_half_a_contribution_is_refused_on_both_servers_and_changes_nothing(lab):
+    """A source that dies between its two sends: the half that arrived is refused after the servers' wait
+    (2 x follower_wait = 10 s here) and leaves nothing, whichever server it reached."""
+    import time
+
+    before = _state(lab)
+    with SourceClient(lab.client("bank", "source"), lab.hosts, timeout=60) as sc:
+        for i in (1, 0):
+            frames = _raw_contribution(sc, lab.people.photos(12, 3), name="Half")
+            sock = sc.svc._sock(i)
+            from orchestration.shared.wire import receive, send
+
+            t0 = time.monotonic()
+            send(sock, *frames[i])
+            head, _ = receive(sock)
+            assert head["type"] == "error" and "reached" in head["message"] and "only" in head["message"], head
+            assert time.monotonic() - t0 < 30
+            sc.close()
+    after = _state(lab)
+    assert after[2] == before[2] and not any(after[1])
+
+
 def _as_party2(source_dir, root):
     """A certificate with the source's own key and the dealer's common name P2: what a source would hand in."""
     import subprocess

@@ -110,7 +110,8 @@ class ServiceServer:
             env = gallery_ops.Env(mp, server, proto, hosts, gallery, settings,
                                   announce=(lambda job: self.registry.announce(job)) if self.party == 0 else None)
             self.registry = Registry(env, lambda side: self._link_context(server_side=side),
-                                     lambda: (self.serving or {}).get("gen"), self._wake, self.stop)
+                                     lambda: (self.serving or {}).get("gen"), self._wake, self.stop,
+                                     half_wait=2 * follower_wait)
 
     # -- TLS contexts -------------------------------------------------------------------------------
 

@@ -63,9 +63,11 @@ class Registry:
     """One server's registry; :meth:`check` and :meth:`handle` are called by the gateway for the kinds in KINDS."""
 
     def __init__(self, env: gallery_ops.Env, link_context: Callable[[bool], ssl.SSLContext],
-                 serving_gen: Callable[[], str | None], wake: Callable[[], None], stop: threading.Event):
+                 serving_gen: Callable[[], str | None], wake: Callable[[], None], stop: threading.Event,
+                 half_wait: float = HALF_WAIT):
         self.env, self.link_context, self.serving_gen, self.wake, self.stop = env, link_context, serving_gen, wake, stop
         self.party = env.server.party
+        self.half_wait = half_wait
         self.gallery: Gallery = env.gallery
         self.lock = threading.Lock()  # one operation at a time
         self.ops: dict[str, Op] = {}
@@ -251,10 +253,10 @@ class Registry:
     def _follow_wait(self, op: Op) -> dict[str, Any]:
         """Server 1: wait until server 0 led ``op`` on the registry link: HALF_WAIT seconds for it to start
         (longer while this server runs an earlier operation: server 0 takes them in order), then its run."""
-        deadline = time.monotonic() + HALF_WAIT
+        deadline = time.monotonic() + self.half_wait
         while not op.started.wait(0.5):
             if self.lock.locked():
-                deadline = time.monotonic() + HALF_WAIT
+                deadline = time.monotonic() + self.half_wait
             if time.monotonic() > deadline or self.stop.is_set():
                 with self.ops_lock:
                     self.ops.pop(op.id, None)
@@ -263,7 +265,7 @@ class Registry:
                 self._drop(op.id)
                 return {"ok": False, "code": "unavailable",
                         "message": f"server 1 holds {op.kind} {op.id}, but server 0 did not start it within "
-                                   f"{HALF_WAIT:.0f} s: it reached this server only (or server 0 is down); nothing "
+                                   f"{self.half_wait:.0f} s: it reached this server only (or server 0 is down); nothing "
                                    "was changed, send it again with a new id"}
         if not op.done.wait(self.env.timeout + 60):
             return {"ok": False, "code": "failed", "message": f"{op.kind} {op.id} did not finish in time"}
@@ -356,12 +358,12 @@ class Registry:
             link.close()
 
     def _await(self, op_id: str) -> Op:
-        deadline = time.monotonic() + HALF_WAIT
+        deadline = time.monotonic() + self.half_wait
         with self.ops_lock:
             while op_id not in self.ops or self.ops[op_id].started.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise GalleryError(f"operation {op_id} did not reach server 1 within {HALF_WAIT:.0f} s")
+                    raise GalleryError(f"operation {op_id} did not reach server 1 within {self.half_wait:.0f} s")
                 self.ops_lock.wait(left)
             return self.ops[op_id]
 
