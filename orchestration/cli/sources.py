@@ -226,15 +226,13 @@ def predict_as(c, name: str, queries, hosts=None, timeout=None):
 
 def sources_settings(c, backend: str) -> dict:
     """The gallery's public settings for `invoke serve --sources`, from invoke.yaml and models/."""
-    from preprocessing.models import open_set_threshold
-
     alpha = (c.config.get("train", {}).get("alpha") or {}).get(backend)
     if alpha is None:
         raise Exit(f"train.alpha.{backend} missing in invoke.yaml", code=1)
-    try:
-        threshold = open_set_threshold(backend)
-    except (KeyError, ValueError) as exc:
-        raise Exit(str(exc), code=1)
+    threshold = ((c.config.get("sources", {}) or {}).get("threshold") or {}).get(backend)
+    if threshold is None or not 0.0 < float(threshold) <= 1.0:
+        raise Exit(f"sources.threshold.{backend} in invoke.yaml: expected a confidence in (0, 1], got {threshold!r}",
+                   code=1)
     return {"d": 128, "name_words": 8, "alpha": float(alpha), "threshold": float(threshold),
             "exp_bits": int(_cfg(c, "train", "exp_bits", None)), "embedder": backend}
 
