@@ -85,15 +85,22 @@ class _Namespaces:
 class ThreeHosts(_Namespaces):
     """``with ThreeHosts() as net:`` gives namespaces net.ns[0..2] at net.addr[0..2] (server 0, server 1, the
     client), each with a veth into one bridge that lives in a fourth namespace (the "switch"), no added delay.
-    Every host reaches every other one at its address; nothing is routed to or from the machine's own network."""
+    Every host reaches every other one at its address; nothing is routed to or from the machine's own network.
 
-    def __init__(self):
+    ``outside=True`` also plugs the test's own namespace into the bridge (at ``net.outside_addr``, its veth
+    ``net.outside_veth``): clients that run in the test process reach the hosts over the veths, as from a
+    fourth machine on the same LAN."""
+
+    def __init__(self, outside: bool = False):
         tag = secrets.token_hex(3)
+        self.outside = outside
+        self.outside_veth = f"vfr{tag}o"
         self.ns = tuple(f"fr{tag}{c}" for c in "abc")
         self.switch = f"fr{tag}s"
         self.veth = tuple(f"vfr{tag}{c}" for c in "abc")  # inside host i; its peer in the switch is ...s<i>
         octet = 16 + secrets.randbelow(200)
         self.addr = tuple(f"10.232.{octet}.{k + 1}" for k in range(3))
+        self.outside_addr = f"10.232.{octet}.9"
 
     def __enter__(self) -> "ThreeHosts":
         try:
@@ -112,12 +119,22 @@ class ThreeHosts(_Namespaces):
                 self.run(i, ["ip", "addr", "add", f"{self.addr[i]}/24", "dev", self.veth[i]])
                 self.run(i, ["ip", "link", "set", self.veth[i], "up"])
                 self.run(i, ["ip", "link", "set", "lo", "up"])
+            if self.outside:
+                port = f"{self.outside_veth}s"
+                _ip("link", "add", self.outside_veth, "type", "veth", "peer", "name", port)
+                _ip("link", "set", port, "netns", self.switch)
+                subprocess.run([*sw, "ip", "link", "set", port, "master", "br0"], check=True, capture_output=True)
+                subprocess.run([*sw, "ip", "link", "set", port, "up"], check=True, capture_output=True)
+                _ip("addr", "add", f"{self.outside_addr}/24", "dev", self.outside_veth)
+                _ip("link", "set", self.outside_veth, "up")
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.outside:
+            _ip("link", "del", self.outside_veth, check=False)  # its peer in the switch goes with it
         for ns in (*self.ns, self.switch):
             _ip("netns", "del", ns, check=False)  # removes the veth pairs and the bridge too
 

@@ -309,7 +309,10 @@ class ClientConnections:
             conn.close()
             return
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        logger.info("client %s (role %s) connected from %s", conn.name, conn.role, peer)
+        # the dealer asks server 0's status ten times a second, each time on a new connection: at INFO that
+        # is most of the log (about 860,000 lines a day), so its connections are logged at DEBUG only
+        logger.log(logging.DEBUG if conn.role == certs_mod.DEALER_ROLE else logging.INFO,
+                   "client %s (role %s) connected from %s", conn.name, conn.role, peer)
         try:
             self._loop(conn)
         except Refused as exc:

@@ -352,7 +352,9 @@ class ServiceServer:
         self._check_certs()
         model = self.current()
         while model is None:
-            logger.info("server %d: no model yet; waiting for `invoke train`", self.party)
+            logger.info("server %d: no model yet; waiting for %s", self.party,
+                        "a source's first contribution (`invoke contribute`)" if self.registry is not None
+                        else "`invoke train`")
             if self.stop.wait(2.0):
                 return
             model = self.current()
