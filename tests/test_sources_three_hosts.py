@@ -89,7 +89,7 @@ class Three:
 
     def env(self, who: str) -> dict[str, str]:
         env = dict(os.environ, INVOKE_PATHS_VAR=str(self.var(who)), TF_CPP_MIN_LOG_LEVEL="3",
-                   INVOKE_FACE_BACKEND="dlib", INVOKE_MPSPDZ_TIMEOUT="300")
+                   INVOKE_FACE_BACKEND="facenet", INVOKE_MPSPDZ_TIMEOUT="300")
         env.pop("INVOKE_SERVICE_MODEL_RECORD", None)
         if who in SOURCES or who == DOOR:
             env["INVOKE_SERVICE_HOSTS"] = str(self.hosts)  # service.hosts: service-hosts in its invoke.yaml
@@ -187,7 +187,7 @@ def _split(lfw10: Path, root: Path) -> tuple[dict[str, Path], dict[str, list[Pat
 def _embed(folder: Path, cache: Path):
     from preprocessing.dataset import embed_gallery
 
-    return embed_gallery(folder, backend="dlib", detector="hog", cache_dir=cache, progress=False)
+    return embed_gallery(folder, backend="facenet", detector="hog", cache_dir=cache, progress=False)
 
 
 @pytest.mark.mpc
@@ -303,11 +303,13 @@ def _flow(dep: Three, lfw10: Path, lfw_unknown: Path) -> None:
     x = np.concatenate([g.embeddings for g in union])
     labels = [lab for g in union for lab in g.labels]
     classes = sorted(set(labels))
-    params = reference.TrainParams(epochs=1, batch=32, lr=1.0, alpha=96.0, exp_bits=8, seed=1)
+    params = reference.TrainParams(epochs=1, batch=32, lr=1.0, alpha=16.0, exp_bits=8, seed=1)
     w = reference.train(x, np.array([classes.index(n) for n in labels]), len(classes), params)
     q = _embed(_as_gallery(queries, dep.root / "qg"), cache)
     best, conf = reference.predict(w, q.embeddings, 8)
-    thr = 0.97  # invoke.yaml sources.threshold.dlib: the servers' public threshold
+    from preprocessing.models import open_set_threshold
+
+    thr = open_set_threshold("facenet", len(classes))  # the servers' public threshold (models/thresholds.json)
     ref = {str(queries / Path(pth).name): (classes[b] if cf >= thr else "unknown_person")
            for pth, b, cf in zip(q.paths, best, conf)}
     ref_right = np.mean([ref[p] == truth[p] for p in truth])
