@@ -62,6 +62,7 @@ def main() -> int:
     ap.add_argument("--held", type=int, default=2, help="photos per person held out for queries")
     ap.add_argument("--strangers", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the servers' folders and logs here")
     a = ap.parse_args()
     cache = REPO / "var" / "cache" / "sources-accuracy"
     rng = np.random.default_rng(a.seed)
@@ -107,7 +108,7 @@ def main() -> int:
                 "thresholds": sorted([int(n), float(t)] for n, t in table.items())}
     mp = find_mpspdz(None)
     with tempfile.TemporaryDirectory() as tmp:
-        lab = SourcesLab(mp, Path(tmp), settings=settings, batch=16).start()
+        lab = SourcesLab(mp, a.workdir or Path(tmp), settings=settings, batch=16).start()
         try:
             srcs = {s: SourceClient(lab.client(s, "source"), lab.hosts, timeout=600) for s in SOURCES}
             for n, x in enrol.items():
