@@ -12,7 +12,8 @@ spread over three sources. Measured from the clients' side:
   check and the person's column on shares, the new generation on both servers, the service's switch);
 * **recognition**: one face at a time through the service, names and confidences as shares (median, p95);
 * **retraining**: `train --on-servers` (warm start + one SGD epoch on every stored photo);
-* **baseline** (single owner, the same embeddings): `invoke train`'s private training in local mode.
+* **baseline** (single owner, the same embeddings): `invoke train`'s private training in local mode, then its
+  service beside the many-source one, one face on each in turn (this machine's speed drifts within minutes).
 
 Prints one JSON line per measurement, then a summary.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -44,6 +46,44 @@ SOURCES = ("bank", "clinic", "kiosk")
 def emit(**row) -> dict:
     print(json.dumps(row), flush=True)
     return row
+
+
+def baseline(mp, a, sent, tmp: Path, door, people) -> list[dict]:
+    """The single owner with the same embeddings: its private training, then its service beside the
+    many-source one, one face at a time on each in turn (this machine's speed drifts: only turns compare)."""
+    from orchestration.client.local_service import LocalService
+    from orchestration.client.private import Layout, train_private
+    from orchestration.client.service import ServiceClient
+    from orchestration.mpspdz.toolchain import protocol
+
+    rows = []
+    x = np.concatenate([sent[j] for j in range(a.persons)])
+    labels = [f"person {j:05d}" for j in range(a.persons) for _ in range(a.photos)]
+    params = reference.TrainParams(epochs=1, batch=32, lr=1.0, alpha=SETTINGS["alpha"], exp_bits=8, seed=1)
+    layout = Layout(tmp / "owner", a.protocol)
+    t = time.monotonic()
+    rep = train_private(mp, layout, x, labels, params)
+    rows.append(emit(what="single-owner training (baseline)", persons=a.persons, photos=len(x),
+                     seconds=time.monotonic() - t, mpc_seconds=rep.run.wall_seconds))
+    with LocalService(mp, layout, protocol(a.protocol), batch=16, port=random.randrange(20000, 50000, 10),
+                      log_dir=layout.root / "logs") as svc:
+        svc.wait_ready()
+        owner, names_ms, owner_ms = ServiceClient(layout.client, svc.hosts), [], []
+        try:
+            for k in range(a.singles):
+                q = people.photos(k % a.persons, 1)
+                for fn, out in ((lambda: door.recognise(q), names_ms), (lambda: owner.recognise(q, 0.0), owner_ms)):
+                    t = time.perf_counter()
+                    fn()
+                    out.append(time.perf_counter() - t)
+        finally:
+            owner.close()
+    rows.append(emit(what="one face in turns: many sources (names as shares) / single owner", classes=a.persons,
+                     names_p50_ms=1000 * statistics.median(names_ms), owner_p50_ms=1000 * statistics.median(owner_ms),
+                     ratio=statistics.median(names_ms) / statistics.median(owner_ms),
+                     names_p95_ms=1000 * float(np.percentile(names_ms, 95)),
+                     owner_p95_ms=1000 * float(np.percentile(owner_ms, 95))))
+    return rows
 
 
 def main() -> int:
@@ -113,20 +153,12 @@ def main() -> int:
                 lat.append(time.perf_counter() - t)
             rows.append(emit(what="recognise one face after retraining", median_ms=1000 * statistics.median(lat),
                              p95_ms=1000 * float(np.percentile(lat, 95))))
+            if not a.no_baseline:
+                rows += baseline(mp, a, sent, Path(tmp), door, people)
             for cl in [*clients.values(), door, op]:
                 cl.close()
         finally:
             lab.stop()
-        if not a.no_baseline:
-            from orchestration.client.private import Layout, train_private
-
-            x = np.concatenate([sent[j] for j in range(a.persons)])
-            labels = [f"person {j:05d}" for j in range(a.persons) for _ in range(a.photos)]
-            params = reference.TrainParams(epochs=1, batch=32, lr=1.0, alpha=SETTINGS["alpha"], exp_bits=8, seed=1)
-            t = time.monotonic()
-            rep = train_private(mp, Layout(Path(tmp) / "owner", a.protocol), x, labels, params)
-            rows.append(emit(what="single-owner training (baseline)", persons=a.persons, photos=len(x),
-                             seconds=time.monotonic() - t, mpc_seconds=rep.run.wall_seconds))
     print("\n| measurement | figure |\n|---|---|")
     for r in rows:
         figs = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items() if k != "what")

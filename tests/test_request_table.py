@@ -168,17 +168,16 @@ class TwoGateways(RuleBasedStateMachine):
             if r1 is not None:
                 assert r0 is not None and r0.id == r1.id and (r0.n, r0.d1) == (r1.n, r1.d1)
         assert x0.shape == x1.shape == (BATCH, D1)
-        best = np.arange(BATCH, dtype=np.uint64)
-        t0.deliver(slots, best, best, "g")
-        t1.deliver(s1, best, best, "g")
+        out = np.stack([np.arange(BATCH, dtype=np.uint64)] * 2, axis=1)  # (best, S) per query
+        t0.deliver(slots, out, "g")
+        t1.deliver(s1, out, "g")
 
     @rule()
     def plan_lost(self) -> None:
         """Server 0 computes a plan that never reaches server 1 (out of step): server 1's copies are left
         held by both and never planned again, which only the request timeout ends."""
         slots, _ = self.t[0].plan("g", None)
-        best = np.zeros(BATCH, dtype=np.uint64)
-        self.t[0].deliver(slots, best, best, "g")
+        self.t[0].deliver(slots, np.zeros((BATCH, 2), dtype=np.uint64), "g")
 
     @rule(dt=st.sampled_from([0.5, 3.0, 15.0, 30.0]))
     def time_passes(self, dt: float) -> None:

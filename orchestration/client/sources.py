@@ -259,12 +259,18 @@ class SourceClient(_Gallery):
 class QueryClient(_Gallery):
     """Who is this face: a name or unknown_person, and the confidence of a name."""
 
+    _held: tuple[float, dict[str, Any]] | None = None  # the last status that served, and when it was read
+
     def _serving(self) -> dict[str, Any]:
-        """Server 0's status once both servers serve the gallery (a session may be starting: waited for)."""
+        """Server 0's status once both servers serve the gallery (a session may be starting: waited for); a status
+        read within the last second is used again (a request for an older generation is refused and asked anew)."""
+        if self._held is not None and time.monotonic() - self._held[0] < 1.0:
+            return self._held[1]
         deadline = time.monotonic() + self.svc.timeout
         while True:
             st = self.status()
             if all(s.get("state") == "serving" and s.get("names") is not None for s in st):
+                self._held = (time.monotonic(), st[0])
                 return st[0]
             if time.monotonic() > deadline:
                 raise ServiceError(f"the service serves no gallery of names within {self.svc.timeout:.0f} s (state "
@@ -287,7 +293,8 @@ class QueryClient(_Gallery):
             try:
                 answers = self._both(frames, "result")
             except ServiceError as exc:
-                if exc.code == "generation" and wraps < 2:
+                self._held = None
+                if exc.code in ("generation", "unavailable") and wraps < 2:
                     time.sleep(0.3)
                     continue
                 raise
