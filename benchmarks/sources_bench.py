@@ -65,7 +65,7 @@ def baseline(mp, a, sent, tmp: Path, door, people) -> list[dict]:
     rep = train_private(mp, layout, x, labels, params)
     rows.append(emit(what="single-owner training (baseline)", persons=a.persons, photos=len(x),
                      seconds=time.monotonic() - t, mpc_seconds=rep.run.wall_seconds))
-    with LocalService(mp, layout, protocol(a.protocol), batch=16, port=random.randrange(20000, 50000, 10),
+    with LocalService(mp, layout, protocol(a.protocol), batch=16, port=random.randrange(20000, 32000, 10),
                       log_dir=layout.root / "logs") as svc:
         svc.wait_ready()
         owner, names_ms, owner_ms = ServiceClient(layout.client, svc.hosts), [], []

@@ -42,7 +42,7 @@ class SourcesLab:
                  batch: int = 4):
         self.layout = Layout(Path(root) / "sources", proto)
         self.settings = dict(settings or SETTINGS)
-        port = random.randrange(20000, 50000, 10)
+        port = random.randrange(20000, 32000, 10)  # below the ephemeral range (32768-): no outgoing connection takes it
         self.svc = LocalService(mp, self.layout, protocol(proto), port=port, batch=batch,
                                 log_dir=Path(root) / "logs", sources=self.settings, follower_wait=5.0)
 
