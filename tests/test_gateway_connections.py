@@ -292,3 +292,21 @@ def test_a_refused_client_is_logged_with_its_certificates_name_fingerprint_and_t
     assert "'client-door'" in line and info.fingerprint in line, line
     assert "invoke certs --id 0 --allow-client" in line, line
     assert _status(_connect(alice))["type"] == "status"  # a pinned client is served as before
+
+
+def test_clients_pinned_in_a_row_are_all_trusted(gw, tmp_path):
+    """Pins change while a connection sends frames (each frame re-reads the pins): a new client's connection is
+    trusted by a context built for the pins as they are now. (The context was cached by the pin table's id(), and a
+    new table could reuse a freed one's id: a pinned client was then refused with 'unknown ca'.)"""
+    g = gw()
+    first = g.client(tmp_path, "first")
+    sock = _connect(first)
+    for k in range(12):
+        cl = g.client(tmp_path, f"c{k}a")
+        _status(sock)  # the pins are read again: a new table
+        cl2 = g.client(tmp_path, f"c{k}b")
+        _status(sock)  # and again, while the context was built for an older one
+        for c in (cl, cl2):
+            assert _status(_connect(c))["type"] == "status"
+            c.close()
+    first.close()

@@ -188,21 +188,23 @@ class ClientConnections:
         self.lock = threading.Lock()
         self.conns: set[ClientConn] = set()
         self.handshakes = threading.BoundedSemaphore(limits.max_handshakes)
-        self._ctx: tuple[int, ssl.SSLContext] | None = None
+        # the pins a context was built for, kept (not their id(): a later dict can reuse a freed one's id, and
+        # then a context without the newest pins would be taken for current)
+        self._ctx: tuple[dict[str, certs_mod.PinnedClient], ssl.SSLContext] | None = None
 
     def context(self) -> ssl.SSLContext:
         """The context for a new client connection: this server's certificate (``own()``: certificate and
         key files), TLS 1.2 with AEAD suites, trusting exactly the clients pinned right now."""
         allowed = self.pins.current()
         cached = self._ctx
-        if cached is not None and cached[0] == id(allowed):
+        if cached is not None and cached[0] is allowed:
             return cached[1]
         ctx = certs_mod.harden_tls(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
         ctx.load_cert_chain(*self.own())
         ctx.verify_mode = ssl.CERT_REQUIRED
         if allowed:
             ctx.load_verify_locations(cadata="".join(c.pem for c in allowed.values()))
-        self._ctx = (id(allowed), ctx)
+        self._ctx = (allowed, ctx)
         return ctx
 
     def forget_context(self) -> None:
