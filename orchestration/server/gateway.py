@@ -267,13 +267,15 @@ class ServiceServer:
         self._listeners.append(s)
         return s
 
-    def _link_accept_loop(self, lsock: socket.socket) -> None:
+    def _accept_loop(self, lsock: socket.socket, serve: Any) -> None:
+        """Hand every connection on ``lsock`` to ``serve(sock, addr)`` in a thread of its own (the other server's
+        links: the gateways' and the registry's)."""
         while not self.stop.is_set():
             try:
                 sock, addr = lsock.accept()
             except (socket.timeout, OSError):
                 continue
-            threading.Thread(target=self.links.accept, args=(sock, addr), daemon=True).start()
+            threading.Thread(target=serve, args=(sock, addr), daemon=True).start()
 
     def serve(self) -> None:
         """Run until :attr:`stop` is set (SIGTERM / SIGINT in ``invoke serve``)."""
@@ -286,11 +288,11 @@ class ServiceServer:
         threading.Thread(target=self.clients.accept_loop, args=(lsock,), daemon=True).start()
         if self.party == 1:
             lk = self._listen(self.ports.link(), "server 0's gateway")
-            threading.Thread(target=self._link_accept_loop, args=(lk,), daemon=True).start()
+            threading.Thread(target=self._accept_loop, args=(lk, self.links.accept), daemon=True).start()
         if self.registry is not None and self.party == 1:
             rl = self._listen((self.ports.hosts[1].address, self.ports.hosts[1].port + REGISTRY_LINK_OFFSET),
                               "server 0's registry")
-            threading.Thread(target=self.registry.listen, args=(rl,), daemon=True).start()
+            threading.Thread(target=self._accept_loop, args=(rl, self.registry.follow), daemon=True).start()
         threading.Thread(target=self._janitor, daemon=True).start()
         logger.info("server %d: serving clients on %s:%d (%s, batch %d)", self.party, *self.ports.client(self.party),
                     self.proto.name, self.batch)

@@ -34,10 +34,11 @@ import numpy as np
 from orchestration.mpspdz.hosts import Hosts
 from orchestration.server import gallery_ops
 from orchestration.server.connections import ClientConn, Refused
+from orchestration.server.link import link_receive
 from orchestration.server.gallery import MAX_PERSONS, MAX_PHOTOS, Gallery, GalleryError, check_id
 from orchestration.shared import reference
 from orchestration.shared.roles import ACTIONS, RoleError, require_role
-from orchestration.shared.wire import WireError, body_shares, int_field, receive, send, shares_body, str_field
+from orchestration.shared.wire import WireError, body_shares, int_field, send, shares_body, str_field
 
 logger = logging.getLogger(__name__)
 
@@ -297,19 +298,10 @@ class Registry:
     @staticmethod
     def _receive(sock: ssl.SSLSocket, timeout: float = HALF_WAIT + 10) -> dict[str, Any]:
         sock.settimeout(timeout)
-        header, _ = receive(sock, check=lambda h: 0, max_body=0, max_header=4 << 20)
-        return header
+        return link_receive(sock)  # headers only, as on the gateways' link
 
-    def listen(self, lsock: socket.socket) -> None:
-        """Server 1: serve server 0's registry connections, one operation each."""
-        while not self.stop.is_set():
-            try:
-                raw, addr = lsock.accept()
-            except (socket.timeout, OSError):
-                continue
-            threading.Thread(target=self._follow, args=(raw, addr), daemon=True).start()
-
-    def _follow(self, raw: socket.socket, addr: tuple[str, int]) -> None:
+    def follow(self, raw: socket.socket, addr: tuple[str, int]) -> None:
+        """Server 1: one registry connection of server 0 (one operation), in a thread of its own."""
         try:
             raw.settimeout(10.0)
             link = self.link_context(True).wrap_socket(raw, server_side=True)
