@@ -2,7 +2,9 @@
 
 The report (Markdown + PNGs) gives closed-set accuracy, the plaintext reference's accuracy and the
 agreement between them, open-set acceptance/rejection at the chosen threshold and over all thresholds,
-a confusion matrix, and time and data sent per phase.
+a confusion matrix, and time and data sent per phase; and in NIST 1:N terms (orchestration.client.report,
+over the score named by SCORE_NAME) TPIR at FPIR 0.1/1/10%, a DET curve, a score histogram, and the five
+persons recognised worst with their test photos.
 """
 from __future__ import annotations
 
@@ -20,8 +22,13 @@ from preprocessing.fileio import atomic_write_json, atomic_write_text
 from orchestration.shared import reference
 from orchestration.mpspdz.toolchain import DEFAULT_PROTOCOL, MPSPDZ
 from orchestration.client.private import Layout, Prediction, predict_private, train_private
+from orchestration.client import report as open_set_report
 
 logger = logging.getLogger(__name__)
+
+# The open-set score the report's TPIR/FPIR table, DET curve and histogram use: what the servers return per face
+# (Prediction.confidence), higher = more likely an enrolled person, accepted when >= the threshold.
+SCORE_NAME = "confidence 1/S (top softmax probability)"
 
 
 @dataclass
@@ -45,6 +52,7 @@ class Evaluation:
     data_mb: dict[str, float] = field(default_factory=dict)
     skipped: int = 0
     protocol: str = DEFAULT_PROTOCOL
+    open_set: dict[str, Any] = field(default_factory=dict)  # TPIR at FPIR, worst persons (report.open_set_section)
 
 
 def split_gallery(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +165,9 @@ def evaluate(mp: MPSPDZ, dataset: Path, unknown: Path | None, out_dir: Path, par
         unknown_reject=float(np.mean([p.label == -1 for p in unk_preds])) if unk_preds else float("nan"),
         decision_agreement=float(np.mean(np.concatenate(mpc_decisions) == np.concatenate(ref_decisions))),
         seconds=seconds, data_mb=data, skipped=n_skipped, protocol=protocol)
-    write_report(ev, out_dir, truth, best, conf, u_conf, classes)
+    returned = np.array([p.label for p in known_preds], dtype=int)
+    write_report(ev, out_dir, truth, best, conf, u_conf, classes, returned=returned,
+                 test_paths=[g.paths[i] for i in te])
     return ev
 
 
@@ -182,7 +192,11 @@ def _embed_flat(folder: Path, backend: str, detector: str, cache_dir: Path) -> t
 
 
 def write_report(ev: Evaluation, out_dir: Path, truth: np.ndarray, best: np.ndarray, conf: np.ndarray,
-                 u_conf: np.ndarray, classes: list[str]) -> Path:
+                 u_conf: np.ndarray, classes: list[str], *, returned: np.ndarray | None = None,
+                 test_paths: list[Path] | None = None, score_name: str = SCORE_NAME) -> Path:
+    """``conf``/``u_conf``: the score per known/unknown face; ``returned``: the class index that came back per
+    known face (-1 unknown; default: ``best`` where the score reaches the threshold); ``test_paths``: the known
+    test faces' images (the worst persons' thumbnails; without them that part is left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,8 +223,7 @@ def write_report(ev: Evaluation, out_dir: Path, truth: np.ndarray, best: np.ndar
     ax.set_ylabel("true person")
     ax.set_title(f"Confusion matrix ({c} people, closed set, accuracy {ev.closed_set_accuracy:.3f})")
     fig.tight_layout()
-    fig.savefig(out_dir / "confusion.png", dpi=100)
-    plt.close(fig)
+    open_set_report.save_figure(fig, out_dir / "confusion.png")
     # open-set curve over thresholds
     ts = np.linspace(0, 1, 201)
     correct = best == truth
@@ -225,8 +238,11 @@ def write_report(ev: Evaluation, out_dir: Path, truth: np.ndarray, best: np.ndar
     ax.legend(loc="lower left", fontsize=8)
     ax.set_title("Open set: acceptance and rejection over thresholds")
     fig.tight_layout()
-    fig.savefig(out_dir / "open_set.png", dpi=100)
-    plt.close(fig)
+    open_set_report.save_figure(fig, out_dir / "open_set.png")
+    if returned is None:
+        returned = np.where(conf >= ev.threshold, best, -1)
+    section, ev.open_set = open_set_report.open_set_section(
+        out_dir, conf, best == truth, u_conf, ev.threshold, score_name, truth, returned, classes, test_paths)
 
     lines = [
         "# Private face recognition: evaluation",
@@ -253,6 +269,7 @@ def write_report(ev: Evaluation, out_dir: Path, truth: np.ndarray, best: np.ndar
         mb = next((m for name, m in ev.data_mb.items() if k.startswith(name)), None)
         lines.append(f"| {k} | {v:.1f} | {'' if mb is None else f'{mb:.1f}'} |")
     lines += ["", "![confusion matrix](confusion.png)", "", "![open set](open_set.png)", ""]
+    lines += section
     report = atomic_write_text(out_dir / "report.md", "\n".join(lines))
     atomic_write_json(out_dir / "evaluation.json", asdict(ev))
     return report
