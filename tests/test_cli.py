@@ -174,7 +174,13 @@ def test_evaluate_writes_report_with_pictures(workspace, lfw_unknown, tmp_path):
     text = (out / "report.md").read_text()
     for key in ("closed-set accuracy under MPC", "plaintext reference", "unknown faces rejected", "training (MPC"):
         assert key in text
-    for png in ("confusion.png", "open_set.png"):
+    for key in ("TPIR", "FPIR <= 10%", "threshold used", "five worst persons"):
+        assert key in text
+    pngs = ["confusion.png", "open_set.png", "det.png", "scores.png"]
+    if "Every person's test faces came back with the right name" not in text:
+        pngs.append("worst_persons.png")
+    for png in pngs:
+        assert f"]({png})" in text
         with Image.open(out / png) as im:
             assert im.size[0] >= 300 and im.size[1] >= 300
             arr = np.asarray(im.convert("L"))
@@ -183,6 +189,9 @@ def test_evaluate_writes_report_with_pictures(workspace, lfw_unknown, tmp_path):
 
     ev = json.loads((out / "evaluation.json").read_text())
     assert ev["closed_set_accuracy"] >= 0.8 and ev["agreement"] >= 0.99
+    used = ev["open_set"]["operating_points"][-1]
+    assert used["label"] == "threshold used" and used["threshold"] == ev["threshold"]
+    assert ev["open_set"]["targets_skipped"] == [0.001, 0.01]  # 12 strangers: only 10% is measurable
 
 
 def test_build_mpc_compiles_for_the_trained_sizes(workspace):

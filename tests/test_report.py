@@ -183,11 +183,19 @@ def test_write_report_links_every_picture_and_puts_the_numbers_in_json(tmp_path)
     assert [(w["name"], w["n_right"], w["returned"]) for w in ev["open_set"]["worst_persons"]] == [
         ("Ann", 1, ["Ann", "Bob"]), ("Cid", 1, ["Cid", "unknown_person"])]
 
+    # everyone right: the table says so and no picture is drawn
+    everyone = tmp_path / "everyone"
+    write_report(_ev(3, 6, 10, 0.0), everyone, truth, truth, KNOWN, STRANGERS, classes, returned=truth,
+                 test_paths=photos)
+    assert "Every person's test faces came back with the right name" in (everyone / "report.md").read_text()
+    assert not (everyone / "worst_persons.png").exists()
+    assert json.loads((everyone / "evaluation.json").read_text())["open_set"]["worst_persons"] == []
+
 
 def test_write_report_without_strangers_or_photos(tmp_path):
     truth = np.array([0, 1])
     write_report(_ev(2, 2, 0, 0.5), tmp_path, truth, truth, np.array([0.9, 0.4]), np.zeros(0), ["Ann", "Bob"])
     text = (tmp_path / "report.md").read_text()
-    assert "No unknown faces" in text and "worst_persons.png" not in text
+    assert "No unknown faces" in text and "](worst_persons.png)" not in text
     _is_drawn_png(tmp_path / "det.png", 200)
     assert json.loads((tmp_path / "evaluation.json").read_text())["open_set"]["operating_points"][0]["tpir"] == 0.5

@@ -217,7 +217,7 @@ def plot_det(path: Path, known_scores: np.ndarray, known_right: np.ndarray, unkn
     ax.set_ylabel(f"FNIR = 1 - TPIR ({len(ks)} known faces; 0 drawn at {fn_floor:.2g})")
     ax.set_title(f"DET: threshold on {score_name}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)  # a DET curve runs from upper left to lower right
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -236,6 +236,8 @@ def plot_scores(path: Path, known_scores: np.ndarray, known_right: np.ndarray, u
         if len(v):
             ax.hist(v, bins=bins, weights=np.full(len(v), 1.0 / len(v)), histtype="step", lw=1.5, color=color,
                     label=f"{name} ({len(v)})")
+        else:  # still in the legend: "none" is a result too
+            ax.plot([], [], color=color, lw=1.5, label=f"{name} (0)")
     ax.axvline(used_threshold, color="grey", ls="--", label=f"threshold used {used_threshold:.4g}")
     ax.set_xlabel(score_name)
     ax.set_ylabel("share of the group")
@@ -333,8 +335,8 @@ def open_set_section(out_dir: Path, known_scores: np.ndarray, known_right: np.nd
                 lines.append(f"| {p.name} | {p.n_right}/{p.n_test} | {p.accuracy:.3f} | "
                              + ", ".join(f"{b} x{n}" for b, n in sorted(wrong.items(), key=lambda x: (-x[1], x[0])))
                              + " |")
+            pic = plot_worst_persons(out_dir / "worst_persons.png", worst)
+            lines += ["", f"![worst persons]({pic.name})", ""]
         else:
-            lines.append("Every person's test faces came back with the right name.")
-        pic = plot_worst_persons(out_dir / "worst_persons.png", worst)
-        lines += ["", f"![worst persons]({pic.name})", ""]
+            lines += ["Every person's test faces came back with the right name (no worst_persons.png).", ""]
     return lines, numbers
