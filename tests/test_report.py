@@ -82,6 +82,13 @@ def test_det_curve_counts():
     assert np.all(np.diff(fpir) <= 0) and np.all(np.diff(fnir) >= 0)
 
 
+def test_threshold_grid_spans_any_score():
+    ts = report.threshold_grid(np.array([2.5, 7.0]), np.array([-3.0]), 4.0)  # logits, not probabilities
+    assert ts[0] == -3.0 and ts[-1] == 7.0 and len(ts) == 201
+    ts = report.threshold_grid(np.array([0.9]), np.zeros(0), 0.9)
+    assert ts[0] < 0.9 < ts[-1]
+
+
 def test_worst_persons_order_and_what_came_back():
     classes = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus"]
     # per test face: (true person, what came back; -1 unknown)

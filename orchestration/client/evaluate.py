@@ -225,14 +225,14 @@ def write_report(ev: Evaluation, out_dir: Path, truth: np.ndarray, best: np.ndar
     fig.tight_layout()
     open_set_report.save_figure(fig, out_dir / "confusion.png")
     # open-set curve over thresholds
-    ts = np.linspace(0, 1, 201)
+    ts = open_set_report.threshold_grid(conf, u_conf, ev.threshold)  # the score's own range, not [0, 1]
     correct = best == truth
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.plot(ts, [np.mean((conf >= t) & correct) for t in ts], label="known faces accepted with the right name")
     if len(u_conf):
         ax.plot(ts, [np.mean(u_conf < t) for t in ts], label="unknown faces rejected")
     ax.axvline(ev.threshold, color="grey", ls="--", label=f"default threshold {ev.threshold:.3f}")
-    ax.set_xlabel("confidence threshold")
+    ax.set_xlabel(f"threshold on {score_name}")
     ax.set_ylabel("rate")
     ax.set_ylim(0, 1.02)
     ax.legend(loc="lower left", fontsize=8)

@@ -140,6 +140,19 @@ def det_curve(known_scores: np.ndarray, known_right: np.ndarray,
     return ts, np.asarray(fpir, dtype=np.float64), np.asarray(fnir, dtype=np.float64)
 
 
+def threshold_grid(known_scores: np.ndarray, unknown_scores: np.ndarray, used_threshold: float,
+                   n: int = 201) -> np.ndarray:
+    """``n`` thresholds evenly over the scores' range and the threshold used ([0, 1] for a probability, not for
+    a logit), to draw rates against; [0, 1] when there is nothing to span."""
+    v = np.concatenate([np.asarray(known_scores, float).ravel(), np.asarray(unknown_scores, float).ravel(),
+                        [float(used_threshold)]])
+    v = v[np.isfinite(v)]
+    lo, hi = (float(v.min()), float(v.max())) if len(v) else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, n)
+
+
 def worst_persons(truth: Sequence[int], returned: Sequence[int], classes: Sequence[str],
                   paths: Sequence[Path | str], n: int = N_WORST) -> list[PersonResult]:
     """The ``n`` persons whose test faces came back with their name least often (ordering: module docstring).
