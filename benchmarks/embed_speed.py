@@ -1,10 +1,13 @@
-"""Client-side throughput: load + detect + align + embed, image by image.
+"""Client-side throughput: load + detect + align + embed.
 
-    python benchmarks/embed_speed.py --backend facenet --n 100
+    python benchmarks/embed_speed.py                               # lfw-devtrain/people, as `invoke train` embeds
+    python benchmarks/embed_speed.py --mode images --n 100         # image by image, with per-stage times
 
-Uses the first N images of <faces>/lfw10 (cycled if N is larger), after one
-warm-up image that builds the model (reported separately). Prints plain
-`key: value` lines, including peak resident memory of the process.
+--mode gallery (the default) runs preprocessing.embed_gallery, the path enrolment and training take:
+FaceNet batches of 32, and the network on a worker thread while the next images are loaded and
+detected. No cache is read or written. --mode images processes one image at a time (load, detect,
+align, embed, each timed), the path of a single query or a video frame. The first image builds the
+model and is timed apart (warmup). Prints plain `key: value` lines, including peak resident memory.
 """
 from __future__ import annotations
 
@@ -13,15 +16,18 @@ import logging
 import os
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from preprocessing import detect_faces, get_embedder, load_image_file  # noqa: E402
+from preprocessing.dataset import embed_gallery  # noqa: E402
+from preprocessing.faces import DETECTOR_MODELS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATASET = Path(os.environ.get("FACES_DIR", REPO.parent / "shared" / "faces")) / "lfw10"
+DEFAULT_DATASET = Path(os.environ.get("FACES_DIR", REPO.parent / "shared" / "faces")) / "lfw-devtrain" / "people"
 
 
 def peak_rss_mib() -> float:
@@ -32,9 +38,11 @@ def peak_rss_mib() -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="facenet", choices=["facenet", "dlib"])
-    parser.add_argument("--n", type=int, default=100, help="number of images to process")
+    parser.add_argument("--mode", default="gallery", choices=["gallery", "images"],
+                        help="gallery: embed_gallery (batched, overlapped); images: one image at a time, per stage")
+    parser.add_argument("--n", type=int, default=0, help="number of images (0: all; --mode images: 100)")
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="folder with <Person>/<image>")
-    parser.add_argument("--model", default="hog", choices=["hog", "cnn"], help="face detector")
+    parser.add_argument("--model", default="hog", choices=list(DETECTOR_MODELS), help="face detector")
     parser.add_argument("--upsample", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -42,9 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     files = sorted(p for p in args.dataset.glob("*/*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
     if not files:
         parser.error(f"{args.dataset}: no images under <Person>/ folders")
-    if args.n < 1:
-        parser.error("--n must be >= 1")
-    files = [files[i % len(files)] for i in range(args.n)]
+    if args.n < 0:
+        parser.error("--n must be >= 0 (0: every image)")
+    if args.mode == "gallery":
+        return run_gallery(args, files[:args.n] if args.n else files)
+    n_images = args.n or 100
+    files = [files[i % len(files)] for i in range(n_images)]
     rss_start = peak_rss_mib()
 
     embedder = get_embedder(args.backend)
@@ -75,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - start
     n = len(files)
 
+    print("mode: images (one at a time)")
     print(f"backend: {embedder.name}")
     print(f"model_id: {embedder.model_id}")
     print(f"detector: {args.model} upsample={args.upsample}")
@@ -87,6 +99,40 @@ def main(argv: list[str] | None = None) -> int:
     print(f"detect_ms_per_image: {1000 * t_detect / n:.1f}")
     print(f"align_ms_per_face: {1000 * t_align / max(faces_found, 1):.1f}")
     print(f"embed_ms_per_face: {1000 * t_embed / max(faces_found, 1):.1f}")
+    print(f"peak_rss_mib: {peak_rss_mib():.0f}")
+    print(f"peak_rss_mib_before_model: {rss_start:.0f}")
+    return 0
+
+
+def run_gallery(args: argparse.Namespace, files: list[Path]) -> int:
+    """embed_gallery over ``files`` (a gallery of links to them), no cache: what enrolment does."""
+    rss_start = peak_rss_mib()
+    embedder = get_embedder(args.backend)
+    t0 = time.perf_counter()
+    warm = load_image_file(files[0])
+    embedder.embed(warm, detect_faces(warm, model=args.model, upsample=args.upsample)[:1])
+    warmup = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in files:
+            person = Path(tmp) / path.parent.name
+            person.mkdir(exist_ok=True)
+            (person / path.name).symlink_to(path.resolve())
+        start = time.perf_counter()
+        g = embed_gallery(tmp, embedder=embedder, detector=args.model, upsample=args.upsample,
+                          cache_dir=None, progress=False)
+        total = time.perf_counter() - start
+    print("mode: gallery (embed_gallery: batches of 32, network on a worker thread)")
+    print(f"backend: {embedder.name}")
+    print(f"model_id: {embedder.model_id}")
+    print(f"detector: {args.model} upsample={args.upsample}")
+    print(f"dataset: {args.dataset}")
+    print(f"images: {len(files)}")
+    print(f"faces: {len(g)}")
+    print(f"skipped: {len(g.skipped)}")
+    print(f"warmup_seconds: {warmup:.2f}")
+    print(f"seconds: {total:.2f}")
+    print(f"images_per_second: {len(files) / total:.2f}")
+    print(f"faces_per_second: {len(g) / total:.2f}")
     print(f"peak_rss_mib: {peak_rss_mib():.0f}")
     print(f"peak_rss_mib_before_model: {rss_start:.0f}")
     return 0

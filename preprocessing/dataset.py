@@ -29,6 +29,7 @@ import io
 import json
 import logging
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -444,24 +445,36 @@ def embed_gallery(
     n_cached = 0
     n_embedded = 0
     pending: list[tuple[int, np.ndarray, int]] = []  # (item index, crop, n_faces)
+    # The embedder runs on a worker thread while this one goes on loading and detecting: TensorFlow
+    # and dlib's ResNet release the GIL while they compute, so detection (one core) overlaps the
+    # network (benchmarks/embed_speed.py). At most one batch waits behind the running one.
+    in_flight: list[tuple[Future[np.ndarray], list[tuple[int, np.ndarray, int]]]] = []
+
+    def collect(wait_all: bool) -> None:
+        nonlocal n_embedded
+        while in_flight and (wait_all or len(in_flight) > 1):
+            future, batch = in_flight.pop(0)
+            vectors = np.asarray(future.result(), dtype=np.float32)
+            if vectors.shape != (len(batch), embedder.dim):
+                raise RuntimeError(
+                    f"embedder {embedder.name!r} returned shape {vectors.shape} for {len(batch)} crops, "
+                    f"expected ({len(batch)}, {embedder.dim})"
+                )
+            for (index, _, n_faces), vector in zip(batch, vectors):
+                rows[index] = vector
+                cache.put(digests[index], "ok", vector, n_faces)  # type: ignore[arg-type]
+                n_embedded += 1
 
     def flush() -> None:
-        nonlocal n_embedded
         if not pending:
             return
-        vectors = np.asarray(embedder.embed_crops([crop for _, crop, _ in pending]), dtype=np.float32)
-        if vectors.shape != (len(pending), embedder.dim):
-            raise RuntimeError(
-                f"embedder {embedder.name!r} returned shape {vectors.shape} for {len(pending)} crops, "
-                f"expected ({len(pending)}, {embedder.dim})"
-            )
-        for (index, _, n_faces), vector in zip(pending, vectors):
-            rows[index] = vector
-            cache.put(digests[index], "ok", vector, n_faces)  # type: ignore[arg-type]
-            n_embedded += 1
+        batch = list(pending)
         pending.clear()
+        in_flight.append((worker.submit(embedder.embed_crops, [crop for _, crop, _ in batch]), batch))
+        collect(wait_all=False)
 
     bar = _progress_bar(len(items), progress, f"embedding gallery ({embedder.name})")
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
     try:
         for index, (_, path) in enumerate(items):
             bar.update(1)
@@ -505,7 +518,9 @@ def embed_gallery(
             if len(pending) >= batch_size:
                 flush()
         flush()
+        collect(wait_all=True)
     finally:
+        worker.shutdown(wait=True, cancel_futures=True)
         bar.close()
 
     skipped = [(items[i][1], reasons[i]) for i in sorted(reasons)]

@@ -279,3 +279,48 @@ def test_diff_against_previous() -> None:
     assert not make([("Ann", "1.jpg", "a1")]).diff_against(make([("Ann", "1.jpg", "a1")]))
     first = diff_galleries(None, new)
     assert first.first_run and first.persons_added == ["Ann", "Cy"]
+
+
+class _RecordingEmbedder:
+    """Wraps the dlib embedder: records the thread of every batch, and can fail on the n-th batch."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        from preprocessing import get_embedder
+
+        self.inner = get_embedder("dlib")
+        self.name, self.dim, self.model_id = self.inner.name, self.inner.dim, self.inner.model_id
+        self.threads: list[str] = []
+        self.fail_on = fail_on
+
+    def crops(self, image, faces):  # type: ignore[no-untyped-def]
+        return self.inner.crops(image, faces)
+
+    def embed_crops(self, crops):  # type: ignore[no-untyped-def]
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        if self.fail_on is not None and len(self.threads) == self.fail_on:
+            raise RuntimeError("embedder failed on purpose")
+        return self.inner.embed_crops(crops)
+
+
+def test_overlapped_batches_keep_every_embedding_with_its_image(small_gallery: Path, tmp_path: Path) -> None:
+    """Batches run on a worker thread while detection goes on: each row must still be its own image's
+    embedding (the same as one batch of everything), whatever the batch size."""
+    whole = embed_gallery(small_gallery, "dlib", progress=False, batch_size=64)
+    rec = _RecordingEmbedder()
+    split = embed_gallery(small_gallery, embedder=rec, progress=False, batch_size=2)
+    assert split.paths == whole.paths
+    np.testing.assert_allclose(split.embeddings, whole.embeddings, atol=1e-5)
+    assert len(rec.threads) == -(-len(whole) // 2)  # ceil: every batch ran, each once
+    assert all(t.startswith("embed") for t in rec.threads), rec.threads  # on the worker, not this thread
+
+
+def test_failed_batch_raises_and_caches_nothing_of_it(small_gallery: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="on purpose"):
+        embed_gallery(small_gallery, embedder=_RecordingEmbedder(fail_on=2), cache_dir=cache, progress=False,
+                      batch_size=2)
+    # only the first batch's two embeddings reached the cache (no-face entries aside)
+    again = embed_gallery(small_gallery, "dlib", cache_dir=cache, progress=False)
+    assert again.n_embedded == len(again) - 2
