@@ -93,11 +93,12 @@ def run(proto: str, x, labels, tr, te, params, mp, batch: int = 128) -> None:
         print(f"{p}mpc_plaintext_agreement: {np.mean(mpc_a == ref):.4f}", flush=True)
 
 
-def queries(proto: str, mp, params) -> None:
-    """One query at C=10 and C=291 (time, MP-SPDZ rounds), and a batch of 128 at C=291 (throughput)."""
+def queries(proto: str, mp, params, plan: list[tuple[int, list[int]]] | None = None) -> None:
+    """Recognition: time, data and MP-SPDZ rounds per (classes, batch); by default one query at C=10 and C=291,
+    and a batch of 128 at C=291 (throughput). Synthetic models (the size is what matters here)."""
     p = f"{proto}."
-    for c, batches in ((10, [1]), (291, [1, 128])):
-        x, labels = synthetic(c, 4, seed=c)
+    for c, batches in plan or [(10, [1]), (291, [1, 128])]:
+        x, labels = synthetic(c, 4 if c <= 300 else 2, seed=c)
         with tempfile.TemporaryDirectory(prefix=f"bench-q-{proto}-") as tmp:
             layout = Layout(Path(tmp), proto)
             train_private(mp, layout, x, list(labels), reference.TrainParams(**{**params.__dict__, "epochs": 0}),
@@ -122,6 +123,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1, help="SGD epochs (invoke.yaml default: 1)")
     ap.add_argument("--plain", action="store_true", help="semi2k without TLS (to measure what TLS costs)")
     ap.add_argument("--alpha", type=float, default=16.0)
+    ap.add_argument("--classes", type=int, nargs="+", help="queries: these gallery sizes (default: 10 291)")
+    ap.add_argument("--batches", type=int, nargs="+", help="queries: these batch sizes at every size (default: "
+                    "1 at C=10; 1 and 128 at C=291)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "pfr-bench-cache")
     args = ap.parse_args()
     ENCRYPTED = not args.plain
@@ -131,7 +135,10 @@ def main() -> None:
     for proto in args.protocol or ["dealer", "semi2k"]:
         print(f"{proto}.tls: {ENCRYPTED or proto == 'dealer'}", flush=True)
         if args.what == "queries":
-            queries(proto, mp, params)
+            plan = None
+            if args.classes or args.batches:
+                plan = [(c, args.batches or [1]) for c in (args.classes or [10, 291])]
+            queries(proto, mp, params, plan)
             continue
         if args.what == "scale":
             x, labels = synthetic(1000, 12, seed=7, spread=2.0)  # hard enough that accuracy is not 1.0
