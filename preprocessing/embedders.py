@@ -12,7 +12,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from .faces import FACENET_PADDING, TEMPLATE_VERSION, DetectedFace, align_face
+from .faces import FACENET_PADDING, TEMPLATE_VERSION, DetectedFace, align_face, landmark_model
 from .models import model_info, model_path
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class Embedder(Protocol):
     """A face embedding model."""
 
     name: str  # backend name: "facenet" or "dlib"
-    model_id: str  # cache key: backend, weights' sha256 prefix, crop recipe version
+    model_id: str  # cache key: backend, weights' sha256 prefix, crop recipe version, landmark model
     dim: int  # embedding length
 
     def crops(self, image: np.ndarray, faces: Sequence[DetectedFace]) -> list[np.ndarray]:
@@ -56,8 +56,14 @@ class FaceNetEmbedder:
 
     def __init__(self, padding: float = FACENET_PADDING) -> None:
         self.padding = float(padding)
-        sha = model_info("facenet_keras")["sha256"]
-        self.model_id = f"facenet:{sha[:12]}:align-{TEMPLATE_VERSION}-p{self.padding:g}"
+        self._sha = model_info("facenet_keras")["sha256"]
+
+    @property
+    def model_id(self) -> str:
+        """Names the weights, the crop recipe and the landmark model the crops are aligned on (68 points
+        keeps the id it had before there was a choice, so existing caches stay valid)."""
+        points = "" if landmark_model() == "68" else f"-lm{landmark_model()}"
+        return f"facenet:{self._sha[:12]}:align-{TEMPLATE_VERSION}-p{self.padding:g}{points}"
 
     def crops(self, image: np.ndarray, faces: Sequence[DetectedFace]) -> list[np.ndarray]:
         return [align_face(image, f.landmarks, size=self.crop_size, padding=self.padding) for f in faces]
@@ -77,7 +83,7 @@ class FaceNetEmbedder:
 
 
 class DlibEmbedder:
-    """dlib ResNet-34 face descriptor: dlib.get_face_chip (150 px, padding 0.25) from the 68 landmarks, 128-d."""
+    """dlib ResNet-34 face descriptor: dlib.get_face_chip (150 px, padding 0.25) from the landmarks (68 or 5), 128-d."""
 
     name = "dlib"
     dim = 128
@@ -85,9 +91,13 @@ class DlibEmbedder:
     padding = 0.25
 
     def __init__(self) -> None:
-        sha = model_info("dlib_resnet")["sha256"]
-        self.model_id = f"dlib:{sha[:12]}:chip{self.crop_size}-p{self.padding:g}"
+        self._sha = model_info("dlib_resnet")["sha256"]
         self._lock = threading.Lock()
+
+    @property
+    def model_id(self) -> str:
+        points = "" if landmark_model() == "68" else f"-lm{landmark_model()}"
+        return f"dlib:{self._sha[:12]}:chip{self.crop_size}-p{self.padding:g}{points}"
 
     @staticmethod
     @lru_cache(maxsize=None)

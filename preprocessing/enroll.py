@@ -324,7 +324,7 @@ def enroll(
     max_frames: stop after this many frames read from the source (None: no limit).
     Raises InvalidNameError, EnrollSourceError or ValueError for bad arguments.
     """
-    from .faces import FACENET_PADDING, align_face, detect_faces, sharpness
+    from .faces import FACENET_PADDING, align_face, detect_faces, frame_detector, sharpness
 
     validate_name(name)
     if backend not in ("facenet", "dlib"):
@@ -354,7 +354,7 @@ def enroll(
     try:
         for where, frame in frames:
             result.frames_checked += 1
-            faces = detect_faces(frame, model=detector, upsample=upsample, min_size=0)
+            faces = detect_faces(frame, model=frame_detector(detector), upsample=upsample, min_size=0)
             usable = [face for face in faces if face.size >= min_size]
             reason = None
             if not faces:

@@ -1,7 +1,13 @@
-"""Face detection, 68-point landmarks and landmark-based alignment (dlib + OpenCV).
+"""Face detection, landmarks and landmark-based alignment (dlib + OpenCV).
 
 Locations are (top, right, bottom, left) pixel tuples like face_recognition;
-landmarks are (68, 2) float arrays of (x, y) in iBUG 300-W order.
+landmarks are (68, 2) float arrays of (x, y) in iBUG 300-W order (dlib's 68-point model, trained
+on iBUG 300-W: not for commercial use) or (5, 2) arrays in the order of dlib's 5-point model
+(public domain): image-right eye outer and inner corner, image-left eye outer and inner corner,
+base of the nose.
+
+Detectors: "hog" (dlib's frontal HOG detector), "cnn" (dlib's MMOD CNN) and "cascade": HOG, and
+the CNN only on an image where HOG finds no face (benchmarks/detect_bench.py).
 """
 from __future__ import annotations
 
@@ -19,8 +25,38 @@ logger = logging.getLogger(__name__)
 
 Location = tuple[int, int, int, int]
 
-DETECTOR_MODELS = ("hog", "cnn")
+DETECTOR_MODELS = ("hog", "cnn", "cascade")
+LANDMARK_MODELS = ("68", "5")  # dlib's shape predictors: 68 points (iBUG 300-W) or 5 points (public domain)
 DEFAULT_MIN_SIZE = 40
+_default_landmarks = "68"
+
+
+def frame_detector(model: str) -> str:
+    """The detector for video frames: "cascade" becomes "hog". In a video a frame without a face is common (an
+    empty scene, a turned head), and the CNN on a 640x480 frame takes seconds on two cores (3.5 s at upsample
+    0, 16 s at 1, measured here), so a live stream would stall on every such frame; photos keep the cascade."""
+    if model not in DETECTOR_MODELS:
+        raise ValueError(f"unknown detector model {model!r}; allowed values: {', '.join(DETECTOR_MODELS)}")
+    return "hog" if model == "cascade" else model
+
+
+def use_landmarks(name: str) -> None:
+    """Set the landmark model detect_faces uses when none is given ("68" or "5"; the CLI sets it from
+    invoke.yaml face.landmarks). Embedders' model ids name it, so cached embeddings never mix the two."""
+    global _default_landmarks
+    _default_landmarks = check_landmarks(name)
+
+
+def landmark_model() -> str:
+    """The landmark model detect_faces uses by default: "68" or "5"."""
+    return _default_landmarks
+
+
+def check_landmarks(name: Any) -> str:
+    name = str(name)
+    if name not in LANDMARK_MODELS:
+        raise ValueError(f"unknown landmark model {name!r}; allowed values: {', '.join(LANDMARK_MODELS)}")
+    return name
 
 # --- alignment template -------------------------------------------------------
 # Points of dlib's mean face shape (dlib/image_transforms/interpolation.h,
@@ -39,6 +75,18 @@ _TEMPLATE_UNIT = np.array(
     ],
     dtype=np.float64,
 )
+# dlib's template for its 5-point model, in the same unit square (get_face_chip_details for 5-part
+# shapes, dlib/image_transforms/interpolation.h), in the model's point order.
+_TEMPLATE5_UNIT = np.array(
+    [
+        [0.8595674595992, 0.2134981538014],  # outer corner of the eye on the image's right
+        [0.6460604764104, 0.2289674387677],  # its inner corner
+        [0.1205750620789, 0.2137274526848],  # outer corner of the eye on the image's left
+        [0.3340850613712, 0.2290642403242],  # its inner corner
+        [0.4901123135679, 0.6277975316475],  # base of the nose
+    ],
+    dtype=np.float64,
+)
 # Default padding of align_face, as a fraction of the unit square on each side
 # (same meaning as dlib.get_face_chip's padding). Chosen for FaceNet, which was
 # trained on MTCNN boxes with a margin: with 0.3 the 1.6-unit crop covers about
@@ -52,10 +100,10 @@ FACENET_PADDING = 0.3
 
 @dataclass(frozen=True, eq=False)
 class DetectedFace:
-    """One detected face: its box and its 68 landmarks."""
+    """One detected face: its box and its landmarks (68 or 5 points)."""
 
     location: Location  # (top, right, bottom, left), clipped to the image
-    landmarks: np.ndarray  # (68, 2) float64 (x, y)
+    landmarks: np.ndarray  # (68, 2) or (5, 2) float64 (x, y)
 
     @property
     def area(self) -> int:
@@ -85,10 +133,10 @@ def _cnn_detector() -> Any:
 
 
 @lru_cache(maxsize=None)
-def _shape_predictor() -> Any:
+def _shape_predictor(landmarks: str = "68") -> Any:
     import dlib
 
-    return dlib.shape_predictor(str(model_path("shape_predictor_68")))
+    return dlib.shape_predictor(str(model_path(f"shape_predictor_{check_landmarks(landmarks)}")))
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -106,8 +154,11 @@ def _raw_rects(image: np.ndarray, model: str, upsample: int) -> list[Any]:
         raise ValueError(f"unknown detector model {model!r}; allowed values: {', '.join(DETECTOR_MODELS)}")
     if int(upsample) != upsample or upsample < 0:
         raise ValueError(f"upsample must be an integer >= 0, got {upsample!r}")
-    if model == "hog":
-        return list(_hog_detector()(image, int(upsample)))
+    if model in ("hog", "cascade"):
+        found = list(_hog_detector()(image, int(upsample)))
+        if found or model == "hog":
+            return found
+        logger.debug("cascade: HOG found no face in a %dx%d image, running the CNN", image.shape[1], image.shape[0])
     return [d.rect for d in _cnn_detector()(image, int(upsample))]
 
 
@@ -135,55 +186,63 @@ def _sorted_faces(image: np.ndarray, model: str, upsample: int) -> list[tuple[Lo
 def face_locations(image: np.ndarray, model: str = "hog", upsample: int = 1) -> list[Location]:
     """Boxes (top, right, bottom, left) of the faces in an RGB image, largest first.
 
-    model: "hog" (dlib frontal face detector) or "cnn" (dlib MMOD CNN detector).
+    model: "hog" (dlib frontal face detector), "cnn" (dlib MMOD CNN detector) or "cascade" (HOG, and
+    the CNN only when HOG finds nothing).
     upsample: how many times to double the image before detecting (finds smaller faces).
     """
     image = _check_image(image)
     return [loc for loc, _ in _sorted_faces(image, model, upsample)]
 
 
-def _landmarks_for_rect(image: np.ndarray, rect: Any) -> np.ndarray:
-    shape = _shape_predictor()(image, rect)
+def _landmarks_for_rect(image: np.ndarray, rect: Any, landmarks: str) -> np.ndarray:
+    shape = _shape_predictor(landmarks)(image, rect)
     return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
 
 
-def face_landmarks(image: np.ndarray, locations: Sequence[Location]) -> list[np.ndarray]:
-    """68-point landmarks, one (68, 2) float array of (x, y) per location."""
+def face_landmarks(image: np.ndarray, locations: Sequence[Location], landmarks: str | None = None) -> list[np.ndarray]:
+    """Landmarks, one (68, 2) or (5, 2) float array of (x, y) per location.
+
+    landmarks: "68" or "5" (None: landmark_model(), the process default)."""
     import dlib
 
     image = _check_image(image)
+    which = check_landmarks(landmark_model() if landmarks is None else landmarks)
     result = []
     for loc in locations:
         top, right, bottom, left = (int(v) for v in loc)
-        result.append(_landmarks_for_rect(image, dlib.rectangle(left, top, right, bottom)))
+        result.append(_landmarks_for_rect(image, dlib.rectangle(left, top, right, bottom), which))
     return result
 
 
 def detect_faces(
-    image: np.ndarray, model: str = "hog", upsample: int = 1, min_size: int = DEFAULT_MIN_SIZE
+    image: np.ndarray, model: str = "hog", upsample: int = 1, min_size: int = DEFAULT_MIN_SIZE,
+    landmarks: str | None = None,
 ) -> list[DetectedFace]:
     """Faces with landmarks, largest first; faces whose box is smaller than min_size px are dropped.
 
     Landmarks are predicted from the detector's unclipped box, so faces at the
-    image border keep their true shape.
+    image border keep their true shape. landmarks: "68" or "5" (None: landmark_model()).
     """
     image = _check_image(image)
+    which = check_landmarks(landmark_model() if landmarks is None else landmarks)
     faces = []
     for loc, rect in _sorted_faces(image, model, upsample):
         top, right, bottom, left = loc
         if min(bottom - top, right - left) < min_size:
             logger.debug("dropping face %s: smaller than min_size=%d", loc, min_size)
             continue
-        faces.append(DetectedFace(location=loc, landmarks=_landmarks_for_rect(image, rect)))
+        faces.append(DetectedFace(location=loc, landmarks=_landmarks_for_rect(image, rect, which)))
     return faces
 
 
 # --- alignment -----------------------------------------------------------------
 def _landmark_points(landmarks: np.ndarray) -> np.ndarray:
-    """The 7 template points taken from a (68, 2) landmark array."""
+    """The template points of a landmark array: 7 taken from (68, 2), or the 5 of a (5, 2) array."""
     lm = np.asarray(landmarks, dtype=np.float64)
+    if lm.shape == (5, 2):
+        return lm
     if lm.shape != (68, 2):
-        raise ValueError(f"landmarks must be a (68, 2) array of (x, y), got shape {lm.shape}")
+        raise ValueError(f"landmarks must be a (68, 2) or (5, 2) array of (x, y), got shape {lm.shape}")
     return np.stack(
         [
             lm[36],
@@ -197,18 +256,21 @@ def _landmark_points(landmarks: np.ndarray) -> np.ndarray:
     )
 
 
-def template_points(size: int = 160, padding: float = FACENET_PADDING) -> np.ndarray:
-    """Where align_face puts the 7 template points in a size x size crop, (7, 2) (x, y).
+def template_points(size: int = 160, padding: float = FACENET_PADDING, points: int = 7) -> np.ndarray:
+    """Where align_face puts the template points in a size x size crop, (points, 2) (x, y).
 
-    Order: outer eye corners (36, 45), eye centres (36-41, 42-47), nose tip (30),
-    mouth corners (48, 54). A unit-square point p lands at
-    size * (p + padding) / (1 + 2 * padding).
+    points=7 (from 68 landmarks): outer eye corners (36, 45), eye centres (36-41, 42-47), nose tip
+    (30), mouth corners (48, 54). points=5 (dlib's 5-point model): its eye corners and nose base.
+    A unit-square point p lands at size * (p + padding) / (1 + 2 * padding).
     """
     if size <= 0:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
     if padding <= -0.5:
         raise ValueError(f"padding must be > -0.5, got {padding}")
-    return size * (_TEMPLATE_UNIT + padding) / (1.0 + 2.0 * padding)
+    if points not in (5, 7):
+        raise ValueError(f"points must be 7 (68-point landmarks) or 5 (5-point landmarks), got {points}")
+    unit = _TEMPLATE_UNIT if points == 7 else _TEMPLATE5_UNIT
+    return size * (unit + padding) / (1.0 + 2.0 * padding)
 
 
 def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -235,7 +297,8 @@ def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 def alignment_matrix(landmarks: np.ndarray, size: int = 160, padding: float = FACENET_PADDING) -> np.ndarray:
     """The (2, 3) similarity transform align_face applies: image (x, y) -> crop (x, y)."""
-    return _similarity(_landmark_points(landmarks), template_points(size, padding))
+    src = _landmark_points(landmarks)
+    return _similarity(src, template_points(size, padding, points=len(src)))
 
 
 def align_face(
@@ -243,9 +306,9 @@ def align_face(
 ) -> np.ndarray:
     """Aligned (size, size, 3) uint8 face crop.
 
-    A similarity transform (rotation, uniform scale, translation; least squares
-    over 7 points) maps the landmarks' outer eye corners, eye centres, nose tip
-    and mouth corners onto template_points(size, padding). Pixels outside the
+    A similarity transform (rotation, uniform scale, translation; least squares)
+    maps 68 landmarks' outer eye corners, eye centres, nose tip and mouth corners
+    (or the 5 points of dlib's 5-point model) onto template_points(size, padding). Pixels outside the
     image are filled by replicating the border.
     """
     image = _check_image(image)

@@ -1,8 +1,11 @@
 """Locating model files and verifying their sha256 checksums.
 
-The registry is models/models.json in the repository. Entries with a
-"package" key live in that installed package's models/ folder; the others
-live in models_dir() (the repository's models/ folder, or $FACE_MODELS_DIR).
+The registry is models/models.json in the repository. Every file lives in models_dir() (the
+repository's models/ folder, or $FACE_MODELS_DIR), where ``invoke fetch-models`` puts it; an entry
+with a "package" key is also found in that installed package's models/ folder. Each entry names its
+licence and whether it allows commercial use; a licence-clean setup (``invoke setup --licence-clean``,
+which leaves the file models/licence-clean, or face.licence_clean in invoke.yaml) refuses every file
+that does not.
 
 models/thresholds.json holds the open-set thresholds calibrated per embedder on public faces
 (benchmarks/calibrate_threshold.py), read by open_set_threshold(): with several data owners nobody
@@ -27,8 +30,11 @@ logger = logging.getLogger(__name__)
 REGISTRY_PATH = Path(__file__).resolve().parents[1] / "models" / "models.json"
 ENV_MODELS_DIR = "FACE_MODELS_DIR"
 
+LICENCE_CLEAN_MARK = "licence-clean"
+
 _verified: dict[Path, tuple[int, int, str]] = {}
 _verified_lock = threading.Lock()
+_licence_clean: bool | None = None  # None: the mark file decides
 
 
 def models_dir() -> Path:
@@ -47,6 +53,25 @@ def _registry() -> dict[str, dict[str, Any]]:
         raise ModelFileError(f"{REGISTRY_PATH}: cannot read model registry ({exc})") from exc
 
 
+def set_licence_clean(flag: bool | None) -> None:
+    """Refuse (True) or allow (False) model files whose licence forbids commercial use; None: the mark file
+    models/licence-clean decides (``invoke setup --licence-clean`` writes it)."""
+    global _licence_clean
+    _licence_clean = None if flag is None else bool(flag)
+
+
+def licence_clean() -> bool:
+    """Whether this process refuses model files whose licence forbids commercial use."""
+    if _licence_clean is not None:
+        return _licence_clean
+    return (models_dir() / LICENCE_CLEAN_MARK).exists()
+
+
+def commercial_keys() -> list[str]:
+    """Registry keys whose licence allows commercial use (what a licence-clean setup may hold), sorted."""
+    return sorted(k for k, v in _registry().items() if v.get("commercial_use") is True)
+
+
 def model_keys() -> list[str]:
     """Keys known to the registry, sorted."""
     return sorted(_registry())
@@ -63,7 +88,8 @@ def model_info(key: str) -> dict[str, Any]:
 def _package_models_dir(package: str, get: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelFileError(f"package {package!r} is not installed; to get it: {get}")
+        raise ModelFileError(f"model file not in {models_dir()} and package {package!r} is not installed; to get it: "
+                             f"{get}")
     return Path(list(spec.submodule_search_locations)[0]) / "models"
 
 
@@ -84,11 +110,13 @@ def model_path(key: str) -> Path:
     info = model_info(key)
     get = info.get("get", "see models/models.json")
     expected = info["sha256"].lower()
-    if "package" in info:
-        folder = _package_models_dir(info["package"], get)
-    else:
-        folder = models_dir()
-    path = folder / info["file"]
+    if licence_clean() and info.get("commercial_use") is not True:
+        raise ModelFileError(
+            f"model {key!r} ({info['file']}) is refused in this licence-clean setup: {info.get('licence', 'no licence recorded')}"
+            f"; the licence-clean stack uses only {', '.join(commercial_keys())} (models/models.json)")
+    path = models_dir() / info["file"]
+    if "package" in info and not path.exists():
+        path = _package_models_dir(info["package"], get) / info["file"]
 
     try:
         stat = path.stat()

@@ -339,14 +339,14 @@ def test_load_weights_not_hdf5(facenet_module, tmp_path: Path) -> None:  # noqa:
 
 # --- model files -------------------------------------------------------------------------
 def test_model_paths_verify() -> None:
-    for key in ("facenet_keras", "shape_predictor_68", "mmod_detector", "dlib_resnet"):
+    for key in ("facenet_keras", "shape_predictor_5", "shape_predictor_68", "mmod_detector", "dlib_resnet"):
         path = model_registry.model_path(key)
         assert path.is_file() and path.name == model_registry.model_info(key)["file"]
     assert model_registry.models_dir() == REPO / "models" or os.environ.get("FACE_MODELS_DIR")
 
 
 def test_unknown_model_key() -> None:
-    with pytest.raises(ValueError, match="dlib_resnet, facenet_keras, mmod_detector, shape_predictor_68"):
+    with pytest.raises(ValueError, match="dlib_resnet, facenet_keras, mmod_detector, shape_predictor_5, shape_predictor_68"):
         model_registry.model_path("vgg_face")
 
 

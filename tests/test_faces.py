@@ -182,8 +182,8 @@ def test_other_sizes_and_paddings(bush: np.ndarray, bush_face: DetectedFace) -> 
     tight = alignment_matrix(bush_face.landmarks, 160, 0.1)
     loose = alignment_matrix(bush_face.landmarks, 160, 0.5)
     assert np.linalg.det(tight[:, :2]) > np.linalg.det(loose[:, :2])  # more padding = face smaller
-    with pytest.raises(ValueError, match=r"\(68, 2\)"):
-        align_face(bush, bush_face.landmarks[:5])
+    with pytest.raises(ValueError, match=r"\(68, 2\) or \(5, 2\) array of \(x, y\), got shape \(6, 2\)"):
+        align_face(bush, bush_face.landmarks[:6])
 
 
 def _mean_abs_diff(a: np.ndarray, b: np.ndarray, border: int = 16) -> float:
@@ -237,3 +237,56 @@ def test_sharpness_drops_with_blur(bush: np.ndarray, bush_face: DetectedFace) ->
     assert sharpness(crop) > 3 * sharpness(blurred) > 0
     assert sharpness(np.full((50, 50, 3), 7, np.uint8)) == 0.0
     assert sharpness(cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)) == pytest.approx(sharpness(crop))
+
+
+# --- cascade detector and 5-point landmarks ---------------------------------------------
+# An lfw-devtrain photo in which dlib's HOG detector (upsample 1) finds no face (benchmarks/detect_bench.py
+# lists all 19 of 3,146).
+HOG_MISSES = ("Angela_Merkel", "Angela_Merkel_0003.jpg")
+
+
+def test_cascade_finds_the_face_hog_misses(devtrain_people: Path) -> None:
+    image = load_image_file(devtrain_people / HOG_MISSES[0] / HOG_MISSES[1])
+    assert face_locations(image, model="hog") == []
+    found = face_locations(image, model="cascade")
+    assert found and found == face_locations(image, model="cnn")
+    faces = detect_faces(image, model="cascade", min_size=0)
+    assert faces and faces[0].location == found[0]
+
+
+def test_cascade_is_hog_where_hog_finds_a_face(bush: np.ndarray, blair: np.ndarray) -> None:
+    for image in (bush, blair):
+        hog = face_locations(image, model="hog")
+        assert hog and face_locations(image, model="cascade") == hog
+        assert hog != face_locations(image, model="cnn")  # the CNN's boxes differ: it really was not run
+
+
+def test_unknown_detector_and_landmark_model_list_the_allowed_values(bush: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="allowed values: hog, cnn, cascade"):
+        face_locations(bush, model="mtcnn")
+    with pytest.raises(ValueError, match="allowed values: 68, 5"):
+        detect_faces(bush, landmarks="17")
+
+
+def test_five_point_landmarks_align_like_the_68_point_ones(bush: np.ndarray) -> None:
+    five = detect_faces(bush, landmarks="5")[0]
+    sixty_eight = detect_faces(bush, landmarks="68")[0]
+    assert five.landmarks.shape == (5, 2) and five.location == sixty_eight.location
+    # the 5 points are the eye corners and the base of the nose: close to the 68-point model's own
+    lm = sixty_eight.landmarks
+    assert np.abs(five.landmarks[[0, 1, 2, 3]] - lm[[45, 42, 36, 39]]).max() < 6.0
+    assert np.abs(five.landmarks[4] - lm[33]).max() < 8.0
+    size = 160
+    matrix = alignment_matrix(five.landmarks, size)
+    moved = _apply(matrix, five.landmarks)
+    residual = np.linalg.norm(moved - template_points(size, points=5), axis=1)
+    assert residual.max() < 0.05 * size
+    assert abs(moved[0, 1] - moved[2, 1]) < 0.03 * size  # the eyes end up level
+    # both crops show the same face at about the same place and scale
+    a = align_face(bush, five.landmarks).astype(np.float64)
+    b = align_face(bush, sixty_eight.landmarks).astype(np.float64)
+    assert _mean_abs_diff(a, b) < 20.0
+    m68 = alignment_matrix(sixty_eight.landmarks, size)
+    assert abs(np.sqrt(np.linalg.det(matrix[:, :2])) / np.sqrt(np.linalg.det(m68[:, :2])) - 1) < 0.1
+    with pytest.raises(ValueError, match="points must be 7"):
+        template_points(size, points=6)

@@ -81,14 +81,28 @@ def _tls(c) -> bool:
 
 
 def _face(c, backend=None, detector=None, upsample=None):
+    """Face settings from the flags, else invoke.yaml's face section; also sets the landmark model
+    (face.landmarks, 5 under face.licence_clean) for this process."""
     from orchestration.client.app import FaceSettings
+    from preprocessing.faces import DETECTOR_MODELS, LANDMARK_MODELS, use_landmarks
+    from preprocessing.models import LICENCE_CLEAN_MARK, set_licence_clean
 
     backend = _cfg(c, "face", "backend", backend)
     detector = _cfg(c, "face", "detector", detector)
     if backend not in ("facenet", "dlib"):
         raise Exit(f"--backend {backend!r} is not one of: facenet, dlib", code=1)
-    if detector not in ("hog", "cnn"):
-        raise Exit(f"--detector {detector!r} is not one of: hog, cnn", code=1)
+    if detector not in DETECTOR_MODELS:
+        raise Exit(f"--detector {detector!r} is not one of: {', '.join(DETECTOR_MODELS)}", code=1)
+    landmarks = str(_cfg(c, "face", "landmarks", None) or "68")
+    if landmarks not in LANDMARK_MODELS:
+        raise Exit(f"invoke.yaml face.landmarks {landmarks!r} is not one of: {', '.join(LANDMARK_MODELS)}", code=1)
+    clean = bool(_cfg(c, "face", "licence_clean", None)) or (REPO / "models" / LICENCE_CLEAN_MARK).exists()
+    if clean and landmarks == "68":
+        raise Exit("face.landmarks is 68, but this is a licence-clean setup (face.licence_clean or "
+                   f"models/{LICENCE_CLEAN_MARK}): dlib's 68-point model is trained on iBUG 300-W, which excludes "
+                   "commercial use; set face.landmarks: 5 in invoke.yaml", code=1)
+    set_licence_clean(clean)
+    use_landmarks(landmarks)
     return FaceSettings(backend=backend, detector=detector, upsample=int(_cfg(c, "face", "upsample", upsample)))
 
 
@@ -240,7 +254,7 @@ def _train_params(c, epochs=None, batch=None, lr=None, alpha=None, backend=None)
 TRAIN_HELP = {
     "dataset": "gallery folder <dataset>/<person>/<image> (default: paths.gallery, else <var>/gallery)",
     "backend": "embedder: facenet | dlib",
-    "detector": "face detector: hog | cnn",
+    "detector": "face detector: hog | cnn | cascade (HOG, the CNN only where HOG finds no face)",
     "epochs": "SGD epochs after the nearest-class-mean warm start",
     "batch": "SGD mini-batch size",
     "lr": "SGD learning rate",

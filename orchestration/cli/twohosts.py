@@ -403,7 +403,7 @@ def share_train(c, out, dataset=None, backend=None, detector=None, epochs=None, 
     "dir": "a folder of images to recognise",
     "threshold": "confidence below which a face is unknown_person (default: the one chosen at training)",
     "backend": "embedder: facenet | dlib (must match training)",
-    "detector": "face detector: hog | cnn",
+    "detector": "face detector: hog | cnn | cascade (HOG, the CNN only where HOG finds no face)",
 })
 def share_predict(c, out, image=None, dir=None, threshold=None, backend=None, detector=None):
     """Client, two hosts: embed query images and write one recognition share bundle per server."""

@@ -28,7 +28,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 @dataclass
 class FaceSettings:
     backend: str = "facenet"
-    detector: str = "hog"
+    detector: str = "cascade"  # invoke.yaml face.detector; video frames run it as HOG (faces.frame_detector)
     upsample: int = 1
 
 

@@ -110,20 +110,23 @@ class FaceRecognizer:
     def warm_up(self) -> float:
         """Load the detector, landmark and embedding models (and trace the embedder) now; the seconds it took."""
         from preprocessing import detect_faces, face_landmarks
+        from preprocessing.faces import frame_detector
 
         t0 = time.monotonic()
         blank = np.zeros((64, 64, 3), np.uint8)
-        detect_faces(blank, model=self.face.detector, upsample=0)
+        detect_faces(blank, model=frame_detector(self.face.detector), upsample=0)
         face_landmarks(blank, [(8, 56, 56, 8)])
         size = int(getattr(self.embedder, "crop_size", 160))
         self.embedder.embed_crops([np.zeros((size, size, 3), np.uint8)])
         return time.monotonic() - t0
 
     def detect(self, rgb: np.ndarray) -> list[Any]:
-        """The faces (with landmarks) of an RGB frame, largest first."""
+        """The faces (with landmarks) of an RGB frame, largest first (the cascade runs as HOG on frames:
+        preprocessing.faces.frame_detector)."""
         from preprocessing import detect_faces
+        from preprocessing.faces import frame_detector
 
-        return detect_faces(rgb, model=self.face.detector, upsample=self.face.upsample)
+        return detect_faces(rgb, model=frame_detector(self.face.detector), upsample=self.face.upsample)
 
     def embed(self, rgb: np.ndarray, faces: Sequence[Any]) -> np.ndarray:
         """Aligned and embedded faces, one row per face."""
