@@ -5,6 +5,7 @@ detected, aligned and embedded; each embedding's nearest other embedding
 (cosine on L2-normalised vectors) must belong to the same person.
 
     python benchmarks/embed_accuracy.py /work/shared/faces/lfw10 --backend facenet
+    python benchmarks/embed_accuracy.py ../shared/faces/lfw-devtrain/people --model cascade --landmarks 5
 
 Prints plain `key: value` lines. Embeddings are cached under the system's
 temporary folder (never in the repository); --no-cache disables that.
@@ -31,6 +32,7 @@ from preprocessing import (  # noqa: E402
     load_image_file,
 )
 from preprocessing.embedders import FaceNetEmbedder  # noqa: E402
+from preprocessing.faces import DETECTOR_MODELS, LANDMARK_MODELS, use_landmarks  # noqa: E402
 
 logger = logging.getLogger("embed_accuracy")
 
@@ -62,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", type=Path, help="folder with <Person>/<image> files")
     parser.add_argument("--backend", default="facenet", choices=["facenet", "dlib"])
-    parser.add_argument("--model", default="hog", choices=["hog", "cnn"], help="face detector")
+    parser.add_argument("--model", default="hog", choices=list(DETECTOR_MODELS), help="face detector")
+    parser.add_argument("--landmarks", default="68", choices=list(LANDMARK_MODELS),
+                        help="landmark model the faces are aligned on (68: iBUG 300-W, not for commercial use; 5: "
+                             "public domain)")
     parser.add_argument("--upsample", type=int, default=1)
     parser.add_argument("--padding", type=float, default=None, help="facenet only: alignment padding override")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if not items:
         parser.error(f"{root}: no .jpg/.jpeg/.png images under <Person>/ folders")
 
+    use_landmarks(args.landmarks)
     if args.padding is not None:
         if args.backend != "facenet":
             parser.error("--padding applies to --backend facenet only")
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"backend: {embedder.name}")
     print(f"model_id: {embedder.model_id}")
     print(f"detector: {args.model} upsample={args.upsample}")
+    print(f"landmarks: {args.landmarks}")
     print(f"people: {len({p for p, _ in items})}")
     print(f"images: {len(items)}")
     print(f"faces_found: {n_found}")

@@ -28,7 +28,8 @@ Location = tuple[int, int, int, int]
 DETECTOR_MODELS = ("hog", "cnn", "cascade")
 LANDMARK_MODELS = ("68", "5")  # dlib's shape predictors: 68 points (iBUG 300-W) or 5 points (public domain)
 DEFAULT_MIN_SIZE = 40
-_default_landmarks = "68"
+# 5 points by default: as accurate as 68 on lfw-devtrain (benchmarks/embed_accuracy.py) and public domain
+_default_landmarks = "5"
 
 
 def frame_detector(model: str) -> str:
@@ -41,8 +42,8 @@ def frame_detector(model: str) -> str:
 
 
 def use_landmarks(name: str) -> None:
-    """Set the landmark model detect_faces uses when none is given ("68" or "5"; the CLI sets it from
-    invoke.yaml face.landmarks). Embedders' model ids name it, so cached embeddings never mix the two."""
+    """Set the landmark model detect_faces uses when none is given ("5", the default, or "68"; the CLI sets
+    it from invoke.yaml face.landmarks). Embedders' model ids name it, so cached embeddings never mix the two."""
     global _default_landmarks
     _default_landmarks = check_landmarks(name)
 

@@ -34,7 +34,8 @@ def blair(lfw10: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def bush_face(bush: np.ndarray) -> DetectedFace:
-    faces = detect_faces(bush)
+    """The 68-point face (the default is 5 points: test_five_point_landmarks_align_like_the_68_point_ones)."""
+    faces = detect_faces(bush, landmarks="68")
     assert faces, "no face found in George_W_Bush_0001.jpg"
     return faces[0]
 
@@ -74,8 +75,9 @@ def test_detect_faces_on_lfw(bush: np.ndarray, bush_face: DetectedFace) -> None:
 def test_face_locations_and_landmarks_agree_with_detect_faces(bush: np.ndarray, bush_face: DetectedFace) -> None:
     locations = face_locations(bush)
     assert locations[0] == bush_face.location
-    landmarks = face_landmarks(bush, locations[:1])
+    landmarks = face_landmarks(bush, locations[:1], landmarks="68")
     assert len(landmarks) == 1 and landmarks[0].shape == (68, 2)
+    assert face_landmarks(bush, locations[:1])[0].shape == (5, 2)  # the default model
     assert np.abs(landmarks[0] - bush_face.landmarks).max() < 3.0
 
 
@@ -209,15 +211,17 @@ def test_rotated_scaled_copy_aligns_to_same_crop(bush: np.ndarray, bush_face: De
     assert _mean_abs_diff(exact, reference) < 4.0
 
     # Landmarks detected afresh on the rotated, scaled copy.
-    faces = detect_faces(warped)
-    assert faces, "no face found in the rotated copy"
-    redetected = align_face(warped, faces[0].landmarks)
     unaligned = cv2.resize(warped[130:290, 130:290], (160, 160))
-    other_person = align_face(blair, detect_faces(blair)[0].landmarks)
-    d_same = _mean_abs_diff(redetected, reference)
-    assert d_same < 12.0
-    assert d_same < 0.5 * _mean_abs_diff(unaligned, reference)
-    assert d_same < 0.5 * _mean_abs_diff(other_person, reference)
+    for points in ("68", "5"):
+        reference = align_face(bush, detect_faces(bush, landmarks=points)[0].landmarks)
+        faces = detect_faces(warped, landmarks=points)
+        assert faces, "no face found in the rotated copy"
+        redetected = align_face(warped, faces[0].landmarks)
+        other_person = align_face(blair, detect_faces(blair, landmarks=points)[0].landmarks)
+        d_same = _mean_abs_diff(redetected, reference)
+        assert d_same < 12.0, points
+        assert d_same < 0.5 * _mean_abs_diff(unaligned, reference), points
+        assert d_same < 0.5 * _mean_abs_diff(other_person, reference), points
 
 
 def test_large_face_is_downscaled_without_aliasing(bush: np.ndarray, bush_face: DetectedFace) -> None:
@@ -269,7 +273,8 @@ def test_unknown_detector_and_landmark_model_list_the_allowed_values(bush: np.nd
 
 
 def test_five_point_landmarks_align_like_the_68_point_ones(bush: np.ndarray) -> None:
-    five = detect_faces(bush, landmarks="5")[0]
+    five = detect_faces(bush)[0]  # 5 points: the default
+    assert np.array_equal(five.landmarks, detect_faces(bush, landmarks="5")[0].landmarks)
     sixty_eight = detect_faces(bush, landmarks="68")[0]
     assert five.landmarks.shape == (5, 2) and five.location == sixty_eight.location
     # the 5 points are the eye corners and the base of the nose: close to the 68-point model's own

