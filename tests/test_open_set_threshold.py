@@ -114,3 +114,78 @@ def test_calibration_on_lfw10_is_quick(lfw10: Path, tmp_path: Path) -> None:
         assert cal.stepped[n]["fpir"] <= 0.01 and cal.stepped[n]["closed_set_accuracy"] > 0.9
         assert cal.counts[n]["stranger_queries"] > 0
     assert "| 5 |" in bench.table(cal)
+
+
+# ---- the gallery's public settings and the names mode's program argument -------------------------
+
+def _settings_dict(**over):
+    raw = {"d": 128, "name_words": 8, "alpha": 16.0, "thresholds": [[1, 1.5], [50, 2.8], [150, 3.5]], "exp_bits": 8,
+           "embedder": "facenet", "score": "zmax"}
+    raw.update(over)
+    return raw
+
+
+def test_gallery_thresholds_are_logits_from_the_next_calibrated_size_up() -> None:
+    from orchestration.server.gallery import Settings
+
+    s = Settings.from_dict(_settings_dict())
+    assert s.score == "zmax" and Settings.from_dict(s.as_dict()) == s
+    assert [s.threshold_for(n) for n in (1, 2, 50, 51, 150, 10 ** 4)] == [1.5, 2.8, 2.8, 3.5, 3.5, 3.5]
+    # any finite real, negative too
+    assert Settings.from_dict(_settings_dict(thresholds=[[1, -2.5]])).threshold_for(3) == -2.5
+    for bad in ([[1, float("inf")]], [[1, float("nan")]], [[0, 1.0]], [], [[1, 5000.0]]):
+        with pytest.raises(ValueError, match="logit threshold on z_max, a finite real"):
+            Settings.from_dict(_settings_dict(thresholds=bad))
+    with pytest.raises(ValueError, match="score 'probability': expected 'zmax'"):
+        Settings.from_dict(_settings_dict(score="probability"))
+
+
+def test_old_gallery_settings_on_1_over_s_are_refused_then_replaced(tmp_path: Path) -> None:
+    """settings.json from before issue 18 names no score: its thresholds are confidences; the names mode would
+    compare z_max with 0.97. It reads (the gallery's persons stay), refuses to give a threshold, and the next
+    `serve --sources` with the calibrated logit thresholds takes them over."""
+    from orchestration.server.gallery import Gallery, GalleryError, Settings
+    from orchestration.server.job import Server
+    from preprocessing.fileio import atomic_write_json
+
+    old = _settings_dict(thresholds=[[1, 0.97], [100, 0.87]])
+    del old["score"]
+    g = Gallery(Server(tmp_path, 0))
+    g.root.mkdir(parents=True)
+    atomic_write_json(g.root / "settings.json", old)
+    held = g.settings()
+    assert held.score == "confidence"
+    with pytest.raises(GalleryError, match="on the score 'confidence'.*allowed: 'zmax'"):
+        held.threshold_for(5)
+    new = Settings.from_dict(_settings_dict())
+    assert g.init(new) == new and g.settings() == new
+    with pytest.raises(GalleryError, match="made with other settings: d 128"):  # anything else still may not change
+        g.init(Settings.from_dict(_settings_dict(d=64)))
+    with pytest.raises(ValueError, match="0 < threshold < 1"):  # an old table's values must be confidences
+        Settings.from_dict(dict(old, thresholds=[[1, 1.5]]))
+
+
+def test_logit_arg_spells_negatives_so_the_compiler_takes_them() -> None:
+    from orchestration.shared.ports import logit_arg, service_program_args
+
+    assert logit_arg(1.5) == "1.5" and logit_arg(-1.5) == "m1.5" and logit_arg(-0.0) == "0.0"
+    assert service_program_args(4, 129, 16, 8, [8, -0.25])[-3:] == ["names", "8", "m0.25"]
+    with pytest.raises(ValueError, match="finite logit"):
+        logit_arg(float("nan"))
+
+
+def test_choose_threshold_is_on_zmax() -> None:
+    """Genuine: cross-validated z_max of enrolled faces; impostor: the best other class's z_max with the own class
+    left out; equal-error point capped at max_genuine_reject. On well separated clusters it lies between them."""
+    x, labels = clusters(people=6, per=8, spread=0.3, seed=5)
+    y = np.array([sorted(set(labels)).index(n) for n in labels])
+    params = reference.TrainParams(alpha=16.0)
+    choice = reference.choose_threshold(x, y, 6, params)
+    assert choice.score == "zmax" and choice.genuine_accept >= 0.97
+    w = reference.train(x, y, 6, params)
+    z = reference.with_bias(x) @ w
+    genuine = z.max(axis=1)
+    impostor = np.array([np.delete(z[k], y[k]).max() for k in range(len(x))])
+    # a logit: between the two groups' typical values, far outside a probability's [0, 1] here
+    assert np.median(impostor) < choice.threshold < np.median(genuine)
+    assert choice.threshold > 1.0
