@@ -289,7 +289,7 @@ class Deployment:
 def rows(csv_text: str) -> dict[str, str]:
     """path -> name of predict's / collect's CSV."""
     lines = [ln.split(",") for ln in csv_text.strip().splitlines()]
-    assert lines[0] == ["path", "name", "confidence"], csv_text
+    assert lines[0] == ["path", "name", "confidence", "score"], csv_text
     return {ln[0]: ln[1] for ln in lines[1:]}
 
 
