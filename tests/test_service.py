@@ -80,6 +80,11 @@ def test_service_answers_equal_the_one_job_mode(svc, data):
     big = np.concatenate([x[te]] * 5)
     ans_big = _recognise(lab, clients, big)
     assert [p.best for p in ans_big.predictions] == [p.best for p in one_job] * 5
+    # each query's answer does not depend on the batch it rides in: the same scores as asked together above
+    assert np.max(np.abs(np.array([p.score for p in ans_big.predictions]) - np.tile(score, 5))) <= 2 ** -9
+    one = [_recognise(lab, clients, x[te[k:k + 1]]).predictions[0] for k in range(2)]
+    assert [p.best for p in one] == [p.best for p in ans.predictions[:2]]
+    assert np.max(np.abs(np.array([p.score for p in one]) - score[:2])) <= 2 ** -9
 
 
 def _raw_connect(lab: ServiceLab, i: int) -> socket.socket:
