@@ -104,7 +104,7 @@ def main() -> int:
         owner_of[n] = SOURCES[k % 3] if k >= 10 else SOURCES[0 if k < 4 else 1 if k < 7 else 2]
     rows = []
     table = open_set_calibration("facenet")["threshold_by_gallery_size"]
-    settings = {"d": 128, "name_words": 8, "alpha": 16.0, "exp_bits": 8, "embedder": "facenet",
+    settings = {"d": 128, "name_words": 8, "alpha": 16.0, "exp_bits": 8, "embedder": "facenet", "score": "zmax",
                 "thresholds": sorted([int(n), float(t)] for n, t in table.items())}
     mp = find_mpspdz(None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,9 +130,9 @@ def main() -> int:
             order = reference.training_order(len(x), params.seed)
             w = reference.train(x[order], y[order], len(names), params)
             thr = reference.choose_threshold(x, y, len(names), params).threshold
-            best, conf = reference.predict(w, queries, 8)
+            best, _, zmax = reference.predict_scores(w, queries, 8)
             closed = [names[b] for b in best]
-            openset = [names[b] if cf >= thr else "unknown_person" for b, cf in zip(best, conf)]
+            openset = [names[b] if z >= thr else "unknown_person" for b, z in zip(best, zmax)]
             known = [k for k, t in enumerate(truth) if t != "unknown_person"]
             rows.append(emit(what="single owner, union (float64 reference)", persons=len(names),
                              closed_set_accuracy=float(np.mean([closed[k] == truth[k] for k in known])),

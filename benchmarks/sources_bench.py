@@ -10,7 +10,7 @@ spread over three sources. Measured from the clients' side:
 * **add a person**: a source contributes a new person with ``--photos`` photos to the gallery of
   ``--persons``; from the first byte sent until a query client gets that person's name back (the range
   check and the person's column on shares, the new generation on both servers, the service's switch);
-* **recognition**: one face at a time through the service, names and confidences as shares (median, p95);
+* **recognition**: one face at a time through the service, names and scores (top logits) as shares (median, p95);
 * **retraining**: `train --on-servers` (warm start + one SGD epoch on every stored photo);
 * **baseline** (single owner, the same embeddings): `invoke train`'s private training in local mode, then its
   service beside the many-source one, one face on each in turn (this machine's speed drifts within minutes).

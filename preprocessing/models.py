@@ -150,6 +150,8 @@ def model_path(key: str) -> Path:
 
 # --- open-set thresholds ---------------------------------------------------------------------------
 THRESHOLDS_PATH = REGISTRY_PATH.parent / "thresholds.json"
+#: the score the thresholds are on (orchestration.shared.reference.SCORE): the top logit z_max
+OPEN_SET_SCORE = "zmax"
 
 
 @lru_cache(maxsize=1)
@@ -178,16 +180,22 @@ def open_set_calibration(embedder: str) -> dict[str, Any]:
 
 
 def open_set_threshold(embedder: str, classes: int, *, alpha: float | None = None) -> float:
-    """Confidence threshold for a gallery of ``classes`` persons, calibrated on public faces (LFW).
+    """Logit threshold on the top logit z_max for a gallery of ``classes`` persons, calibrated on public faces (LFW).
 
-    Accept a query iff its confidence 1/S >= the threshold (S <= 1/threshold on shares), S the softmax
-    denominator of the model trained with the calibration's train settings. The value is the entry of the
-    largest calibrated gallery size <= ``classes`` (the smallest size's below it): strangers' confidence
-    falls as the gallery grows, so this keeps FPIR at about the calibration's bound (1 %).
+    Accept a query iff its top logit z_max >= the threshold (compared on shares by face_predict's names mode),
+    z_max of the model trained with the calibration's train settings. The value is the entry of the smallest
+    calibrated gallery size >= ``classes`` (the largest size's above it): strangers' top logit rises as the
+    gallery grows, so this keeps FPIR at about the calibration's bound (1 %).
     ``alpha``: the warm-start scale the model is trained with; a ValueError if it is not the calibrated one
-    (the threshold holds for that softmax temperature only).
+    (z_max = alpha/2 (1 - d^2) scales with it). A ValueError too for an entry on another score (an old table
+    on the confidence 1/S).
     """
     entry = open_set_calibration(embedder)
+    score = entry.get("score", "confidence")
+    if score != OPEN_SET_SCORE:
+        raise ValueError(f"{THRESHOLDS_PATH}: the open-set thresholds of {embedder!r} are on the score {score!r}; the "
+                         f"servers compare the top logit, allowed: {OPEN_SET_SCORE!r}: recalibrate "
+                         f"(python benchmarks/calibrate_threshold.py --backend {embedder} --write)")
     if alpha is not None and float(alpha) != float(entry["alpha"]):
         raise ValueError(f"the open-set threshold of {embedder!r} is calibrated for alpha {entry['alpha']:g}, "
                          f"the model is trained with alpha {float(alpha):g}: recalibrate "
@@ -195,5 +203,5 @@ def open_set_threshold(embedder: str, classes: int, *, alpha: float | None = Non
     if int(classes) < 1:
         raise ValueError(f"classes must be >= 1 (persons in the gallery), got {classes}")
     by_size = {int(n): float(t) for n, t in entry["threshold_by_gallery_size"].items()}
-    below = [n for n in sorted(by_size) if n <= int(classes)]
-    return by_size[below[-1] if below else min(by_size)]
+    above = [n for n in sorted(by_size) if n >= int(classes)]
+    return by_size[above[0] if above else max(by_size)]

@@ -18,7 +18,9 @@ from orchestration.client.local_sources import ensure_local_client
 from orchestration.client.private import Layout
 from orchestration.mpspdz.toolchain import MPSPDZ, protocol
 
-SETTINGS = {"d": 128, "name_words": 8, "alpha": 16.0, "thresholds": [[1, 0.9]], "exp_bits": 8, "embedder": "facenet"}
+# a logit threshold on z_max: alpha 16, so z_max = 8 (1 - d^2): enrolled photos near 8, strangers near -8
+SETTINGS = {"d": 128, "name_words": 8, "alpha": 16.0, "thresholds": [[1, 4.0]], "exp_bits": 8, "embedder": "facenet",
+            "score": "zmax"}
 
 
 class People:

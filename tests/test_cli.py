@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import io
 import os
 import subprocess
@@ -48,8 +49,8 @@ def test_train_reports_model_and_threshold(workspace):
     _, _, var, _, r = workspace
     assert "embedded 28 faces of 4 people" in r.stdout
     assert "trained model" in r.stdout and "MB sent between the servers" in r.stdout
-    assert "unknown-face threshold" in r.stdout
-    assert (var / "client" / "model.json").exists()
+    assert "unknown-face threshold" in r.stdout and "on the top logit z_max" in r.stdout
+    assert json.loads((var / "client" / "model.json").read_text())["threshold_score"] == "zmax"
     assert (var / "server0" / "model" / "Transactions-P0.data").exists()
 
 
@@ -64,14 +65,17 @@ def test_predict_prints_csv_with_names_and_sentinels(workspace, lfw10, lfw_unkno
         args += ["--image", str(img)]
     r = invoke(var, *args)
     rows = list(csv.reader(io.StringIO(r.stdout)))
-    assert rows[0] == ["path", "name", "confidence"]
+    assert rows[0] == ["path", "name", "confidence", "score"]
     by_path = {row[0]: row for row in rows[1:]}
     assert by_path[str(images[0])][1] == "Tony_Blair"
     assert by_path[str(images[1])][1] == "Colin_Powell"
-    assert by_path[str(blank)][1:] == ["no_face_found", ""]
+    assert by_path[str(blank)][1:] == ["no_face_found", "", ""]
     assert by_path[str(unknown)][1] == "unknown_person"
     assert [row[0] for row in rows[1:]] == [str(p) for p in images]  # input order kept
     assert 0.0 < float(by_path[str(images[0])][2]) <= 1.0
+    # the score is the top logit z_max the decision is made on: the model's threshold separates named from unknown
+    threshold = json.loads((var / "client" / "model.json").read_text())["threshold"]
+    assert float(by_path[str(images[0])][3]) >= threshold > float(by_path[str(unknown)][3])
 
 
 def test_serve_answers_predict_and_stops_on_sigterm(workspace, lfw10, lfw_unknown):
@@ -117,6 +121,9 @@ def test_serve_answers_predict_and_stops_on_sigterm(workspace, lfw10, lfw_unknow
         assert rows == [r[:2] for r in csv.reader(io.StringIO(one_job.stdout))]
         assert rows == [r[:2] for r in csv.reader(io.StringIO(found.stdout))]
         assert [r[1] for r in rows[1:]] == ["Tony_Blair", "Vladimir_Putin", "unknown_person"]
+        # the same scores (the top logit z_max) through the service as in one job, up to fixed-point rounding
+        scores = [[float(r[3]) for r in list(csv.reader(io.StringIO(out.stdout)))[1:]] for out in (through, one_job)]
+        assert np.allclose(scores[0], scores[1], atol=2e-3), scores
     finally:
         serve.send_signal(signal.SIGTERM)
         out, _ = serve.communicate(timeout=60)
@@ -241,7 +248,7 @@ def test_two_host_tasks_share_party_collect(workspace, tmp_path):
     r = invoke(var, "collect", "--job", job, "--result", str(var / "server0" / "outputs" / job), "--result",
                str(var / "server1" / "outputs" / job))
     rows = list(csv.reader(io.StringIO(r.stdout)))
-    assert rows[0] == ["path", "name", "confidence"]
+    assert rows[0] == ["path", "name", "confidence", "score"]
     assert [row[:2] for row in rows[1:]] == [[str(held["Vladimir_Putin"][0]), "Vladimir_Putin"],
                                             [str(blank), "no_face_found"],
                                             [str(held["George_W_Bush"][1]), "George_W_Bush"]]

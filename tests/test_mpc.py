@@ -60,11 +60,21 @@ def _reference(g, tr, classes):
 def test_mpc_agrees_with_plaintext_reference(mp, trained, lfw10_split):
     g, tr, te = lfw10_split
     layout, report = trained
-    rep = predict_private(mp, layout, g.embeddings[te], threshold=0.0)
+    rep = predict_private(mp, layout, g.embeddings[te], threshold=-1e9)  # a logit below every z_max: all named
     mpc = np.array([p.label for p in rep.predictions])
     conf = np.array([p.confidence for p in rep.predictions])
     w = _reference(g, tr, report.classes)
     ref, ref_conf = reference.predict(w, g.embeddings[te], PARAMS.exp_bits)
+    # the score z_max: the reference on the very model the servers hold (their shares reconstructed) to within
+    # fixed-point rounding; against the float64-trained model as close as the trained weights are
+    from orchestration.client.private import _read_shares
+
+    d1, c = g.embeddings.shape[1] + 1, len(report.classes)
+    held = sharing.decode_fixed(sharing.reconstruct(*[
+        _read_shares(layout.model_dir(i) / f"Transactions-P{i}.data", 0, d1 * c) for i in range(2)])).reshape(d1, c)
+    score = np.array([p.score for p in rep.predictions])
+    assert np.max(np.abs(score - reference.predict_scores(held, g.embeddings[te], PARAMS.exp_bits)[2])) <= 2 ** -10
+    assert np.max(np.abs(score - reference.predict_scores(w, g.embeddings[te], PARAMS.exp_bits)[2])) < 0.05 * PARAMS.alpha
     truth = np.array([report.classes.index(g.labels[i]) for i in te])
     assert np.mean(mpc == ref) >= 0.99
     assert abs(np.mean(mpc == truth) - np.mean(ref == truth)) <= 0.01
@@ -91,9 +101,14 @@ def test_model_shares_reconstruct_to_reference_weights(trained, lfw10_split):
 def test_threshold_rejects_faces_below_it(mp, trained, lfw10_split):
     g, _, te = lfw10_split
     layout, _ = trained
-    rep = predict_private(mp, layout, g.embeddings[te[:3]], threshold=1.01)
+    rep = predict_private(mp, layout, g.embeddings[te[:3]], threshold=1000.0)  # above any top logit
     assert all(p.label == UNKNOWN for p in rep.predictions)
     assert all(0 < p.confidence <= 1.0 + 1e-3 for p in rep.predictions)
+    # the decision is on z_max, whatever 1/S says: a threshold just above one face's score rejects that face alone
+    scores = [p.score for p in rep.predictions]
+    k = int(np.argmin(scores))
+    rep = predict_private(mp, layout, g.embeddings[te[:3]], threshold=scores[k] + 0.01)
+    assert [p.label == UNKNOWN for p in rep.predictions] == [j == k for j in range(3)], scores
 
 
 def _fixed_point_needles(values: np.ndarray) -> set[bytes]:
@@ -149,6 +164,7 @@ def test_server_folders_hold_no_plaintext(mp, trained, lfw10_split):
     needles = _fixed_point_needles(g.embeddings[np.concatenate([tr, te[:4]])][:, :40])
     needles |= _fixed_point_needles(w[:20])
     needles |= _fixed_point_needles([p.confidence for p in rep.predictions])
+    needles |= _fixed_point_needles([p.score for p in rep.predictions])
     names = [n.encode() for n in report.classes] + [n.replace("_", " ").encode() for n in report.classes]
     assert_no_plaintext(files, names, needles)
     for path in files:

@@ -289,7 +289,8 @@ class Deployment:
 def rows(csv_text: str) -> dict[str, str]:
     """path -> name of predict's / collect's CSV."""
     lines = [ln.split(",") for ln in csv_text.strip().splitlines()]
-    assert lines[0] == ["path", "name", "confidence"], csv_text
+    # the data owner's predict/collect: confidence 1/S and score z_max; a query client (--as): its score only
+    assert lines[0] in (["path", "name", "confidence", "score"], ["path", "name", "score"]), csv_text
     return {ln[0]: ln[1] for ln in lines[1:]}
 
 

@@ -77,7 +77,7 @@ def test_private_training_and_recognition_match_plaintext(mp, trained, data):
     s0, s1 = _model(layout)
     got_w = sharing.decode_fixed(sharing.reconstruct(s0, s1)).reshape(w.shape)
     assert np.max(np.abs(got_w - w)) < 0.05
-    rep = predict_private(mp, layout, x[te], 0.0)
+    rep = predict_private(mp, layout, x[te], -1e9)  # every face named
     expected = np.argmax(reference.with_bias(x[te]) @ w, axis=1)
     assert [p.best for p in rep.predictions] == list(expected)
     assert [report.classes[p.label] for p in rep.predictions] == [labels[k] for k in te]
@@ -97,7 +97,7 @@ def test_refresh_shares_keeps_the_model_and_unlinks_the_shares(mp, trained, data
     layout = _copy(layout0, tmp_path / "var")
     x, _, _, te = data
     old = _model(layout)
-    before = predict_private(mp, layout, x[te], 0.0).predictions
+    before = predict_private(mp, layout, x[te], -1e9).predictions
     old_gen = client.load_model_record(layout.client)["gen"]
     gen, run = refresh_private(mp, layout)
     new = _model(layout)
@@ -110,11 +110,12 @@ def test_refresh_shares_keeps_the_model_and_unlinks_the_shares(mp, trained, data
     for mixed in (sharing.reconstruct(old[0], new[1]), sharing.reconstruct(new[0], old[1])):
         assert np.mean(mixed == model) < 0.01
         assert np.mean(np.abs(sharing.decode_fixed(mixed)) > 100) > 0.9  # far outside any weight's range
-    after = predict_private(mp, layout, x[te], 0.0).predictions
+    after = predict_private(mp, layout, x[te], -1e9).predictions
     assert [p.best for p in after] == [p.best for p in before]
     assert [p.label for p in after] == [p.label for p in before]
     # confidences agree up to sfix's probabilistic rounding, as between any two runs
     assert np.allclose([p.confidence for p in after], [p.confidence for p in before], atol=1e-3)
+    assert np.allclose([p.score for p in after], [p.score for p in before], atol=2 ** -10)
     # local mode confirms the new generation at once, and each server destroyed the previous one (until a
     # confirmation both stay: tests/test_security.py::test_both_generations_stay_until_the_client_confirms)
     for i in range(2):
@@ -342,11 +343,17 @@ def test_both_protocols_agree_with_the_reference(mp, data, tmp_path, protocol):
     w = reference.train(x[tr], np.array([idx[labels[k]] for k in tr]), len(report.classes), PARAMS)
     got_w = sharing.decode_fixed(sharing.reconstruct(*_model(layout))).reshape(w.shape)
     assert np.max(np.abs(got_w - w)) < 0.05
-    rep = predict_private(mp, layout, x[te], 0.5)
-    best, conf = reference.predict(w, x[te], PARAMS.exp_bits)
+    # the open-set score z_max on the model the servers hold (reconstructed), as float64 computes it
+    best, conf, zmax = reference.predict_scores(got_w, x[te], PARAMS.exp_bits)
+    t = float(np.median(zmax))  # a threshold among the scores: some faces named, some unknown
+    t += 0.01 if np.min(np.abs(zmax - t)) < 2 ** -9 else 0.0
+    assert np.min(np.abs(zmax - t)) >= 2 ** -9
+    rep = predict_private(mp, layout, x[te], t)
     assert [p.best for p in rep.predictions] == list(best)
     assert np.allclose([p.confidence for p in rep.predictions], conf, atol=2e-3)
-    assert [p.label for p in rep.predictions] == [b if c >= 0.5 else client.UNKNOWN for b, c in zip(best, conf)]
+    assert np.max(np.abs(np.array([p.score for p in rep.predictions]) - zmax)) <= 2 ** -10
+    assert [p.label for p in rep.predictions] == [b if z >= t else client.UNKNOWN for b, z in zip(best, zmax)]
+    assert 0 < sum(p.label == client.UNKNOWN for p in rep.predictions) < len(te)
 
 
 def _bits_uniform(values: np.ndarray) -> None:

@@ -76,7 +76,7 @@ def video(lfw10: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def recognizer(mp, trained: Layout) -> FaceRecognizer:
-    return FaceRecognizer(mp, trained, FACE, threshold=0.0, timeout=600)
+    return FaceRecognizer(mp, trained, FACE, threshold=-1e9, timeout=600)  # a logit below every z_max: all named
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,7 @@ def test_every_face_of_every_frame_is_recognised(every1) -> None:
     for r in report.frames:
         for f in r.faces:
             assert 0.0 < f.confidence <= 1.0 + 1e-3
+            assert 0.0 < f.score < PARAMS.alpha  # the top logit of an enrolled face: about alpha/2 (1 - d^2)
             top, right, bottom, left = f.location
             assert 0 <= top < bottom <= FRAME_SIZE[1] and 0 <= left < right <= FRAME_SIZE[0]
     assert report.faces == sum(len(v) for v in EXPECTED.values()) == 10
@@ -248,13 +249,16 @@ def test_through_the_service_every_frame(mp, trained: Layout, video: Path, every
                       log_dir=tmp_path / "logs") as svc:
         svc.wait_ready(timeout=300)
         with ServiceClient(trained.client, svc.hosts) as client:
-            report = FaceRecognizer(None, trained, FACE, threshold=0.0, service=client).run(video, tmp_path / "s.mp4")
+            report = FaceRecognizer(None, trained, FACE, threshold=-1e9, service=client).run(video, tmp_path / "s.mp4")
     assert report.pipelined and report.service and report.mpc_runs == 0
     assert report.frames_read == report.frames_processed == N_FRAMES and report.frames_dropped == 0
     assert {r.index: _names_left_to_right(r.faces) for r in report.frames} == EXPECTED
     before = {r.index: sorted(f.confidence for f in r.faces) for r in one_job.frames}
     for r in report.frames:  # the same model shares, the same computation: confidences agree to fixed-point noise
         assert np.allclose(sorted(f.confidence for f in r.faces), before[r.index], atol=0.02)
+    scores = {r.index: sorted(f.score for f in r.faces) for r in one_job.frames}
+    for r in report.frames:
+        assert np.allclose(sorted(f.score for f in r.faces), scores[r.index], atol=2e-3)
     stages = report.stage_ms()
     assert stages["recognise"] > 0 and stages["detect"] > 0 and stages["embed"] > 0
     assert len(read_video(tmp_path / "s.mp4")) == N_FRAMES

@@ -21,7 +21,9 @@ import pytest
 
 from orchestration.mpspdz import certs
 from orchestration.client import jobs as client
+from orchestration.server.job import read_shares
 from orchestration.shared import reference
+from preprocessing import sharing
 from orchestration.client.service import ServiceClient
 from orchestration.shared.wire import ServiceError, encode, receive, send
 from service_lab import NsClients, ServiceLab, trained_service
@@ -62,7 +64,14 @@ def test_service_answers_equal_the_one_job_mode(svc, data):
     ans = _recognise(lab, clients, x[te])
     assert [p.best for p in ans.predictions] == [p.best for p in one_job]
     assert np.allclose([p.confidence for p in ans.predictions], [p.confidence for p in one_job], atol=2e-3)
+    # the open-set score z_max: the service's, the one job's and float64's on the model the servers hold agree
+    score = np.array([p.score for p in ans.predictions])
+    assert np.max(np.abs(score - [p.score for p in one_job])) <= 2 ** -9
     record = client.load_model_record(lab.dep.client)
+    d1, c = record["d"] + 1, len(record["classes"])
+    held = sharing.decode_fixed(sharing.reconstruct(*[read_shares(
+        lab.dep.servers[i] / "model" / f"Transactions-P{i}.data", 0, d1 * c) for i in range(2)])).reshape(d1, c)
+    assert np.max(np.abs(score - reference.predict_scores(held, x[te], 8)[2])) <= 2 ** -10
     assert ans.gen == client.model_generation(record)
     # and both are right on held-out faces of this easy synthetic set
     classes = record["classes"]
@@ -71,6 +80,11 @@ def test_service_answers_equal_the_one_job_mode(svc, data):
     big = np.concatenate([x[te]] * 5)
     ans_big = _recognise(lab, clients, big)
     assert [p.best for p in ans_big.predictions] == [p.best for p in one_job] * 5
+    # each query's answer does not depend on the batch it rides in: the same scores as asked together above
+    assert np.max(np.abs(np.array([p.score for p in ans_big.predictions]) - np.tile(score, 5))) <= 2 ** -9
+    one = [_recognise(lab, clients, x[te[k:k + 1]]).predictions[0] for k in range(2)]
+    assert [p.best for p in one] == [p.best for p in ans.predictions[:2]]
+    assert np.max(np.abs(np.array([p.score for p in one]) - score[:2])) <= 2 ** -9
 
 
 def _raw_connect(lab: ServiceLab, i: int) -> socket.socket:
@@ -385,13 +399,14 @@ def test_nothing_a_server_stores_or_logs_holds_a_plaintext_value(svc, data):
     needles = _fixed_point_needles(x[np.concatenate([tr, te])][:, :40])
     needles |= _fixed_point_needles([p.confidence for p in ans.predictions])
     needles |= _fixed_point_needles([1.0 / p.confidence for p in ans.predictions])
+    needles |= _fixed_point_needles([p.score for p in ans.predictions])
     names = [n.encode() for n in record["classes"]]
     assert_no_plaintext(files, names, needles)
     for log in lab.logs[:2]:
         for line in log.read_text().splitlines():
             if "request " in line and " queries" in line:
                 # one line per request: time, size, generation, duration, never a share or a result
-                assert "best" not in line and "confidence" not in line
+                assert "best" not in line and "confidence" not in line and "score" not in line
 
 
 def test_everything_between_the_hosts_is_tls(svc, data, tmp_path):

@@ -11,9 +11,12 @@ from orchestration.mpspdz.hosts import write_hosts
 from orchestration.shared.model import ModelError
 from orchestration.client.service import ServiceClient
 
-GOOD = (np.array([1, 0]), np.array([1.25, 1.0]), "g1")
+# (best, S, z_max, generation): the unknown decision is on z_max, 1/S is for display only
+GOOD = (np.array([1, 0]), np.array([1.25, 1.0]), np.array([0.8, 3.5]), "g1")
 # a local truncation that wrapped: the denominator's share is off by 2^(64-16), 2^32 once decoded
-WRAPPED = (np.array([1, 0]), np.array([1.25, 1.0 + 2.0 ** 32]), "g1")
+WRAPPED = (np.array([1, 0]), np.array([1.25, 1.0 + 2.0 ** 32]), np.array([0.8, 3.5]), "g1")
+# ... or the top logit's
+WRAPPED_Z = (np.array([1, 0]), np.array([1.25, 1.0]), np.array([0.8, 3.5 + 2.0 ** 32]), "g1")
 
 
 class Scripted(ServiceClient):
@@ -37,11 +40,24 @@ def test_an_answer_out_of_range_is_asked_again_once_and_then_an_error(tmp_path):
     cl = Scripted(tmp_path, [WRAPPED, GOOD])
     preds = cl.recognise(x, threshold=0.9).predictions
     assert cl.asked == 2
-    assert [(p.label, p.best) for p in preds] == [(UNKNOWN, 1), (0, 0)]  # 1/1.25 = 0.8 < 0.9: unknown
+    assert [(p.label, p.best) for p in preds] == [(UNKNOWN, 1), (0, 0)]  # z_max 0.8 < 0.9: unknown
+    assert [p.score for p in preds] == [0.8, 3.5] and [p.confidence for p in preds] == [0.8, 1.0]
     with pytest.raises(ModelError, match="out of range twice"):
         Scripted(tmp_path, [WRAPPED, WRAPPED]).recognise(x, threshold=0.9)
     with pytest.raises(ModelError, match="out of range twice"):
-        Scripted(tmp_path, [(np.array([2, 0]), GOOD[1], "g1")] * 2).recognise(x, threshold=0.9)  # no class 2
+        Scripted(tmp_path, [WRAPPED_Z, WRAPPED_Z]).recognise(x, threshold=0.9)
+    with pytest.raises(ModelError, match="out of range twice"):
+        Scripted(tmp_path, [(np.array([2, 0]), *GOOD[1:])] * 2).recognise(x, threshold=0.9)  # no class 2
+
+
+def test_the_decision_is_on_the_top_logit_not_the_confidence(tmp_path):
+    """A saturated confidence (1/S = 1) with a low top logit is unknown; a low confidence with a high one is not."""
+    x = np.array([[0.6, 0.8], [1.0, 0.0]])
+    answer = (np.array([1, 0]), np.array([1.0, 1.9]), np.array([-0.5, 2.0]), "g1")
+    preds = Scripted(tmp_path, [answer]).recognise(x, threshold=1.0).predictions
+    assert [p.label for p in preds] == [UNKNOWN, 0]
+    preds = Scripted(tmp_path, [answer]).recognise(x, threshold=-1.0).predictions  # a negative logit threshold
+    assert [p.label for p in preds] == [1, 0]
 
 
 # ---- a stale model record after a retrain (issue 20, finding 5) ------------------------------------------
@@ -77,7 +93,7 @@ class Stale(Scripted):
         self.gens.append(gen)
         if gen != self.serving:
             raise ServiceError(STALE.replace("g1", gen), "generation")
-        return GOOD[0], GOOD[1], gen
+        return GOOD[0], GOOD[1], GOOD[2], gen
 
 
 def test_a_stale_record_backs_off_a_few_times_then_says_what_to_copy(tmp_path):
@@ -253,9 +269,11 @@ def test_names_come_from_the_record_of_the_answers_generation(tmp_path):
     (tmp_path / "var" / "client").mkdir(parents=True)
     cl = Stale(tmp_path / "var" / "client", model_record=str(published))
     cl.recognise_shares = lambda padded, gen: (cl.gens.append(gen) or _stale_or(gen, (np.array([2, 0]),
-                                                                                      np.array([1.25, 1.0]), gen)))
+                                                                                      np.array([1.25, 1.0]),
+                                                                                      np.array([0.8, 3.0]), gen)))
     out, _ = app.recognise(None, Layout(tmp_path / "var"), np.array([[0.6, 0.8], [1.0, 0.0]]), 0.5, service=cl)
-    assert [name for name, _ in out] == ["cy", "ann"]
+    assert [name for name, _, _ in out] == ["cy", "ann"]
+    assert [score for _, _, score in out] == [0.8, 3.0]
 
 
 def _stale_or(gen, answer):
@@ -272,7 +290,7 @@ def test_the_unknown_threshold_comes_from_the_record_of_the_answers_generation(t
 
     published = tmp_path / "published.json"
     published.write_text(json.dumps({"d": 2, "classes": ["ann", "bob", "cy"], "run_id": "r2", "gen": "g2",
-                                     "threshold": 0.9}))
+                                     "threshold": 0.9, "threshold_score": "zmax"}))
     (tmp_path / "var" / "client").mkdir(parents=True)
     x = np.array([[0.6, 0.8], [1.0, 0.0]])
     for threshold, expect in ((None, ["unknown_person", "ann"]), (0.5, ["cy", "ann"])):
@@ -280,6 +298,28 @@ def test_the_unknown_threshold_comes_from_the_record_of_the_answers_generation(t
         (client_dir / "model.json").unlink(missing_ok=True)
         cl = Stale(client_dir, model_record=str(published))
         cl.recognise_shares = lambda padded, gen, cl=cl: (cl.gens.append(gen) or _stale_or(
-            gen, (np.array([2, 0]), np.array([1.25, 1.0]), gen)))
+            gen, (np.array([2, 0]), np.array([1.0, 1.0]), np.array([0.8, 3.0]), gen)))
         out, _ = app.recognise(None, Layout(tmp_path / "var"), x, threshold, service=cl)
-        assert [name for name, _ in out] == expect, threshold
+        assert [name for name, _, _ in out] == expect, threshold
+
+
+def test_a_record_whose_threshold_is_a_confidence_is_refused(tmp_path):
+    """A record from before the score changed holds a 1/S threshold (no threshold_score): it is not applied to
+    z_max (0.97 would be a plausible logit threshold and silently wrong); an explicit threshold still works."""
+    from orchestration.client import app
+    from orchestration.client.private import Layout
+
+    client_dir = tmp_path / "var" / "client"
+    client_dir.mkdir(parents=True)
+    (client_dir / "model.json").write_text(json.dumps({"d": 2, "classes": ["ann", "bob"], "run_id": "r1", "gen": "g1",
+                                                       "threshold": 0.97}))
+    x = np.array([[0.6, 0.8], [1.0, 0.0]])
+    cl = Scripted(client_dir, [GOOD])
+    (client_dir / "model.json").write_text(json.dumps({"d": 2, "classes": ["ann", "bob"], "run_id": "r1", "gen": "g1",
+                                                       "threshold": 0.97}))
+    with pytest.raises(ModelError, match="on the score 'confidence'.*allowed: 'zmax'.*Retrain"):
+        app.recognise(None, Layout(tmp_path / "var"), x, None, service=cl)
+    with pytest.raises(ModelError, match="on the score 'confidence'"):
+        app.default_threshold(Layout(tmp_path / "var"))
+    out, _ = app.recognise(None, Layout(tmp_path / "var"), x, 1.0, service=cl)
+    assert [name for name, _, _ in out] == ["unknown_person", "ann"]

@@ -65,7 +65,8 @@ def test_a_query_client_learns_a_name_or_unknown_person(lab):
     names = _names(lab)
     got = _ask(lab, list(names) + STRANGERS)
     assert [g[0] for g in got] == list(names.values()) + ["unknown_person"] * len(STRANGERS)
-    assert all(conf >= lab.settings["thresholds"][0][1] for _, conf in got[:len(names)])
+    assert all(score >= lab.settings["thresholds"][0][1] for _, score in got[:len(names)])  # z_max, a logit
+    assert all(score > 6.0 for _, score in got[:len(names)])  # near alpha/2 = 8: the top logit, not 1/S <= 1
     assert all(conf == 0.0 for _, conf in got[len(names):])  # a stranger's answer is zeros: nothing to learn
 
 
@@ -246,8 +247,8 @@ def test_retraining_on_the_servers_agrees_with_training_on_the_union_in_the_clea
     w = reference.train(x[order], labels[order], len(keys), params)
     names = _names(lab)
     queries = np.vstack([lab.people.photos(j, 20) for j in names])
-    best, conf = reference.predict(w, queries, 8)
-    expect = [keys[b][1] if cf >= lab.settings["thresholds"][0][1] else "unknown_person" for b, cf in zip(best, conf)]
+    best, _, zmax = reference.predict_scores(w, queries, 8)
+    expect = [keys[b][1] if z >= lab.settings["thresholds"][0][1] else "unknown_person" for b, z in zip(best, zmax)]
     with QueryClient(lab.door, lab.hosts) as qc:
         got = [g[0] for g in qc.recognise(queries)]
     assert np.mean([a == b for a, b in zip(got, expect)]) >= 0.995

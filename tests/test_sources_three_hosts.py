@@ -306,12 +306,12 @@ def _flow(dep: Three, lfw10: Path, lfw_unknown: Path) -> None:
     params = reference.TrainParams(epochs=1, batch=32, lr=1.0, alpha=16.0, exp_bits=8, seed=1)
     w = reference.train(x, np.array([classes.index(n) for n in labels]), len(classes), params)
     q = _embed(_as_gallery(queries, dep.root / "qg"), cache)
-    best, conf = reference.predict(w, q.embeddings, 8)
+    best, _, zmax = reference.predict_scores(w, q.embeddings, 8)  # the servers decide on the top logit
     from preprocessing.models import open_set_threshold
 
     thr = open_set_threshold("facenet", len(classes))  # the servers' public threshold (models/thresholds.json)
-    ref = {str(queries / Path(pth).name): (classes[b] if cf >= thr else "unknown_person")
-           for pth, b, cf in zip(q.paths, best, conf)}
+    ref = {str(queries / Path(pth).name): (classes[b] if z >= thr else "unknown_person")
+           for pth, b, z in zip(q.paths, best, zmax)}
     ref_right = np.mean([ref[p] == truth[p] for p in truth])
     ref_rejected = np.mean([ref[str(queries / s.name)] == "unknown_person" for s in strangers])
     print(f"\nheld-out photos named right: {right:.3f} ({len(truth)}), single owner in the clear {ref_right:.3f}; "

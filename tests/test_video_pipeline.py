@@ -52,7 +52,7 @@ class SlowService:
             time.sleep(self.seconds)
             if self.fail_at is not None and call >= self.fail_at:
                 raise ServiceError("server 1 did not answer within 30 s", "unavailable")
-            return ServiceAnswer([Prediction(self.label, 0.9, self.label) for _ in embeddings], "gen0", self.seconds)
+            return ServiceAnswer([Prediction(self.label, 0.9, self.label, 2.0) for _ in embeddings], "gen0", self.seconds)
         finally:
             with self.lock:
                 self.busy -= 1
@@ -91,7 +91,7 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> Layout:
     """A client folder with a model record only: the stub answers in place of the servers."""
     lay = Layout(tmp_path_factory.mktemp("var"))
     lay.client.mkdir(parents=True)
-    (lay.client / "model.json").write_text(json.dumps({"classes": CLASSES, "d": 128, "threshold": 0.5, "run_id": "r0",
+    (lay.client / "model.json").write_text(json.dumps({"classes": CLASSES, "d": 128, "threshold": 0.5, "threshold_score": "zmax", "run_id": "r0",
                                                     "gen": "gen0"}))
     return lay
 

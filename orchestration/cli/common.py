@@ -299,9 +299,11 @@ def _query_paths(image, dir) -> list[Path]:
 
 
 def _write_rows(out, rows) -> None:
-    """CSV lines ``path,name,confidence`` (confidence empty for no_face_found)."""
+    """CSV lines ``path,name,confidence,score`` (both empty for no_face_found): confidence 1/S,
+    score the top logit z_max the unknown decision is made on."""
     for r in rows:
-        out.writerow([str(r.path), r.name, "" if r.confidence is None else f"{r.confidence:.4f}"])
+        out.writerow([str(r.path), r.name, "" if r.confidence is None else f"{r.confidence:.4f}",
+                      "" if r.score is None else f"{r.score:.4f}"])
 
 
 def _progress(items, desc):

@@ -57,7 +57,7 @@ def train(c, dataset=None, backend=None, detector=None, epochs=None, batch=None,
     print(f"trained model {report.run_id}: {len(report.classes)} people, {report.n} faces, "
           f"{report.run.wall_seconds:.1f} s, {report.run.data_sent_mb:.1f} MB sent between the servers")
     t = report.threshold
-    print(f"unknown-face threshold {t.threshold:.4f} (from enrollment data: {t.genuine_accept:.1%} of held-out "
+    print(f"unknown-face threshold {t.threshold:.4f} on the top logit z_max (from enrollment data: {t.genuine_accept:.1%} of held-out "
           f"enrolled faces accepted, {t.impostor_reject:.1%} of left-out people rejected)")
 
 
@@ -77,7 +77,7 @@ RECOGNISE_HELP = {
 @task(iterable=["image"], help={
     "image": "an image to recognise (repeat for several)",
     "dir": "a folder of images to recognise (recursive)",
-    "threshold": "confidence below which a face is unknown_person (default: the one chosen at training)",
+    "threshold": "top logit z_max below which a face is unknown_person (default: the one chosen at training)",
     "batch": "faces per MPC run",
     **RECOGNISE_HELP,
     "as_": "many sources: recognise as query client NAME (role query) through the many-source service; it learns a "
@@ -85,7 +85,8 @@ RECOGNISE_HELP = {
 })
 def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, detector=None, timeout=None,
             mpspdz_home=None, verbose=False, service=False, one_job=False, as_=None):
-    """Recognise faces privately; prints CSV `path,name,confidence` (one line per face)."""
+    """Recognise faces privately; prints CSV `path,name,confidence,score` (one line per face; confidence 1/S,
+    score the top logit z_max the unknown decision is made on; with --as: `path,name,score`)."""
     _logging(verbose)
     if as_:
         _predict_as(c, as_, image, dir, backend, detector, timeout)
@@ -113,7 +114,7 @@ def predict(c, image=None, dir=None, threshold=None, batch=64, backend=None, det
         app.check_backend(layout, face.backend)
         thr = float(threshold) if threshold is not None else None  # None: the record's, of the answering generation
         out = csv.writer(sys.stdout)
-        out.writerow(["path", "name", "confidence"])
+        out.writerow(["path", "name", "confidence", "score"])
         for rows in app.recognise_images(mp, layout, said(app.face_queries(_progress(paths, "faces"), face)), thr,
                                          batch=int(batch), host=_cfg(c, "mpspdz", "host", None), encrypted=_tls(c),
                                          timeout=float(_cfg(c, "mpspdz", "timeout", timeout)), service=svc):
@@ -197,12 +198,12 @@ def demo(c, dataset=None, people=10, held_out=2, backend=None, detector=None, se
           f"{report.run.wall_seconds:.1f} s, {report.run.data_sent_mb:.0f} MB between the servers; "
           f"unknown threshold {report.threshold.threshold:.3f}")
     width = max(len(r.path.name) for r in rows)
-    print(f"\n{'image':<{width}}  {'truth':<24} {'secure result':<24} {'conf':>6}  {'plaintext ref':<24} ok")
+    print(f"\n{'image':<{width}}  {'truth':<24} {'secure result':<24} {'conf':>6} {'z_max':>7}  {'plaintext ref':<24} ok")
     n_ok = 0
     for r in rows:
         ok = r.name == r.truth
         n_ok += ok
-        print(f"{r.path.name:<{width}}  {r.truth:<24} {r.name:<24} {r.confidence:6.3f}  {r.reference_name:<24} "
+        print(f"{r.path.name:<{width}}  {r.truth:<24} {r.name:<24} {r.confidence:6.3f} {r.score:7.3f}  {r.reference_name:<24} "
               f"{'yes' if ok else 'NO'}")
     q_time = sum(p.run.wall_seconds for p in preds)
     q_mb = sum(p.run.data_sent_mb for p in preds)
@@ -278,7 +279,7 @@ def evaluate(c, dataset, unknown=None, output=None, test_fraction=0.3, seed=0, b
     "output": "annotated video to write, .mp4 (mp4v) or .avi (MJPG) (default var/recognize/<name>-annotated.mp4)",
     "frames": "also save each processed frame, annotated, as PNG into this folder",
     "every": "process one frame in K; the frames in between keep the last frame's boxes",
-    "threshold": "confidence below which a face is unknown_person (default: the one chosen at training)",
+    "threshold": "top logit z_max below which a face is unknown_person (default: the one chosen at training)",
     "show": "show a live window (only when a display exists; ignored with opencv-python-headless)",
     "max_frames": "stop after reading this many frames",
     **RECOGNISE_HELP,
@@ -296,7 +297,7 @@ def recognize(c, video=None, camera=None, output=None, frames=None, every=1, thr
     as a pipeline; a camera, or --realtime, drops frames rather than queue them), else one MPC run per
     frame.
 
-    Prints CSV `frame,name,confidence,top,right,bottom,left` (one line per face, as frames are
+    Prints CSV `frame,name,confidence,score,top,right,bottom,left` (one line per face, as frames are
     processed), then a summary on lines starting with `#`.
     """
     _logging(verbose)
@@ -342,11 +343,11 @@ def recognize(c, video=None, camera=None, output=None, frames=None, every=1, thr
     face = _face(c, backend, detector, upsample)
     svc = _service(c, False if one_job else (True if service else None), task="recognize")
     rows = csv.writer(sys.stdout)
-    rows.writerow(["frame", "name", "confidence", "top", "right", "bottom", "left"])
+    rows.writerow(["frame", "name", "confidence", "score", "top", "right", "bottom", "left"])
 
     def on_frame(result) -> None:
         for f in result.faces:
-            rows.writerow([result.index, f.name, f"{f.confidence:.4f}", *f.location])
+            rows.writerow([result.index, f.name, f"{f.confidence:.4f}", f"{f.score:.4f}", *f.location])
         sys.stdout.flush()
 
     try:
@@ -410,7 +411,7 @@ def _predict_as(c, name, image, dir, backend, detector, timeout) -> None:
     face = _face(c, backend, detector)
     paths = _query_paths(image, dir)
     out = csv.writer(sys.stdout)
-    out.writerow(["path", "name", "confidence"])
+    out.writerow(["path", "name", "score"])  # names mode answers the top logit z_max only (no 1/S)
     try:
         for row in predict_as(c, name, app.face_queries(_progress(paths, "faces"), face), timeout=timeout):
             out.writerow(row)

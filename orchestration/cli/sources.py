@@ -227,7 +227,7 @@ def predict_as(c, name: str, queries, hosts=None, timeout=None):
 def sources_settings(c, backend: str) -> dict:
     """The gallery's public settings for `invoke serve --sources`: invoke.yaml's training settings and the
     thresholds calibrated for the embedder on public faces (models/thresholds.json)."""
-    from preprocessing.models import open_set_calibration
+    from preprocessing.models import OPEN_SET_SCORE, open_set_calibration
 
     alpha = (c.config.get("train", {}).get("alpha") or {}).get(backend)
     if alpha is None:
@@ -240,9 +240,13 @@ def sources_settings(c, backend: str) -> dict:
         raise Exit(f"models/thresholds.json calibrates {backend} at alpha {cal['alpha']}, invoke.yaml trains with "
                    f"train.alpha.{backend} {alpha}: recalibrate (python benchmarks/calibrate_threshold.py --backend "
                    f"{backend} --write) or use the calibrated alpha", code=1)
+    if cal.get("score", "confidence") != OPEN_SET_SCORE:
+        raise Exit(f"models/thresholds.json: the thresholds of {backend} are on the score {cal.get('score', 'confidence')!r}, "
+                   f"the servers compare the top logit ({OPEN_SET_SCORE!r}): recalibrate (python "
+                   f"benchmarks/calibrate_threshold.py --backend {backend} --write)", code=1)
     table = sorted([int(n), float(t)] for n, t in cal["threshold_by_gallery_size"].items())
     return {"d": 128, "name_words": 8, "alpha": float(alpha), "thresholds": table,
-            "exp_bits": int(_cfg(c, "train", "exp_bits", None)), "embedder": backend}
+            "exp_bits": int(_cfg(c, "train", "exp_bits", None)), "embedder": backend, "score": OPEN_SET_SCORE}
 
 
 def train_on_servers(c, epochs=None, batch=None, lr=None, hosts=None, timeout=None) -> None:

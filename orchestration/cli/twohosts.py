@@ -401,7 +401,7 @@ def share_train(c, out, dataset=None, backend=None, detector=None, epochs=None, 
     "out": "folder for the two bundles: OUT/server0 and OUT/server1",
     "image": "an image to recognise (repeat for several)",
     "dir": "a folder of images to recognise",
-    "threshold": "confidence below which a face is unknown_person (default: the one chosen at training)",
+    "threshold": "top logit z_max below which a face is unknown_person (default: the one chosen at training)",
     "backend": "embedder: facenet | dlib (must match training)",
     "detector": "face detector: hog | cnn | cascade (HOG, the CNN only where HOG finds no face)",
 })
@@ -474,7 +474,7 @@ def collect(c, job, result=None):
     else:
         assert done.predictions is not None
         out = csv.writer(sys.stdout)
-        out.writerow(["path", "name", "confidence"])
+        out.writerow(["path", "name", "confidence", "score"])
         _write_rows(out, app.collected_rows(layout, done.predictions, done.info))
 
 

@@ -16,7 +16,7 @@ from orchestration.mpspdz.toolchain import MPSPDZ
 from orchestration.client.private import UNKNOWN, Layout, Prediction, PredictReport, TrainReport, load_client_model, predict_private, \
     train_private
 from orchestration.shared.model import PREDICT_PROGRAM, TRAIN_PROGRAM
-from orchestration.client.jobs import model_generation
+from orchestration.client.jobs import model_generation, record_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -107,17 +107,17 @@ def face_queries(paths: Iterable[Path], face: FaceSettings) -> Iterator[FaceQuer
 def recognise(mp: MPSPDZ | None, layout: Layout, embeddings: np.ndarray, threshold: float | None, *,
               host: str = "127.0.0.1",
               timeout: float = 600.0, batch: int = 64, encrypted: bool = True, service: Any = None
-              ) -> tuple[list[tuple[str, float]], list[PredictReport]]:
-    """Names and confidences for embeddings.
+              ) -> tuple[list[tuple[str, float, float]], list[PredictReport]]:
+    """(name, confidence 1/S, score z_max) for each embedding; unknown_person where z_max < the threshold.
 
     With ``service`` (an :class:`orchestration.client.service.ServiceClient`) through the running
     service, in requests of at most ``batch`` faces; otherwise one MPC run per batch of at most
-    ``batch`` faces (the reports of those runs are returned; the service gives none). ``threshold`` None:
-    the record's own, of the generation that answered."""
+    ``batch`` faces (the reports of those runs are returned; the service gives none). ``threshold`` (a logit
+    on z_max) None: the record's own, of the generation that answered."""
     record = load_client_model(layout)
     classes = record["classes"]
-    thr = float(record.get("threshold", 0.0)) if threshold is None else threshold
-    out: list[tuple[str, float]] = []
+    thr = record_threshold(record, layout.client_model) if threshold is None else threshold
+    out: list[tuple[str, float, float]] = []
     reports = []
     for s in range(0, len(embeddings), batch):
         if service is not None:
@@ -133,8 +133,8 @@ def recognise(mp: MPSPDZ | None, layout: Layout, embeddings: np.ndarray, thresho
                     raise ValueError(f"the service answered with model generation {answer.gen}, this client's "
                                      f"record is generation {model_generation(record)}")
                 if threshold is None:
-                    thr = float(record.get("threshold", 0.0))
-                    preds = [Prediction(p.best if p.confidence >= thr else UNKNOWN, p.confidence, p.best)
+                    thr = record_threshold(record, layout.client_model)
+                    preds = [Prediction(p.best if p.score >= thr else UNKNOWN, p.confidence, p.best, p.score)
                              for p in preds]
         else:
             if mp is None:
@@ -143,14 +143,14 @@ def recognise(mp: MPSPDZ | None, layout: Layout, embeddings: np.ndarray, thresho
                                   encrypted=encrypted)
             reports.append(rep)
             preds = rep.predictions
-        out += [(UNKNOWN_PERSON if p.label == UNKNOWN else classes[p.label], p.confidence) for p in preds]
+        out += [(UNKNOWN_PERSON if p.label == UNKNOWN else classes[p.label], p.confidence, p.score) for p in preds]
     return out, reports
 
 
-def names(layout: Layout, predictions: Sequence[Prediction]) -> list[tuple[str, float]]:
-    """Class indices to names (or ``unknown_person``), with confidences."""
+def names(layout: Layout, predictions: Sequence[Prediction]) -> list[tuple[str, float, float]]:
+    """Class indices to names (or ``unknown_person``), with confidences 1/S and scores z_max."""
     classes = load_client_model(layout)["classes"]
-    return [(UNKNOWN_PERSON if p.label == UNKNOWN else classes[p.label], p.confidence) for p in predictions]
+    return [(UNKNOWN_PERSON if p.label == UNKNOWN else classes[p.label], p.confidence, p.score) for p in predictions]
 
 
 def check_backend(layout: Layout, backend: str) -> None:
@@ -162,8 +162,8 @@ def check_backend(layout: Layout, backend: str) -> None:
 
 
 def default_threshold(layout: Layout) -> float:
-    record = load_client_model(layout)
-    return float(record.get("threshold", 0.0))
+    """The model record's threshold on the top logit z_max (ModelError for an old record's 1/S threshold)."""
+    return record_threshold(load_client_model(layout), layout.client_model)
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,8 @@ class Recognised:
 
     path: Path
     name: str
-    confidence: float | None  # None for NO_FACE
+    confidence: float | None  # 1/S, for display; None for NO_FACE
+    score: float | None = None  # the open-set score, the top logit z_max; None for NO_FACE
 
 
 def recognise_images(mp: MPSPDZ | None, layout: Layout, queries: Iterable[FaceQuery], threshold: float | None, *,
@@ -203,8 +204,8 @@ def _recognise_pending(mp: MPSPDZ | None, layout: Layout, pending: Sequence[Face
         if q.embedding is None:
             out.append(Recognised(q.path, NO_FACE, None))
         else:
-            name, conf = next(results)
-            out.append(Recognised(q.path, name, conf))
+            name, conf, score = next(results)
+            out.append(Recognised(q.path, name, conf, score))
     return out
 
 
@@ -214,8 +215,8 @@ def collected_rows(layout: Layout, predictions: Sequence[Prediction], info: dict
     out = []
     for path, has_face in (info or {}).get("rows", []):
         if has_face:
-            name, conf = next(named)
-            out.append(Recognised(path, name, conf))
+            name, conf, score = next(named)
+            out.append(Recognised(path, name, conf, score))
         else:
             out.append(Recognised(path, NO_FACE, None))
     return out

@@ -52,6 +52,7 @@ class DemoRow:
     name: str
     confidence: float
     reference_name: str
+    score: float = float("nan")  # the top logit z_max the unknown decision is made on
 
 
 def _images(folder: Path) -> list[Path]:
@@ -108,11 +109,11 @@ def run_demo(mp: MPSPDZ, dataset: Path, work: Path, params: reference.TrainParam
     faces = [(q, t) for q, t in found if q.embedding is not None]
     emb = np.stack([q.embedding for q, _ in faces])
     secure, reports = recognise(mp, layout, emb, report.threshold.threshold, host=host, timeout=timeout)
-    ref_idx, ref_conf = reference.predict(w, emb, params.exp_bits)
+    ref_idx, _, ref_score = reference.predict_scores(w, emb, params.exp_bits)
     rows = []
-    for (q, truth), (name, conf), ri, rc in zip(faces, secure, ref_idx, ref_conf):
-        ref_name = report.classes[ri] if rc >= report.threshold.threshold else "unknown_person"
-        rows.append(DemoRow(q.path, truth, name, conf, ref_name))
+    for (q, truth), (name, conf, score), ri, rz in zip(faces, secure, ref_idx, ref_score):
+        ref_name = report.classes[ri] if rz >= report.threshold.threshold else "unknown_person"
+        rows.append(DemoRow(q.path, truth, name, conf, ref_name, score))
     for q, truth in found:
         if q.embedding is None:
             rows.append(DemoRow(q.path, truth, "no_face_found", float("nan"), "no_face_found"))

@@ -27,8 +27,9 @@ from orchestration.client import report as open_set_report
 logger = logging.getLogger(__name__)
 
 # The open-set score the report's TPIR/FPIR table, DET curve and histogram use: what the servers return per face
-# (Prediction.confidence), higher = more likely an enrolled person, accepted when >= the threshold.
-SCORE_NAME = "confidence 1/S (top softmax probability)"
+# (Prediction.score, the top logit z_max: reference.SCORE), higher = more likely an enrolled person, accepted
+# when >= the threshold.
+SCORE_NAME = "top logit z_max"
 
 
 @dataclass
@@ -144,16 +145,16 @@ def evaluate(mp: MPSPDZ, dataset: Path, unknown: Path | None, out_dir: Path, par
             data["recognition of unknown faces"] = mb
 
     w = reference.train(g.embeddings[tr], np.array([index[n] for n in labels[tr]]), len(classes), params)
-    ref_best, ref_conf = reference.predict(w, g.embeddings[te], params.exp_bits)
+    ref_best, _, ref_conf = reference.predict_scores(w, g.embeddings[te], params.exp_bits)  # ref_conf: z_max
     best = np.array([p.best for p in known_preds])
-    conf = np.array([p.confidence for p in known_preds])
+    conf = np.array([p.score for p in known_preds])  # the open-set score (SCORE_NAME), not 1/S
     accepted = np.array([p.label != -1 for p in known_preds])
     # the protocol's accept/reject decisions against the plaintext reference's, known and unknown faces alike
     mpc_decisions = [accepted]
     ref_decisions = [ref_conf >= thr]
-    u_conf = np.array([p.confidence for p in unk_preds])
+    u_conf = np.array([p.score for p in unk_preds])
     if unk_preds:
-        _, u_ref_conf = reference.predict(w, u_x, params.exp_bits)
+        _, _, u_ref_conf = reference.predict_scores(w, u_x, params.exp_bits)
         mpc_decisions.append(np.array([p.label != -1 for p in unk_preds]))
         ref_decisions.append(u_ref_conf >= thr)
     ev = Evaluation(

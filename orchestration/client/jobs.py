@@ -3,7 +3,8 @@
 Only shares and sizes go to the servers; names, the threshold choice and everything needed to
 read the results stay in the client's folder::
 
-    client/model.json        the current model: classes, run id, share generation, threshold
+    client/model.json        the current model: classes, run id, share generation, threshold (on the
+                             score named by its ``threshold_score``: the top logit z_max)
     client/jobs/<job>.json   a job sent out and not yet collected (what to do with its results)
 
 Bundles are folders ``<out>/server0`` and ``<out>/server1``; each server's operator runs
@@ -41,11 +42,48 @@ class CollectError(ModelError):
     """Results from the servers are missing, incomplete, or do not belong to the job."""
 
 
+#: |z_max| of an honest answer: unit embeddings and bounded weights keep every logit far below 2^10
+#: (face_predict's COMPARE_BITS rests on the same bound)
+ZMAX_BOUND = 2.0 ** 10
+
+
 @dataclass
 class Prediction:
-    label: int  # class index, or UNKNOWN when the protocol decided confidence < threshold
-    confidence: float  # softmax probability of the best class
+    label: int  # class index, or UNKNOWN when the protocol decided score < threshold
+    confidence: float  # softmax probability of the best class, 1/S (for display)
     best: int  # best class index whatever the decision (the client's own query: it may know)
+    score: float = float("nan")  # the open-set score: the top logit z_max (reference.SCORE)
+
+
+def decide(best: np.ndarray, denom: np.ndarray, zmax: np.ndarray, threshold: float) -> list[Prediction]:
+    """Predictions from reconstructed answers: a face is UNKNOWN when its score z_max < ``threshold``."""
+    return [Prediction(int(best[k]) if zmax[k] >= threshold else UNKNOWN, float(1.0 / denom[k]), int(best[k]),
+                       float(zmax[k])) for k in range(len(best))]
+
+
+def answers_in_range(best: np.ndarray, denom: np.ndarray, zmax: np.ndarray, c: int) -> bool:
+    """Whether reconstructed answers can be honest ones: class 0..c-1, 1 <= S <= c (the top class contributes
+    exp(0) = 1 and every other at most 1; up to rounding) and |z_max| < ZMAX_BOUND."""
+    return bool(np.all((best >= 0) & (best < c)) and np.all((denom > 1 - 1e-3) & (denom < c + 1e-3))
+                and np.all(np.abs(zmax) < ZMAX_BOUND))
+
+
+def record_threshold(record: dict[str, Any], source: str | Path = "model record") -> float:
+    """The threshold a model record holds, on the top logit z_max (``reference.SCORE``).
+
+    A record written before issue 18 holds a threshold on the confidence 1/S (a probability near 1) and no
+    ``threshold_score``: applied to z_max it would be meaningless, so it is refused with what to do instead.
+    A record without a threshold gives 0.0."""
+    if "threshold" not in record:
+        return 0.0
+    score = record.get("threshold_score", reference.OLD_SCORE)
+    if score != reference.SCORE:
+        raise ModelError(f"{source}: its threshold {record['threshold']!r} is on the score {score!r} (the confidence 1/S, "
+                         f"from before the open-set score changed); the servers' open-set score is now "
+                         f"{reference.SCORE!r} ({reference.SCORE_DESCRIPTION}), allowed: {reference.SCORE!r}. Retrain "
+                         "the model for a new threshold (`invoke train`, or `invoke share-train` and `invoke collect`), "
+                         "or give a threshold on z_max explicitly (--threshold)")
+    return float(record["threshold"])
 
 
 @dataclass
@@ -106,6 +144,9 @@ def check_model_record(record: Any, source: str | Path) -> dict[str, Any]:
             raise bad(f"{key!r} must be a string, got {record[key]!r}")
     if "threshold" in record and (not isinstance(record["threshold"], (int, float)) or isinstance(record["threshold"], bool)):
         raise bad(f"'threshold' must be a number, got {record['threshold']!r}")
+    if "threshold_score" in record and record["threshold_score"] not in (reference.SCORE, reference.OLD_SCORE):
+        raise bad(f"'threshold_score' must be {reference.SCORE!r} or {reference.OLD_SCORE!r}, got "
+                  f"{record['threshold_score']!r}")
     return record
 
 
@@ -188,7 +229,8 @@ def share_train(client: Path, embeddings: np.ndarray, labels: Sequence[str], par
                                n_classes=c, run_id=run_id, job=job, program_args=args, protocol=protocol)
     choice = reference.choose_threshold(x, y_idx, c, params)  # client side, plaintext, enrollment data only
     record = {"run_id": run_id, "gen": run_id, "classes": classes, "d": d, "n": n, "params": params.__dict__,
-              "created": time.time(), "threshold": choice.threshold, "threshold_choice": choice.__dict__,
+              "created": time.time(), "threshold": choice.threshold, "threshold_score": choice.score,
+              "threshold_choice": choice.__dict__,
               **(meta or {})}
     atomic_write_json(_pending_path(client, job), {"kind": "train", "job": job, "record": record,
                                                    **_dealing(TRAIN_PROGRAM, args, protocol)})
@@ -205,8 +247,8 @@ def share_predict(client: Path, embeddings: np.ndarray, threshold: float, out: P
                   info: dict[str, Any] | None = None, protocol: str = DEFAULT_PROTOCOL) -> Outgoing:
     """Share a batch of query embeddings (padded to a power of two).
 
-    The decision threshold stays in the client's job record: the servers return the best class and
-    the softmax denominator, and the client decides "unknown" (see :func:`collect`)."""
+    The decision threshold (on the top logit z_max) stays in the client's job record: the servers return the
+    best class, the softmax denominator and z_max, and the client decides "unknown" (see :func:`collect`)."""
     get_protocol(protocol)
     private_dir(client)
     record = load_model_record(client)
@@ -232,6 +274,7 @@ def share_predict(client: Path, embeddings: np.ndarray, threshold: float, out: P
                                program_args=args, model_gen=model_generation(record), protocol=protocol)
     atomic_write_json(_pending_path(client, job), {"kind": "predict", "job": job, "q": q, "q_real": q_real,
                                                    "run_id": record["run_id"], "c": c, "threshold": float(threshold),
+                                                   "score": reference.SCORE,
                                                    "info": info or {}, **_dealing(PREDICT_PROGRAM, args, protocol)})
     return Outgoing(job, "predict", dirs, args, protocol, PREDICT_PROGRAM)
 
@@ -334,27 +377,28 @@ def collect(client: Path, job: str, results: Sequence[Path]) -> Collected:
     else:
         record = load_model_record(client)
         q, q_real, c = pending["q"], pending["q_real"], pending["c"]
+        if pending.get("score") != reference.SCORE:
+            raise CollectError(f"job {job} was sent out before the open-set score changed (its threshold is on the "
+                               f"confidence 1/S, the servers now answer {reference.SCORE}): discard it and recognise again")
         shares = []
         for i, r in enumerate(receipts):
             f = Path(results[i]) / "shares.bin"
             if not f.is_file():
                 raise CollectError(f"server {i}'s output shares {f} missing")
             blob = f.read_bytes()
-            if len(blob) != 8 * 2 * q or sharing.sha256_bytes(blob) != r.get("sha256"):
-                raise CollectError(f"{f}: {len(blob)} bytes, expected {8 * 2 * q} matching its receipt "
+            if len(blob) != 8 * 3 * q or sharing.sha256_bytes(blob) != r.get("sha256"):
+                raise CollectError(f"{f}: {len(blob)} bytes, expected {8 * 3 * q} (best, S, z_max) matching its receipt "
                                    "(truncated or corrupted)")
             shares.append(np.frombuffer(blob, dtype="<u8").astype(np.uint64))
         total = sharing.reconstruct(shares[0], shares[1])
         best = total[:q].view(np.int64)[:q_real]
-        denom = sharing.decode_fixed(total[q:])[:q_real]
-        # the top class contributes exp(0) = 1 and every other at most 1, so 1 <= S <= c (up to rounding)
-        if not (np.all((best >= 0) & (best < c)) and np.all((denom > 1 - 1e-3) & (denom < c + 1e-3))):
-            raise ModelError(f"reconstructed outputs out of range (class 0..{c - 1}, softmax denominator 1..{c}): "
-                             "the two servers' shares do not belong together, or (about once in 10^8 answers) a "
-                             "local truncation wrapped; recognise again")
-        conf = 1.0 / denom
-        preds = [Prediction(int(best[k]) if conf[k] >= pending["threshold"] else UNKNOWN, float(conf[k]),
-                            int(best[k])) for k in range(q_real)]
+        denom = sharing.decode_fixed(total[q:2 * q])[:q_real]
+        zmax = sharing.decode_fixed(total[2 * q:])[:q_real]
+        if not answers_in_range(best, denom, zmax, c):
+            raise ModelError(f"reconstructed outputs out of range (class 0..{c - 1}, softmax denominator 1..{c}, "
+                             f"|top logit| < {ZMAX_BOUND:g}): the two servers' shares do not belong together, or "
+                             "(about once in 10^8 answers) a local truncation wrapped; recognise again")
+        preds = decide(best, denom, zmax, float(pending["threshold"]))
     _pending_path(client, job).unlink(missing_ok=True)
     return Collected(job, kind, record, preds, pending.get("info"))
 

@@ -253,7 +253,8 @@ def predict_private(
     on_spawn: Callable[[list], None] | None = None,
     protocol: str | None = None,
 ) -> PredictReport:
-    """Recognise a batch of embeddings under MPC; returns class index (or UNKNOWN) and confidence."""
+    """Recognise a batch of embeddings under MPC; per face the class index (or UNKNOWN where the top logit z_max is
+    below ``threshold``), the confidence 1/S and the score z_max."""
     protocol = protocol or layout.protocol
     out = client.share_predict(layout.client, embeddings, threshold,
                                _inputs(layout), protocol=protocol)

@@ -132,8 +132,8 @@ class FaceRecognizer:
         """Aligned and embedded faces, one row per face."""
         return self.embedder.embed(rgb, faces)
 
-    def recognise_embeddings(self, embeddings: np.ndarray) -> tuple[list[tuple[str, float]], list[PredictReport]]:
-        """Names and confidences of one frame's faces, recognised together (one MPC run or one request)."""
+    def recognise_embeddings(self, embeddings: np.ndarray) -> tuple[list[tuple[str, float, float]], list[PredictReport]]:
+        """(name, confidence, score) of one frame's faces, recognised together (one MPC run or one request)."""
         return recognise(self.mp, self.layout, embeddings, self.threshold, host=self.host, timeout=self.timeout,
                          batch=len(embeddings), service=self.service)
 
@@ -154,7 +154,7 @@ class FaceRecognizer:
         t2 = time.monotonic()
         names, reports = self.recognise_embeddings(emb)
         t3 = time.monotonic()
-        return ([FaceResult(tuple(int(v) for v in f.location), n, float(c)) for f, (n, c) in zip(faces, names)],
+        return ([FaceResult(tuple(int(v) for v in f.location), n, float(c), float(z)) for f, (n, c, z) in zip(faces, names)],
                 reports, (t1 - t0, t2 - t1, t3 - t2))
 
     # -- a whole video ----------------------------------------------------------------------------------

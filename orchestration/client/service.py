@@ -2,9 +2,9 @@
 
 :class:`ServiceClient` holds one TLS connection to each server's gateway (its own client
 certificate, the servers' certificates pinned). A request splits the queries into fresh additive
-shares, sends server i only share i, and adds the two answers: the best class and the softmax
-denominator, from which the client alone derives the confidence and applies its threshold, as the
-one-job mode does (orchestration.client.jobs.collect). Both answers must carry the request's id and
+shares, sends server i only share i, and adds the two answers: the best class, the softmax
+denominator S and the top logit z_max; the client alone derives the confidence 1/S (for display) and
+applies its threshold to z_max (the open-set score), as the one-job mode does (orchestration.client.jobs.collect). Both answers must carry the request's id and
 the same model generation, or nothing is added.
 
 :func:`run_service_dealer` is the client's part in the dealer mode: MP-SPDZ's dealer party for
@@ -31,8 +31,8 @@ from preprocessing.sharing import FRAC_BITS
 
 from orchestration.mpspdz import certs as certs_mod
 from orchestration.shared import reference
-from orchestration.client.jobs import (UNKNOWN, ModelError, Prediction, load_model_record, model_generation,
-                                       model_record_path, parse_model_record)
+from orchestration.client.jobs import (ZMAX_BOUND, ModelError, Prediction, answers_in_range, decide, load_model_record,
+                                       model_generation, model_record_path, parse_model_record)
 from orchestration.mpspdz.hosts import Hosts
 from orchestration.mpspdz.launcher import PartySpec, _kill, bind_shim, exit_reason, start_party
 from orchestration.mpspdz.toolchain import MPSPDZ, Protocol, compile_program
@@ -232,8 +232,9 @@ class ServiceClient:
         head = {"type": "recognize", "id": rid, "gen": gen, "n": n, "d1": d1}
         return [(head, shares_body(s)) for s in sharing.share(sharing.encode_fixed(padded, FRAC_BITS))]
 
-    def recognise_shares(self, padded: np.ndarray, gen: str) -> tuple[np.ndarray, np.ndarray, str]:
-        """Raw answer for queries ``padded`` (n x d1 with the trailing 1): (best class, denominator, generation)."""
+    def recognise_shares(self, padded: np.ndarray, gen: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+        """Raw answer for queries ``padded`` (n x d1 with the trailing 1): (best class, denominator, top logit,
+        generation)."""
         n = len(padded)
         rid = secrets.token_hex(16)
         answers = self._exchange(self.request_frames(padded, gen, rid))
@@ -248,14 +249,15 @@ class ServiceClient:
                 raise ServiceError(f"server {i} answered {h.get('type')} for request {h.get('id')} of {h.get('n')} "
                                    f"queries; expected request {rid} of {n}", "failed")
             try:
-                parts.append(body_shares(body, 2 * n, f"server {i}'s answer"))
+                parts.append(body_shares(body, 3 * n, f"server {i}'s answer"))
             except WireError as exc:
                 raise ServiceError(str(exc), "failed") from None
         if answers[0][0].get("gen") != answers[1][0].get("gen"):
             raise ServiceError(f"server 0 answered with model generation {answers[0][0].get('gen')}, server 1 with "
                                f"{answers[1][0].get('gen')}", "failed")
         total = sharing.reconstruct(parts[0], parts[1])
-        return total[:n].view(np.int64), sharing.decode_fixed(total[n:]), str(answers[0][0]["gen"])
+        return (total[:n].view(np.int64), sharing.decode_fixed(total[n:2 * n]), sharing.decode_fixed(total[2 * n:]),
+                str(answers[0][0]["gen"]))
 
     def recognise(self, embeddings: np.ndarray, threshold: float) -> ServiceAnswer:
         """Predictions for a batch of embeddings, as :func:`orchestration.client.jobs.collect` makes them."""
@@ -277,7 +279,7 @@ class ServiceClient:
             c = len(record["classes"])
             try:
                 tries += 1
-                best, denom, gen = self.recognise_shares(padded, model_generation(record))
+                best, denom, zmax, gen = self.recognise_shares(padded, model_generation(record))
             except ServiceError as exc:
                 if exc.code != "generation":
                     raise
@@ -296,18 +298,15 @@ class ServiceClient:
                 pauses += 1
                 record = load_model_record(self.client_dir)  # a record copied meanwhile is used at once
                 continue
-            if np.all((best >= 0) & (best < c)) and np.all((denom > 1 - 1e-3) & (denom < c + 1e-3)):
+            if answers_in_range(best, denom, zmax, c):
                 break
             if wraps:
                 raise ModelError(f"reconstructed outputs out of range twice (class 0..{c - 1}, softmax denominator "
-                                 f"1..{c}): the two servers' shares do not belong together")
+                                 f"1..{c}, |top logit| < {ZMAX_BOUND:g}): the two servers' shares do not belong together")
             # a local truncation in the servers' exponentials wraps about once in 10^8 answers: ask again
             logger.warning("an answer out of range (a rare truncation wrap?): asking again")
             wraps += 1
-        conf = 1.0 / denom
-        preds = [Prediction(int(best[k]) if conf[k] >= threshold else UNKNOWN, float(conf[k]), int(best[k]))
-                 for k in range(len(x))]
-        return ServiceAnswer(preds, gen, time.monotonic() - t0)
+        return ServiceAnswer(decide(best, denom, zmax, threshold), gen, time.monotonic() - t0)
 
     # -- the model record after a retrain or a refresh ---------------------------------------------------
 

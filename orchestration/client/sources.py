@@ -7,7 +7,8 @@ and withdraws them (:meth:`~SourceClient.withdraw`). Each server answers with a 
 checked here against the server's pinned certificate and kept in ``<client>/receipts/``.
 
 A **query client** sends shares of face embeddings and gets back shares of the winner's name and of its
-confidence, both zero when the face is nobody's: it learns a name or ``unknown_person``, never the class
+score, the top logit z_max (accepted when z_max >= the gallery's public logit threshold), both zero when the
+face is nobody's: it learns a name or ``unknown_person``, never the class
 index, another class's score or how many persons anyone enrolled (:meth:`QueryClient.recognise`).
 
 Both talk to the servers through :class:`orchestration.client.service.ServiceClient`.
@@ -29,6 +30,7 @@ from preprocessing import sharing
 from preprocessing.fileio import atomic_write_json, private_dir
 from preprocessing.sharing import FRAC_BITS
 
+from orchestration.client.jobs import ZMAX_BOUND
 from orchestration.client.service import ServiceClient
 from orchestration.mpspdz import certs as certs_mod
 from orchestration.mpspdz.hosts import Hosts
@@ -257,7 +259,7 @@ class SourceClient(_Gallery):
 
 
 class QueryClient(_Gallery):
-    """Who is this face: a name or unknown_person, and the confidence of a name."""
+    """Who is this face: a name or unknown_person, and the score (top logit z_max) of a name (0.0 for unknown)."""
 
     _held: tuple[float, dict[str, Any]] | None = None  # the last status that served, and when it was read
 
@@ -301,15 +303,17 @@ class QueryClient(_Gallery):
             n = len(x)
             parts = [body_shares(b, (L + 1) * n, f"server {i}'s answer") for i, (_, b) in enumerate(answers)]
             total = sharing.reconstruct(parts[0], parts[1]).reshape(L + 1, n)
-            denom = sharing.decode_fixed(total[L])
+            zmax = sharing.decode_fixed(total[L])  # accept * z_max: exactly 0 for a rejected query
+            # an accepted one has z_max >= the threshold, up to the fixed point's resolution
+            floor = float(s0["names"][1]) - 2.0 ** -FRAC_BITS
             out: list[tuple[str, float]] = []
             try:
                 for k in range(n):
                     name = decode_name(total[:L, k])
-                    if name is None and abs(denom[k]) < 1e-3:
+                    if name is None and zmax[k] == 0.0:
                         out.append((UNKNOWN_PERSON, 0.0))
-                    elif name is not None and 1 - 1e-3 < denom[k] < c + 1e-3:
-                        out.append((name, float(1.0 / denom[k])))
+                    elif name is not None and floor <= zmax[k] < ZMAX_BOUND:
+                        out.append((name, float(zmax[k])))
                     else:
                         raise ValueError("out of range")
             except (ValueError, UnicodeDecodeError):

@@ -37,7 +37,8 @@ class RecognizerError(RuntimeError):
 class FaceResult:
     location: Location
     name: str  # a person's name or "unknown_person"
-    confidence: float
+    confidence: float  # 1/S, drawn on the frame
+    score: float = float("nan")  # the top logit z_max the unknown decision is made on
 
 
 @dataclass

@@ -126,7 +126,7 @@ class _Pipeline:
         t0 = time.monotonic()
         names, reports = self.recognizer.recognise_embeddings(work.embeddings)
         t1 = time.monotonic()
-        faces = [FaceResult(tuple(int(v) for v in f.location), n, float(c)) for f, (n, c) in zip(work.faces, names)]
+        faces = [FaceResult(tuple(int(v) for v in f.location), n, float(c), float(z)) for f, (n, c, z) in zip(work.faces, names)]
         result = FrameResult(work.index, faces, work.detect_seconds + work.embed_seconds + (t1 - t0), len(reports),
                              work.detect_seconds, work.embed_seconds, t1 - t0, t1 - work.t_read)
         self._post(work.index, _Done(result, work.frame, reports))

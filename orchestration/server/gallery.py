@@ -24,9 +24,11 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import math
 
 import numpy as np
 
@@ -36,6 +38,7 @@ from preprocessing.sharing import FRAC_BITS
 
 from orchestration.server.job import Server, read_shares, write_model_file
 from orchestration.shared.model import ModelError
+from orchestration.shared.reference import OLD_SCORE, SCORE
 
 logger = logging.getLogger(__name__)
 
@@ -63,33 +66,49 @@ class Settings:
     d: int = 128
     name_words: int = 8  # 64 bytes of UTF-8
     alpha: float = 16.0
-    thresholds: tuple[tuple[int, float], ...] = ((1, 0.5),)  # (gallery size n, threshold from n persons on)
+    # (gallery size n, threshold from n persons on): logit thresholds on the top logit z_max (``score``)
+    thresholds: tuple[tuple[int, float], ...] = ((1, 0.0),)
     exp_bits: int = 8
     embedder: str = "facenet"
+    score: str = SCORE  # what the thresholds are on: z_max; settings.json from before issue 18: 1/S (OLD_SCORE)
 
     @property
     def d1(self) -> int:
         return self.d + 1
 
     def threshold_for(self, persons: int) -> float:
-        """The public confidence threshold of a gallery of ``persons``: the entry of the largest calibrated
-        size <= persons (models/thresholds.json: strangers' confidence falls as the gallery grows)."""
-        below = [t for n, t in sorted(self.thresholds) if n <= persons]
-        return below[-1] if below else min(self.thresholds)[1]
+        """The public logit threshold on z_max of a gallery of ``persons``: the entry of the smallest calibrated
+        size >= persons, the largest size's above them (models/thresholds.json: strangers' top logit rises as the
+        gallery grows). GalleryError for settings whose thresholds are on the old confidence 1/S: face_predict's
+        names mode compares z_max with it."""
+        if self.score != SCORE:
+            raise GalleryError(f"the gallery's thresholds {list(self.thresholds)} are on the score {self.score!r} (the "
+                               f"confidence 1/S); the servers' open-set score is {SCORE!r}, allowed: {SCORE!r}: restart "
+                               "the service with --sources and the thresholds of models/thresholds.json (the gallery "
+                               "takes them over)")
+        above = [t for n, t in sorted(self.thresholds) if n >= persons]
+        return above[0] if above else max(self.thresholds)[1]
 
     def as_dict(self) -> dict[str, Any]:
         return {"d": self.d, "name_words": self.name_words, "alpha": self.alpha,
                 "thresholds": [list(t) for t in self.thresholds], "exp_bits": self.exp_bits,
-                "embedder": self.embedder}
+                "embedder": self.embedder, "score": self.score}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Settings":
         """Settings from JSON (settings.json, --sources); ValueError/KeyError/TypeError when malformed."""
+        score = raw.get("score", OLD_SCORE)  # settings written before issue 18 name no score: 1/S
+        if score not in (SCORE, OLD_SCORE):
+            raise ValueError(f"score {score!r}: expected {SCORE!r} (the top logit; or {OLD_SCORE!r} in an old gallery)")
         table = tuple(sorted((int(n), float(t)) for n, t in raw["thresholds"]))
-        if not table or not all(n >= 1 and 0 < t < 1 for n, t in table):
-            raise ValueError(f"thresholds {raw['thresholds']!r}: expected [[gallery size >= 1, 0 < threshold < 1], ...]")
+        if score == SCORE and not (table and all(n >= 1 and math.isfinite(t) and abs(t) < 2 ** 10 for n, t in table)):
+            raise ValueError(f"thresholds {raw['thresholds']!r}: expected [[gallery size >= 1, logit threshold on "
+                             "z_max, a finite real with |threshold| < 1024], ...]")
+        if score == OLD_SCORE and not (table and all(n >= 1 and 0 < t < 1 for n, t in table)):
+            raise ValueError(f"thresholds {raw['thresholds']!r}: expected [[gallery size >= 1, 0 < threshold < 1], ...] "
+                             f"(score {OLD_SCORE!r})")
         out = cls(int(raw["d"]), int(raw["name_words"]), float(raw["alpha"]), table, int(raw["exp_bits"]),
-                  str(raw["embedder"]))
+                  str(raw["embedder"]), score)
         if not (1 <= out.d <= 4096 and 1 <= out.name_words <= 64 and 0 < out.alpha < 1000 and 4 <= out.exp_bits <= 12):
             raise ValueError(f"gallery settings out of range: {raw}")
         return out
@@ -140,6 +159,12 @@ class Gallery:
         path = self.root / "settings.json"
         if path.exists():
             held = self.settings()
+            if held.score != settings.score and held == replace(settings, thresholds=held.thresholds, score=held.score):
+                # thresholds are public policy, not bound to the enrolled photos: an old gallery's 1/S ones are replaced
+                logger.warning("%s: thresholds %s on %s replaced by %s on %s", path, list(held.thresholds), held.score,
+                               list(settings.thresholds), settings.score)
+                atomic_write_json(path, settings.as_dict())
+                return settings
             if held != settings:
                 diff = ", ".join(f"{k} {held.as_dict()[k]} (asked: {v})" for k, v in settings.as_dict().items()
                                  if held.as_dict()[k] != v)

@@ -59,6 +59,7 @@ from orchestration.server.requests import MAX_D1, MAX_PER_CLIENT, MAX_QUERIES, M
     RequestTable, Slot
 from orchestration.shared.ports import CLIENT_OFFSET, LINK_OFFSET, SPDZ_OFFSET, ServicePorts, service_program_args
 from orchestration.shared.roles import ACTIONS, RoleError, require_role
+from orchestration.shared.reference import SCORE
 from orchestration.shared.wire import WireError, body_shares, int_field, send, str_field
 
 logger = logging.getLogger(__name__)
@@ -397,9 +398,13 @@ def _settings(text: str | None) -> Settings | None:
     if text is None:
         return None
     try:
-        return Settings.from_dict(json.loads(text))
+        settings = Settings.from_dict(json.loads(text))
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"--sources {text[:200]!r}: expected the gallery's settings as JSON ({exc})") from None
+    if settings.score != SCORE:  # new settings must be on the servers' score; only an old settings.json may not be
+        raise ValueError(f"--sources: thresholds on the score {settings.score!r}, allowed: {SCORE!r} (logit thresholds on "
+                         "the top logit z_max, as models/thresholds.json holds them; add \"score\": \"zmax\")")
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:

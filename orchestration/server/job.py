@@ -444,11 +444,11 @@ def finish_job(prep: PreparedJob, result: PartyResult | None) -> Path:
         receipt["gen"] = m.job
     else:  # predict
         q = m.n
-        shares = read_shares(pers, d1 * c, 2 * q)
+        shares = read_shares(pers, d1 * c, 3 * q)  # face_predict's best, S and z_max, q each
         blob = shares.astype("<u8").tobytes()
         with open_private(tmp_out / "shares.bin", "wb") as fh:
             fh.write(blob)
-        receipt.update(gen=m.model_gen, q=q, values=["best", "softmax_denominator"], frac_bits=FRAC_BITS,
+        receipt.update(gen=m.model_gen, q=q, values=["best", "softmax_denominator", "top_logit"], frac_bits=FRAC_BITS,
                        sha256=sharing.sha256_bytes(blob))
     atomic_write_json(tmp_out / "receipt.json", receipt)
     destroy_tree(out)

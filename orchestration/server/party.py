@@ -54,7 +54,7 @@ class PartyDriver:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
         self.sock: ssl.SSLSocket | None = None
-        self.outputs = 2  # answer values per query of the program running (names mode: name words + 1)
+        self.outputs = 3  # answer values per query of the program running: best, S, z_max (names mode: name words + 1)
 
     @property
     def log_path(self) -> Path:
@@ -72,7 +72,7 @@ class PartyDriver:
 
     def start(self, model: dict[str, Any], certs: certs_mod.PartyCerts) -> None:
         args = service_program_args(self.batch, model["d1"], model["c"], model["exp_bits"], model.get("names"))
-        self.outputs = 2 if model.get("names") is None else int(model["names"][0]) + 1
+        self.outputs = 3 if model.get("names") is None else int(model["names"][0]) + 1
         program = compile_program(self.mp, PREDICT_PROGRAM, args, self.build, proto=self.proto)
         hosts_file = prepare_run(self.rundir, certs, self.build, self.proto, program, self.ports.hosts,
                                  self.ports.spdz(self.party)[1] - self.party)
@@ -140,7 +140,7 @@ class PartyDriver:
 
     def run_batch(self, command: int, x: np.ndarray) -> np.ndarray:
         """One batch: ``x`` is ``batch`` x ``d1`` of this server's shares. Returns ``batch`` x k answer shares
-        (k = 2: best, S; names mode: the L name words and accept * S)."""
+        (k = 3: best, S, z_max; names mode: the L name words and accept * z_max)."""
         assert self.sock is not None
         if x.shape[0] != self.batch:
             raise SessionEnded(f"a batch of {x.shape[0]} queries, the party takes {self.batch}")

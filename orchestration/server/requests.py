@@ -58,7 +58,7 @@ class Request:
     shares: np.ndarray  # n x d1, this server's shares
     conn: Conn
     t0: float = field(default_factory=time.monotonic)
-    out: np.ndarray | None = None  # n x k answer shares (k = 2: best, S; names mode: L name words, accept*S)
+    out: np.ndarray | None = None  # n x k answer shares (k = 3: best, S, z_max; names mode: L name words, accept*z_max)
     filled: int = 0
     scheduled: int = 0  # leader: queries already put into a plan
     both: bool = False  # the other server announced that it holds this request too, with the same sizes
@@ -391,7 +391,7 @@ class RequestTable:
         assert req.out is not None
         if not self._release(req):
             return
-        # column after column: all queries' first value, then all second values (best, then S)
+        # column after column: all queries' first value, then all second values (best, then S, then z_max)
         req.conn.reply({"type": "result", "id": req.id, "gen": gen, "n": req.n, "k": int(req.out.shape[1])},
                        shares_body(np.ascontiguousarray(req.out.T).reshape(-1)))
         self.served += 1

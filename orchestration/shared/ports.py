@@ -7,6 +7,7 @@ so two hosts files may differ (NAT, relays).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,11 +39,21 @@ class ServicePorts:
 def service_program_args(batch: int, d1: int, c: int, exp_bits: int,
                          names: tuple[int, float] | list[Any] | None = None) -> list[str]:
     """The serve program's compile-time arguments, the same for both servers and the dealer: sizes only,
-    and for a gallery of many sources (``names``: name width in words, the public threshold) the names mode."""
+    and for a gallery of many sources (``names``: name width in words, the public threshold on the top logit
+    z_max) the names mode."""
     args = [str(batch), str(d1), str(c), str(exp_bits), "serve"]
     if names is not None:
-        args += ["names", str(int(names[0])), repr(float(names[1]))]
+        args += ["names", str(int(names[0])), logit_arg(float(names[1]))]
     return args
 
 
-__all__ = ["CLIENT_OFFSET", "LINK_OFFSET", "SPDZ_OFFSET", "ServicePorts", "service_program_args"]
+def logit_arg(t: float) -> str:
+    """face_predict's names-mode threshold T as a program argument: a decimal, a negative one with ``m`` for the
+    minus sign (``m1.5`` = -1.5; MP-SPDZ's compiler would take ``-1.5`` for an option)."""
+    t = float(t)
+    if not math.isfinite(t):
+        raise ValueError(f"names-mode threshold {t!r}: expected a finite logit")
+    return f"m{-t!r}" if t < 0 else repr(t + 0.0)  # + 0.0: -0.0 is 0.0
+
+
+__all__ = ["CLIENT_OFFSET", "LINK_OFFSET", "SPDZ_OFFSET", "ServicePorts", "logit_arg", "service_program_args"]

@@ -116,25 +116,48 @@ def train(x: np.ndarray, labels: np.ndarray, c: int, params: TrainParams) -> np.
     return w
 
 
+#: the open-set score the servers return and every threshold is on (issue 18): the top logit z_max.
+#: With the nearest-class-mean warm start z_c = alpha/2 (1 - |x - mu_c|^2) for a unit x, so z_max is the
+#: distance to the nearest class mean on a scale that does not depend on the gallery size, and it does
+#: not saturate the way the confidence 1/S does (a margin above ~11 logits is exactly 1 in fixed point).
+SCORE = "zmax"
+#: what a threshold on an older record or table was for: the confidence 1/S (top softmax probability)
+OLD_SCORE = "confidence"
+SCORE_DESCRIPTION = "top logit z_max"
+
+
 def predict(w: np.ndarray, x: np.ndarray, exp_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Class index and top-class probability for each row of ``x``."""
-    p = softmax_rows(with_bias(x) @ w, exp_bits)
-    return p.argmax(axis=1), p.max(axis=1)
+    """Class index and top-class probability (the confidence 1/S) for each row of ``x``."""
+    best, conf, _ = predict_scores(w, x, exp_bits)
+    return best, conf
+
+
+def predict_scores(w: np.ndarray, x: np.ndarray, exp_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """face_predict's index mode for each row of ``x``: (top class, confidence 1/S, top logit z_max).
+
+    The top class goes to the lower index on ties; S = sum_j exp(z_j - z_max) with the programs' exp. The
+    open-set decision is on z_max (:data:`SCORE`): a face is unknown when z_max < threshold."""
+    z = with_bias(x) @ w
+    zmax = z.max(axis=1)
+    s = exp_nonpos(z - zmax[:, None], exp_bits).sum(axis=1)
+    return z.argmax(axis=1), 1.0 / s, zmax
 
 
 def predict_names(w: np.ndarray, names: np.ndarray, x: np.ndarray, exp_bits: int,
                   threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """face_predict's names mode: (words (q, L) uint64, accept * S (q,)).
+    """face_predict's names mode: (words (q, L) uint64, accept * z_max (q,)).
 
-    ``names`` (c, L) holds each class's name words. The top class (ties: the lower index) and
-    S = sum_j exp(z_j - z_max) as in :func:`predict`; a query is accepted when S <= 1/threshold
-    (confidence 1/S >= threshold), and then answers the winner's words and S; a rejected one zeros."""
+    ``names`` (c, L) holds each class's name words. The top class (ties: the lower index) and its logit
+    z_max as in :func:`predict_scores`; a query is accepted when z_max >= ``threshold`` (a logit, any
+    real), and then answers the winner's words and z_max; a rejected one zeros. ``exp_bits`` is kept for
+    the callers' sake: this mode computes no exponential."""
+    del exp_bits
     z = with_bias(x) @ w
     best = z.argmax(axis=1)
-    s = exp_nonpos(z - z.max(axis=1, keepdims=True), exp_bits).sum(axis=1)
-    accept = s <= 1.0 / threshold
+    zmax = z.max(axis=1)
+    accept = zmax >= threshold
     words = np.where(accept[:, None], np.asarray(names, dtype=np.uint64)[best], np.uint64(0)).astype(np.uint64)
-    return words, np.where(accept, s, 0.0)
+    return words, np.where(accept, zmax, 0.0)
 
 
 @dataclass(frozen=True)
@@ -144,14 +167,16 @@ class ThresholdChoice:
     impostor_reject: float  # share of enrolled faces rejected when their own person is left out
     n_genuine: int
     n_impostor: int
+    score: str = SCORE  # what the threshold is on: the top logit z_max (records before issue 18: 1/S)
 
 
 def choose_threshold(x: np.ndarray, labels: np.ndarray, c: int, params: TrainParams,
                      folds: int = 5, max_genuine_reject: float = 0.03) -> ThresholdChoice:
-    """Default confidence threshold from the enrollment data alone, on the client, in plaintext.
+    """Default open-set threshold on the top logit z_max (:data:`SCORE`) from the enrollment data alone,
+    on the client, in plaintext.
 
-    Genuine scores: top-class confidence of each enrolled face under a model trained without it
-    (``folds``-fold cross-validation). Impostor scores: confidence of the best *other* person when
+    Genuine scores: the top logit z_max of each enrolled face under a model trained without it
+    (``folds``-fold cross-validation). Impostor scores: the logit of the best *other* person when
     the face's own person is taken out of the model (each person plays the unknown in turn).
     The threshold is the equal-error point of the two (as many genuine faces rejected as impostors
     accepted), lowered where needed so that at most ``max_genuine_reject`` of the genuine faces are
@@ -176,18 +201,18 @@ def choose_threshold(x: np.ndarray, labels: np.ndarray, c: int, params: TrainPar
         w = train(x[train_], np.array([remap[int(k)] for k in labels[train_]]), len(present), params)
         keep = test & np.isin(labels, present)
         if keep.any():
-            _, conf = predict(w, x[keep], params.exp_bits)
-            genuine += conf.tolist()
+            _, _, zmax = predict_scores(w, x[keep], params.exp_bits)
+            genuine += zmax.tolist()
     w_full = train(x, labels, c, params)
     z = with_bias(x) @ w_full
     impostor: list[float] = []
     if c > 2:
         for k in range(c):
             rows = labels == k
-            zk = np.delete(z[rows], k, axis=1)
-            impostor += softmax_rows(zk, params.exp_bits).max(axis=1).tolist()
-    g = np.array(genuine) if genuine else np.array([1.0])
-    imp = np.array(impostor) if impostor else np.array([0.0])
+            impostor += np.delete(z[rows], k, axis=1).max(axis=1).tolist()
+    # no genuine (or impostor) score at all: the threshold of the other side alone, or 0 (z = alpha/2 (1 - d^2))
+    g = np.array(genuine) if genuine else np.array([float(np.max(impostor, initial=0.0)) + 1.0])
+    imp = np.array(impostor) if impostor else np.array([float(np.min(g)) - 1.0])
     candidates = np.unique(np.concatenate([g, imp]))
     frr = np.array([(g < t).mean() for t in candidates])
     far = np.array([(imp >= t).mean() for t in candidates])
