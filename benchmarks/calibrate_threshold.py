@@ -85,11 +85,14 @@ def train_params(backend: str, config: Path = REPO / "invoke.yaml") -> reference
                                  exp_bits=int(train.get("exp_bits", defaults.exp_bits)))
 
 
+DETECTOR = "cascade"  # the client's default detector (invoke.yaml face.detector); --detector changes it
+
+
 def embed_people(root: Path, backend: str, cache_dir: Path, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and person labels of <root>/<person>/<image> (the client's cached gallery embedding)."""
     from preprocessing.dataset import embed_gallery
 
-    g = embed_gallery(root, backend=backend, detector="hog", cache_dir=cache_dir, progress=progress)
+    g = embed_gallery(root, backend=backend, detector=DETECTOR, cache_dir=cache_dir, progress=progress)
     return g.embeddings.astype(np.float64), np.array(g.labels)
 
 
@@ -103,7 +106,7 @@ def embed_flat(folder: Path, backend: str, cache_dir: Path, progress: bool = Tru
         for p in sorted(Path(folder).iterdir()):
             if is_image_file(p):
                 (person / p.name).symlink_to(p.resolve())
-        g = embed_gallery(Path(tmp), backend=backend, detector="hog", cache_dir=cache_dir, progress=progress)
+        g = embed_gallery(Path(tmp), backend=backend, detector=DETECTOR, cache_dir=cache_dir, progress=progress)
         return g.embeddings.astype(np.float64)
 
 
@@ -293,6 +296,12 @@ def table(cal: Calibration) -> str:
     return "\n".join(lines)
 
 
+def landmark_model() -> str:
+    from preprocessing.faces import landmark_model as current
+
+    return current()
+
+
 def record(cal: Calibration, model_id: str, seed: int, repeats: int, sizes_label: str) -> dict:
     def per(d: dict[int, dict[str, float]], key: str) -> dict[str, float]:
         return {str(n): round(v[key], 4) for n, v in d.items()}
@@ -315,7 +324,7 @@ def record(cal: Calibration, model_id: str, seed: int, repeats: int, sizes_label
         "rule": rule,
         "source": (f"benchmarks/calibrate_threshold.py --backend {cal.backend} --score {cal.score} --write on "
                    "../shared/faces/lfw-devtrain "
-                   f"(people/ and unknown/), seed {seed}, {repeats} repeats, gallery sizes {sizes_label}"),
+                   f"(people/ and unknown/; detector {DETECTOR}, landmarks {landmark_model()}), seed {seed}, {repeats} repeats, gallery sizes {sizes_label}"),
         "closed_set_accuracy": per(cal.single, "closed_set_accuracy"),
         "tpir_at_threshold": per(cal.stepped, "tpir"),
         "fpir_at_threshold": per(cal.stepped, "fpir"),
@@ -337,11 +346,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-fpir", type=float, default=0.01)
     ap.add_argument("--score", choices=SCORES, default=SCORES[0],
                     help="the score the thresholds written are on (default zmax, the servers' open-set score)")
+    ap.add_argument("--detector", default="cascade", choices=["hog", "cnn", "cascade"],
+                    help="face detector the embeddings are made with (invoke.yaml's default: cascade)")
+    ap.add_argument("--landmarks", default="5", choices=["5", "68"],
+                    help="landmark model the faces are aligned on (invoke.yaml's default: 5)")
     ap.add_argument("--cache-dir", type=Path, default=REPO / "var" / "cache")
     ap.add_argument("--write", action="store_true", help=f"write the thresholds into {THRESHOLDS_PATH.relative_to(REPO)}")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    global DETECTOR
+    DETECTOR = args.detector
+    from preprocessing.faces import use_landmarks
+
+    use_landmarks(args.landmarks)
     backends = args.backend or ["facenet", "dlib"]
     people, unknown_dir = args.faces / "lfw-devtrain" / "people", args.faces / "lfw-devtrain" / "unknown"
     out = json.loads(THRESHOLDS_PATH.read_text()) if THRESHOLDS_PATH.exists() else {}
