@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, Sequence
+import threading
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -119,25 +119,47 @@ class DetectedFace:
 
 
 # --- dlib models (private, cached) ---------------------------------------------
-@lru_cache(maxsize=None)
+# One instance of each dlib model per thread: dlib's detectors and shape predictors keep scratch buffers,
+# and two threads calling one instance at once crash the process (the video pipeline detects on two threads).
+_per_thread = threading.local()
+
+
+def _thread_cached(key: str, make: Callable[[], Any]) -> Any:
+    cache = getattr(_per_thread, "models", None)
+    if cache is None:
+        cache = _per_thread.models = {}
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
 def _hog_detector() -> Any:
     import dlib
 
-    return dlib.get_frontal_face_detector()
+    return _thread_cached("hog", dlib.get_frontal_face_detector)
 
 
-@lru_cache(maxsize=None)
 def _cnn_detector() -> Any:
     import dlib
 
-    return dlib.cnn_face_detection_model_v1(str(model_path("mmod_detector")))
+    return _thread_cached("cnn", lambda: dlib.cnn_face_detection_model_v1(str(model_path("mmod_detector"))))
 
 
-@lru_cache(maxsize=None)
 def _shape_predictor(landmarks: str = "68") -> Any:
     import dlib
 
-    return dlib.shape_predictor(str(model_path(f"shape_predictor_{check_landmarks(landmarks)}")))
+    which = check_landmarks(landmarks)
+    return _thread_cached(f"shape{which}",
+                          lambda: dlib.shape_predictor(str(model_path(f"shape_predictor_{which}"))))
+
+
+def _clear_model_caches() -> None:
+    """Forget this thread's dlib models (tests that change which files may be opened)."""
+    _per_thread.models = {}
+
+
+_shape_predictor.cache_clear = _clear_model_caches  # type: ignore[attr-defined]
+_cnn_detector.cache_clear = _clear_model_caches  # type: ignore[attr-defined]
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
