@@ -53,7 +53,9 @@ _DROPPED = "dropped"
 #: Detection threads. dlib's HOG detector releases the GIL, and on a 640x480 frame at upsample 1 it is the
 #: slowest stage (about 130 ms against 60 for the embedding), so two threads take alternate frames: two
 #: frames detected at once take 0.28 s where one after the other take 0.52 s (measured here). The frames
-#: may then reach the embedder out of order; results are kept by frame index and written in order.
+#: may then reach the embedder out of order; results are kept by frame index and written in order. Only when
+#: every frame is processed: when frames are dropped (a camera, --realtime) a frame overtaken by a later one
+#: would come back after frames that already carry newer boxes, so that mode keeps one detection thread.
 DETECT_THREADS = 2
 
 
@@ -75,7 +77,7 @@ class _Pipeline:
         self.cond = threading.Condition()
         self.fates: dict[int, _Done | str] = {}
         self.error: BaseException | None = None
-        stages = [("detect", self._detect, DETECT_THREADS), ("embed", self._embed, 1),
+        stages = [("detect", self._detect, 1 if drop else DETECT_THREADS), ("embed", self._embed, 1),
                   ("recognise", self._recognise, 1)]
         self.slots = [FrameSlot(1, drop=drop, on_drop=self._dropped) for _ in stages]  # each stage's input
         self.work = self.slots[0]
