@@ -209,8 +209,9 @@ def test_build_mpc_compiles_for_the_trained_sizes(workspace):
 
 def test_two_host_tasks_share_party_collect(workspace, tmp_path):
     """The client's share-predict, `invoke deal` and collect around two `invoke party` runs (all on localhost)."""
-    import socket
     import threading
+
+    from orchestration.mpspdz.launcher import free_ports
 
     _, _, var, held, _ = workspace
     blank = tmp_path / "blank.png"
@@ -220,9 +221,7 @@ def test_two_host_tasks_share_party_collect(workspace, tmp_path):
                str(held["Vladimir_Putin"][0]), "--image", str(blank), "--image", str(held["George_W_Bush"][1]))
     job = r.stdout.split()[1].rstrip(":")
     assert job.startswith("predict-") and (out / "server0" / "manifest.json").exists()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports("127.0.0.1", 3)  # three consecutive free ports, not one free port and two guesses
     hosts = tmp_path / "hosts"
     hosts.write_text(f"127.0.0.1:{port}\n127.0.0.1:{port + 1}\n127.0.0.1:{port + 2}\n")
     assert "invoke deal --job" in r.stdout  # share-predict tells the client to deal (the default dealer mode)
@@ -230,19 +229,23 @@ def test_two_host_tasks_share_party_collect(workspace, tmp_path):
     results: dict[int, subprocess.CompletedProcess[str]] = {}
 
     def party(i: int) -> None:
+        # a run's own timeout well inside the test's: a party that fails leaves the others waiting for it,
+        # and then the launcher's diagnosis must reach this test instead of the subprocess being killed
         if i == 2:
-            results[i] = invoke(var, "deal", "--job", job, "--hosts", str(hosts), check=False)
+            results[i] = invoke(var, "deal", "--job", job, "--hosts", str(hosts), "--timeout", "300", check=False)
             return
         results[i] = invoke(var, "party", "--id", str(i), "--hosts", str(hosts), "--job", str(out / f"server{i}"),
-                            check=False)
+                            "--timeout", "300", check=False)
 
     threads = [threading.Thread(target=party, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    said = "\n".join(f"--- {'dealer' if i == 2 else f'server {i}'} exited {results[i].returncode}:\n{results[i].stderr}"
+                     for i in range(3))
     for i in range(2):
-        assert results[i].returncode == 0, results[i].stderr
+        assert results[i].returncode == 0, said
         assert f"send {var / f'server{i}' / 'outputs' / job}" in results[i].stdout
     assert results[2].returncode == 0 and f"the dealer (the data owner's client): dealt job {job}" in results[2].stdout, results[2].stderr
     r = invoke(var, "collect", "--job", job, "--result", str(var / "server0" / "outputs" / job), "--result",
