@@ -421,6 +421,16 @@ def test_blame_with_one_server_on_this_host(tmp_path, code, text, expect, words)
     assert party == expect and words in why, why
 
 
+def test_an_illegal_instruction_says_the_binaries_were_built_for_another_cpu(tmp_path):
+    """What the offline archive (built -march=native with AVX-512) does on a CPU without it: both servers
+    die of SIGILL at their first such instruction, and setup's message must say so and how to build here."""
+    party, why = _blame(_specs(tmp_path, [SETUP, SETUP]), [-signal.SIGILL, -signal.SIGILL], order=[0, 1])
+    assert party == 0 and why.startswith("server 0 was killed (signal 4): illegal instruction"), why
+    assert "invoke setup --from-source DIR --force" in why
+    party, why = _blame(_specs(tmp_path, [SETUP]), [-signal.SIGSEGV], order=[0])
+    assert "illegal instruction" not in why, why  # only SIGILL says so
+
+
 def test_killed_server_is_named_even_when_the_survivors_output_lags(mp, trained, data, tmp_path):
     """Real runs: server 1 is SIGKILLed at several moments while server 0's output reaches its log late (its
     reader thread starved, as on a loaded machine). Every time server 1 must be named, never server 0.

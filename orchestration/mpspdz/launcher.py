@@ -569,6 +569,13 @@ def run_parties(
 _OUTSIDE_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT})
 
 
+#: why a party dies of SIGILL: MP-SPDZ's default build is ``-march=native``, so binaries made on a newer CPU
+#: (the offline archive was built with AVX-512) stop at their first such instruction on an older one
+ILLEGAL_INSTRUCTION = ("illegal instruction: these MP-SPDZ binaries were built for a CPU with instructions this "
+                       "one lacks (an -march=native build from a machine with AVX-512, say); build MP-SPDZ on this "
+                       "machine instead: `invoke setup --from-source DIR --force` with an MP-SPDZ source tree")
+
+
 def _blame(specs: Sequence[PartySpec], codes: list[int | None], order: Sequence[int] | None = None,
            proto: Protocol | None = None, hosts_file: Path | None = None,
            waited: float | None = None) -> tuple[int | None, str]:
@@ -630,7 +637,7 @@ def _blame(specs: Sequence[PartySpec], codes: list[int | None], order: Sequence[
         why = diag[k][0] or f"{LOST} to {_others(party, n, proto)} (it stopped or its host went away)"
         return diag[k][1] if diag[k][0] else (1 - party if n == 2 else None), f"{party_name(party, proto)} stopped: {why}"
     what = f"was killed (signal {-c})" if c < 0 else f"exited with code {c}"
-    extra = f": {diag[k][0]}" if diag[k][0] else ""
+    extra = f": {diag[k][0]}" if diag[k][0] else (f": {ILLEGAL_INSTRUCTION}" if c == -signal.SIGILL else "")
     msg = f"{party_name(party, proto)} {what}{extra}"
     for j in seen:
         if j != k:
