@@ -330,3 +330,34 @@ def test_two_runs_at_once_do_not_collide(mp, trained, lfw10_split, tmp_path):
         results = [f.result(timeout=300) for f in futures]
     a, b = ([p.best for p in r.predictions] for r in results)
     assert a == b and len(a) == 3
+
+
+def test_the_warm_start_alone_is_trained_from_class_means_of_any_number_of_faces(mp, tmp_path):
+    """epochs = 0: the client shares each person's mean (c x d values), never the faces or an n x c one-hot,
+    and the servers' model is the float64 nearest-class-mean model of the same means to fixed-point rounding."""
+    from synthetic import clusters
+
+    from orchestration.client import jobs
+    from orchestration.client.private import _read_shares
+
+    x, labels = clusters(people=12, per=9, d=16, seed=5)
+    keep = np.array([not (lab == labels[27] and k % 9) for k, lab in enumerate(labels)])  # one person: 1 face
+    x, labels = x[keep], [lab for lab, k in zip(labels, keep) if k]
+    params = reference.TrainParams(epochs=0, alpha=16.0, exp_bits=8)
+    c, d = len(set(labels)), x.shape[1]
+    out = jobs.share_train(tmp_path / "client", x, labels, params, tmp_path / "out")
+    for i in range(2):  # what each server is given: alpha and c x d means, whatever n is
+        assert (out.bundles[i] / f"Input-Binary-P{i}-0").stat().st_size == 8 * (1 + c * d)
+    layout = Layout(tmp_path / "var", "dealer")
+    report = train_private(mp, layout, x, labels, params, timeout=600)
+    w = sharing.decode_fixed(sharing.reconstruct(*[
+        _read_shares(layout.model_dir(i) / f"Transactions-P{i}.data", 0, (d + 1) * c) for i in range(2)]))
+    w = w.reshape(d + 1, c)
+    idx = np.array([report.classes.index(lab) for lab in labels])
+    ref = reference.train(x, idx, c, params)
+    np.testing.assert_allclose(ref, reference.warm_start(reference.with_bias(x), idx, c, params.alpha))
+    assert np.max(np.abs(w - ref)) < 2 ** -9 * params.alpha, np.max(np.abs(w - ref))
+    rep = predict_private(mp, layout, x, threshold=-1e9)
+    best, _, zmax = reference.predict_scores(ref, x, params.exp_bits)
+    assert [p.label for p in rep.predictions] == best.tolist()
+    assert np.max(np.abs(np.array([p.score for p in rep.predictions]) - zmax)) < 2 ** -8 * params.alpha

@@ -254,11 +254,15 @@ def train_on_servers(c, epochs=None, batch=None, lr=None, hosts=None, timeout=No
     from orchestration.client.sources import SourceClient
     from orchestration.shared.wire import ServiceError
 
+    n_epochs = int(_cfg(c, "train", "epochs", epochs))
+    if n_epochs < 1:
+        raise Exit(f"train --on-servers: epochs is {n_epochs}; retraining the servers' gallery needs at least 1 SGD "
+                   f"epoch (the warm start alone is what every enrolment already put in the model)", code=1)
     folder = _layout(c).root / "sources" / "client" if _is_local(c, hosts) else _layout(c).client
     t0 = time.monotonic()
     try:
         with SourceClient(folder, sources_hosts(c, hosts), timeout=float(timeout or 1800)) as cl:
-            r = cl.train(int(_cfg(c, "train", "epochs", epochs)), int(_cfg(c, "train", "batch", batch)),
+            r = cl.train(n_epochs, int(_cfg(c, "train", "batch", batch)),
                          float(_cfg(c, "train", "lr", lr)))
     except ServiceError as exc:
         raise _fail("training on the servers", exc)

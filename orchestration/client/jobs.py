@@ -194,6 +194,10 @@ def _bundle_dirs(out: Path | Sequence[Path], job: str) -> tuple[Path, Path]:
     return a, b
 
 
+#: the largest one-hot label matrix SGD training shares (8 bytes a value, per server, plus the share files)
+MAX_ONE_HOT_VALUES = 200_000_000
+
+
 @owner_only()
 def share_train(client: Path, embeddings: np.ndarray, labels: Sequence[str], params: reference.TrainParams,
                 out: Path | Sequence[Path], *, meta: dict[str, Any] | None = None,
@@ -217,14 +221,22 @@ def share_train(client: Path, embeddings: np.ndarray, labels: Sequence[str], par
     y_idx = np.array([index[name] for name in labels])[order]
     n, d = x.shape
     c = len(classes)
-    y = np.zeros((n, c), dtype=np.int64)
-    y[np.arange(n), y_idx] = 1
+    if params.epochs == 0:
+        # the model is the warm start alone: the class means are all face_train needs (c x d values, whatever n)
+        data = [(reference.class_means(x, y_idx, c), FRAC_BITS)]
+    else:
+        if n * c > MAX_ONE_HOT_VALUES:
+            raise ValueError(f"SGD on {n} faces of {c} people needs an n x c one-hot of {n * c:,} values per server "
+                             f"(more than {MAX_ONE_HOT_VALUES:,}): train with epochs 0 (the class means alone: "
+                             f"{c * d:,} values) for a gallery this large")
+        y = np.zeros((n, c), dtype=np.int64)
+        y[np.arange(n), y_idx] = 1
+        data = [(reference.with_bias(x), FRAC_BITS), (y, 0)]
     args = params.program_args(n, d + 1, c)
     run_id = sharing.new_run_id()
     job = f"train-{run_id}"
     dirs = _bundle_dirs(out, job)
-    sharing.write_share_bundle([(np.array([[params.alpha]]), FRAC_BITS), (reference.with_bias(x), FRAC_BITS),
-                                (y, 0)], dirs, program=TRAIN_PROGRAM,
+    sharing.write_share_bundle([(np.array([[params.alpha]]), FRAC_BITS), *data], dirs, program=TRAIN_PROGRAM,
                                program_version=program_version(TRAIN_PROGRAM), kind="train", n=n, d=d + 1,
                                n_classes=c, run_id=run_id, job=job, program_args=args, protocol=protocol)
     choice = reference.choose_threshold(x, y_idx, c, params)  # client side, plaintext, enrollment data only

@@ -182,7 +182,8 @@ class Registry:
                                        "withdraws only its own persons)")
                 fields = {"persons": [target]}
         elif kind == "train":
-            fields = {"epochs": int_field(header, "epochs", 0, 100), "batch": int_field(header, "batch", 1, 4096),
+            # at least one epoch: the warm start alone is what every enrolment already put in the model
+            fields = {"epochs": int_field(header, "epochs", 1, 100), "batch": int_field(header, "batch", 1, 4096),
                       "lr": float(header.get("lr", 1.0))}
             if not 0 < fields["lr"] <= 100:
                 raise GalleryError(f"train: lr {fields['lr']} out of range (0, 100]")

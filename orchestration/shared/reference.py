@@ -63,12 +63,31 @@ def ncm_column(photos: np.ndarray, alpha: float) -> np.ndarray:
     return np.concatenate([alpha * mu, [-alpha / 2 * float(mu @ mu)]])
 
 
+def class_means(x: np.ndarray, labels: np.ndarray, c: int) -> np.ndarray:
+    """Each class's mean embedding (c, d), in one pass over the rows (no n x c one-hot, no loop over classes).
+
+    What the client shares for ``epochs = 0`` instead of the faces and labels. Raises ValueError when a
+    class has no row: its mean, and so its model column, would not exist."""
+    x = np.asarray(x, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels, minlength=c)
+    if len(counts) > c or (counts == 0).any():
+        empty = np.flatnonzero(counts[:c] == 0)
+        raise ValueError(f"labels must cover classes 0..{c - 1} with at least one row each; "
+                         f"{'classes ' + ', '.join(map(str, empty[:5])) + ' have none' if len(empty) else 'some are >= c'}")
+    sums = np.zeros((c, x.shape[1]))
+    np.add.at(sums, labels, x)
+    return sums / counts[:, None]
+
+
+def ncm_model(means: np.ndarray, alpha: float) -> np.ndarray:
+    """The nearest-class-mean model W (d+1, c) of class means (c, d): every class's :func:`ncm_column`."""
+    means = np.asarray(means, dtype=np.float64)
+    return np.vstack([alpha * means.T, -alpha / 2 * np.einsum("cd,cd->c", means, means)[None, :]])
+
+
 def warm_start(x1: np.ndarray, labels: np.ndarray, c: int, alpha: float) -> np.ndarray:
-    d1 = x1.shape[1]
-    w = np.zeros((d1, c))
-    for j in range(c):
-        w[:, j] = ncm_column(x1[labels == j, :-1], alpha)
-    return w
+    return ncm_model(class_means(x1[:, :-1], labels, c), alpha)
 
 
 #: gallery_enrol's bounds on a row's squared norm (the embeddings are L2-normalised)
@@ -97,12 +116,12 @@ def rows_ok(photos: np.ndarray, frac_bits: int = 16) -> np.ndarray:
 
 def train(x: np.ndarray, labels: np.ndarray, c: int, params: TrainParams) -> np.ndarray:
     """Train on embeddings ``x`` (n, d) with integer labels; returns W (d+1, c)."""
+    if params.epochs == 0:  # the warm start alone: no row order, no one-hot (10,000 classes stay cheap)
+        return ncm_model(class_means(x, labels, c), params.alpha)
     order = training_order(len(x), params.seed)
     x1 = with_bias(np.asarray(x)[order])
     labels = np.asarray(labels)[order]
     n = x1.shape[0]
-    y = np.zeros((n, c))
-    y[np.arange(n), labels] = 1.0
     w = warm_start(x1, labels, c, params.alpha)
     batch = min(params.batch, n)
     starts = [(s, batch) for s in range(0, n - n % batch, batch)]
@@ -110,9 +129,10 @@ def train(x: np.ndarray, labels: np.ndarray, c: int, params: TrainParams) -> np.
         starts.append((n - n % batch, n % batch))
     for _ in range(params.epochs):
         for s, rows in starts:
-            xb, yb = x1[s:s + rows], y[s:s + rows]
-            p = softmax_rows(xb @ w, params.exp_bits)
-            w = w - (params.lr / rows) * (xb.T @ (p - yb))
+            xb = x1[s:s + rows]
+            g = softmax_rows(xb @ w, params.exp_bits)
+            g[np.arange(rows), labels[s:s + rows]] -= 1.0  # P - Y, one batch's one-hot at a time
+            w = w - (params.lr / rows) * (xb.T @ g)
     return w
 
 
@@ -137,10 +157,24 @@ def predict_scores(w: np.ndarray, x: np.ndarray, exp_bits: int) -> tuple[np.ndar
 
     The top class goes to the lower index on ties; S = sum_j exp(z_j - z_max) with the programs' exp. The
     open-set decision is on z_max (:data:`SCORE`): a face is unknown when z_max < threshold."""
-    z = with_bias(x) @ w
-    zmax = z.max(axis=1)
-    s = exp_nonpos(z - zmax[:, None], exp_bits).sum(axis=1)
-    return z.argmax(axis=1), 1.0 / s, zmax
+    x = np.asarray(x, dtype=np.float64)
+    best, conf, zmax = (np.empty(len(x), dtype=np.int64), np.empty(len(x)), np.empty(len(x)))
+    for a, z in _logit_chunks(w, x):
+        zm = z.max(axis=1)
+        best[a:a + len(z)], zmax[a:a + len(z)] = z.argmax(axis=1), zm
+        conf[a:a + len(z)] = 1.0 / exp_nonpos(z - zm[:, None], exp_bits).sum(axis=1)
+    return best, conf, zmax
+
+
+#: logits are computed this many values at a time (n x c at 100,000 faces and 10,000 classes is 8 GB)
+_CHUNK_VALUES = 1 << 24
+
+
+def _logit_chunks(w: np.ndarray, x: np.ndarray):
+    """(first row, logits of rows first..first+k) over ``x``, k rows at a time so that k x c stays small."""
+    rows = max(1, _CHUNK_VALUES // max(1, w.shape[1]))
+    for a in range(0, len(x), rows):
+        yield a, with_bias(x[a:a + rows]) @ w
 
 
 def predict_names(w: np.ndarray, names: np.ndarray, x: np.ndarray, exp_bits: int,
@@ -188,9 +222,11 @@ def choose_threshold(x: np.ndarray, labels: np.ndarray, c: int, params: TrainPar
     n = len(x)
     genuine: list[float] = []
     fold_of = np.empty(n, dtype=int)
-    for k in range(c):  # stratified: spread each person's faces over the folds
-        idx = np.flatnonzero(labels == k)
-        fold_of[idx] = np.arange(len(idx)) % folds
+    # stratified: a person's i-th face (in row order) goes to fold i mod folds
+    by_person = np.argsort(labels, kind="stable")
+    sorted_labels = labels[by_person]
+    first = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    fold_of[by_person] = (np.arange(n) - first) % folds
     for f in range(folds):
         test = fold_of == f
         train_ = ~test
@@ -204,18 +240,20 @@ def choose_threshold(x: np.ndarray, labels: np.ndarray, c: int, params: TrainPar
             _, _, zmax = predict_scores(w, x[keep], params.exp_bits)
             genuine += zmax.tolist()
     w_full = train(x, labels, c, params)
-    z = with_bias(x) @ w_full
     impostor: list[float] = []
     if c > 2:
-        for k in range(c):
-            rows = labels == k
-            impostor += np.delete(z[rows], k, axis=1).max(axis=1).tolist()
+        best_other = np.empty(n)
+        for a, z in _logit_chunks(w_full, x):
+            z[np.arange(len(z)), labels[a:a + len(z)]] = -np.inf  # the best *other* person
+            best_other[a:a + len(z)] = z.max(axis=1)
+        impostor = best_other[np.argsort(labels, kind="stable")].tolist()  # in class order
     # no genuine (or impostor) score at all: the threshold of the other side alone, or 0 (z = alpha/2 (1 - d^2))
     g = np.array(genuine) if genuine else np.array([float(np.max(impostor, initial=0.0)) + 1.0])
     imp = np.array(impostor) if impostor else np.array([float(np.min(g)) - 1.0])
     candidates = np.unique(np.concatenate([g, imp]))
-    frr = np.array([(g < t).mean() for t in candidates])
-    far = np.array([(imp >= t).mean() for t in candidates])
+    # the shares below each candidate by binary search (a loop over candidates is quadratic in the faces)
+    frr = np.searchsorted(np.sort(g), candidates, side="left") / len(g)
+    far = 1.0 - np.searchsorted(np.sort(imp), candidates, side="left") / len(imp)
     best = int(np.argmin(np.abs(frr - far) + 1e-9 * candidates))
     t = min(float(candidates[best]), float(np.quantile(g, max_genuine_reject)))
     return ThresholdChoice(t, float((g >= t).mean()), float((imp < t).mean()), len(genuine), len(impostor))
