@@ -42,3 +42,37 @@ def mp():
         return find_mpspdz()
     except MPSPDZError as exc:
         pytest.fail(str(exc))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.lower().startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+@pytest.fixture(scope="session")
+def mpspdz_archive(mp, tmp_path_factory) -> Path:
+    """An MP-SPDZ archive (with its .sha256 beside it) whose binaries run on this CPU, for the install tests.
+
+    ``../shared/mp-spdz``'s archive is an -march=native build with AVX-512: on a CPU without AVX-512 its parties
+    die of SIGILL, whatever the project's code does. There the working installation (`mp`, built on this machine
+    with `invoke setup --from-source`) is packed the same way instead, so that the install path is still
+    tested end to end on real binaries."""
+    import hashlib
+    import tarfile
+
+    found = sorted((REPO.parent / "shared" / "mp-spdz").glob("mp-spdz-*.tar.xz"))
+    if len(found) != 1:
+        pytest.fail(f"expected exactly one MP-SPDZ archive in {REPO.parent / 'shared' / 'mp-spdz'}, found "
+                    f"{[p.name for p in found]}")
+    if "avx512f" in _cpu_flags():
+        return found[0]
+    out = tmp_path_factory.mktemp("mpspdz-archive") / "mp-spdz-this-cpu.tar.xz"
+    with tarfile.open(out, "w:xz", preset=0) as tar:
+        tar.add(mp.home, arcname="mp-spdz-this-cpu",
+                filter=lambda m: None if Path(m.name).name == ".invoke-setup.json" else m)
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    Path(f"{out}.sha256").write_text(f"{digest}  {out.name}\n")
+    return out
