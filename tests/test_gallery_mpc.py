@@ -246,7 +246,9 @@ def near_threshold(w: np.ndarray, known: np.ndarray, stranger: np.ndarray, t: fl
     return np.array(out)
 
 
-@pytest.mark.parametrize("c", [6, 40])  # one argmax level (c <= 10) and several
+# one argmax level (up to 64 classes), two (groups of 8 then one of 13) and, with a group of one passed on
+# unchanged by the first level, two (97 = 12 x 8 + 1: groups of 8, then one of 13)
+@pytest.mark.parametrize("c", [6, 40, 100, 97])
 def test_names_match_reference(mp, mpc_root, c):
     """accept = z_max >= T on shares, as reference.predict_names decides, also for queries just above and just
     below the threshold; the accepted answer carries z_max within Z_TOL of float64's."""
@@ -295,7 +297,7 @@ def test_names_high_threshold_rejects_everything_low_accepts_everything(mp, mpc_
     assert_names_match(words, accept_z, ref_words, ref_z)
 
 
-@pytest.mark.parametrize("c,cap", [(6, 10), (40, 48)])
+@pytest.mark.parametrize("c,cap", [(6, 10), (40, 48), (90, 112)])
 def test_names_padded_capacity_answers_as_unpadded(mp, mpc_root, c, cap):
     rng = np.random.default_rng(100 + c)
     w, names, centres = gallery(rng, c)

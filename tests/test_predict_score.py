@@ -57,7 +57,9 @@ def assert_matches(best, s, zmax, w, x) -> None:
     assert jobs.answers_in_range(best, s, zmax, w.shape[1])
 
 
-@pytest.mark.parametrize("c", [6, 10, 40])  # one argmax level (c <= GROUP + 2 = 10) and several
+# c <= 10: one argmax level with the exponentials beside it in a second thread; 40: one level of the select
+# tree; 100: groups of 8, then one of 13; 97: the same with a group of one that the first level passes on
+@pytest.mark.parametrize("c", [6, 10, 40, 100, 97])
 def test_zmax_on_shares_equals_the_reference(mp, mpc_root, c):
     rng = np.random.default_rng(20 + c)
     w, _, centres = gallery(rng, c)
@@ -68,7 +70,7 @@ def test_zmax_on_shares_equals_the_reference(mp, mpc_root, c):
     assert (zmax[:5] > ALPHA / 4).all() and (zmax[5:] < ALPHA / 4).all(), zmax
 
 
-@pytest.mark.parametrize("c", [6, 40])
+@pytest.mark.parametrize("c", [6, 40, 100])
 def test_ties_answer_one_tied_class_and_the_tied_zmax(mp, mpc_root, c):
     """Classes 1 and 4 share a column. On shares the two logits may differ by one unit of 2^-16 (their own
     truncation masks), so best is 1 or 4, never anything else (exactly one indicator wins: S stays >= 1 and
