@@ -2,7 +2,8 @@
 a load test of concurrent clients; on loopback (local mode) and across two network namespaces.
 
     python benchmarks/service_bench.py [--setup local --setup netns] [--rtt 0 --rtt 20]
-                                       [--classes 10 --classes 291] [--protocol dealer] [--batch 16]
+                                       [--classes 10 --classes 291] [--protocol dealer] [--batch 16] [--lanes 2]
+                                       [--epochs 0]
                                        [--singles 100] [--sizes 16,256,1024] [--clients 4 --requests 1000]
 
 Each case trains a model on synthetic face-like embeddings (unit vectors in C clusters; the MPC's
@@ -42,6 +43,10 @@ from orchestration.mpspdz.toolchain import find_mpspdz, protocol  # noqa: E402
 from orchestration.shared.wire import ServiceError  # noqa: E402
 
 PARAMS = reference.TrainParams(epochs=1, batch=32, lr=1.0, alpha=16.0, exp_bits=8, seed=1)
+
+
+def params(args: argparse.Namespace) -> reference.TrainParams:
+    return reference.TrainParams(**{**PARAMS.__dict__, "epochs": args.epochs})
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -149,10 +154,11 @@ def run_local(mp, proto, c: int, args: argparse.Namespace, tmp: Path) -> list[di
 
     x, labels = clusters(people=c, per=args.per, seed=c)
     layout = Layout(tmp / f"local-{proto.name}-{c}", proto.name)
-    train_private(mp, layout, x, labels, PARAMS)
-    with LocalService(mp, layout, proto, batch=args.batch, port=7600, log_dir=layout.root / "logs") as svc:
+    train_private(mp, layout, x, labels, params(args))
+    with LocalService(mp, layout, proto, batch=args.batch, port=7600, log_dir=layout.root / "logs",
+                      extra_args=["--lanes", str(args.lanes)]) as svc:
         svc.wait_ready()
-        label = dict(setup="local", rtt_ms=0.0, protocol=proto.name, classes=c, batch=args.batch)
+        label = dict(setup="local", rtt_ms=0.0, protocol=proto.name, classes=c, batch=args.batch, lanes=args.lanes)
         return measure(LocalCall(), lambda: ServiceClient(layout.client, svc.hosts), x, args, label)
 
 
@@ -172,15 +178,15 @@ def run_netns(mp, proto, c: int, rtt: float, args: argparse.Namespace, tmp: Path
         direct = [f"{net.addr[0]}:{p0}\n{net.addr[1]}:{p1}\n" for p0, p1 in [(7100, 7101)]][0]
         for f in dep.hosts_files:
             f.write_text(direct + (f"{net.addr[1]}:7102\n" if len(dep.hosts_files) == 3 else ""))
-        dep.train(x, labels)
+        dep.train(x, labels, params(args))
         for f, text in zip(dep.hosts_files, delayed):
             f.write_text(text)
-        lab = ServiceLab(dep, batch=args.batch).start()
+        lab = ServiceLab(dep, batch=args.batch, lanes=args.lanes).start()
         call = NsCall(net.ns[1], max(args.clients, 1))
         try:
             lab.wait_ready(call.clients)
             label = dict(setup="netns", rtt_ms=rtt, delay=net.delay, protocol=proto.name, classes=c,
-                         batch=args.batch)
+                         batch=args.batch, lanes=args.lanes)
             return measure(call, lambda: lab.new_client(timeout=900), x, args, label)
         finally:
             lab.stop()
@@ -194,6 +200,9 @@ def main() -> int:
     ap.add_argument("--classes", action="append", type=int, help="people in the model (default 10 and 291)")
     ap.add_argument("--protocol", action="append", choices=("dealer", "semi2k"))
     ap.add_argument("--batch", type=int, default=16, help="queries per MPC batch of the service")
+    ap.add_argument("--lanes", type=int, default=2, help="batches in flight at once (service.lanes)")
+    ap.add_argument("--epochs", type=int, default=PARAMS.epochs,
+                    help="SGD epochs of the model served (0: the warm start from class means, for large C)")
     ap.add_argument("--per", type=int, default=4, help="training faces per person")
     ap.add_argument("--singles", type=int, default=100, help="one-face requests for the latency")
     ap.add_argument("--sizes", default="16,256,1024", help="request sizes for the throughput")

@@ -59,10 +59,10 @@ class ServiceLab:
     """The service of a two-namespace deployment (``Deployment`` of tests/test_two_hosts.py)."""
 
     def __init__(self, dep: Any, ports: tuple[int, int, int] = (7200, 7201, 7202), batch: int = 16,
-                 max_queued: int = 100_000):
+                 max_queued: int = 100_000, lanes: int | None = None):
         self.dep, self.net = dep, dep.net
         self.root = Path(dep.root)
-        self.batch = batch
+        self.batch, self.lanes = batch, lanes
         self.max_queued = max_queued
         n = 3 if dep.protocol == "dealer" else 2
         self.hosts_files = [self.root / f"service-hosts{i}" for i in range(n)]
@@ -86,9 +86,12 @@ class ServiceLab:
         self.client_ns = 1  # the client sits beside server 1 (and its dealer)
 
     def env(self) -> dict[str, str]:
-        return dict(os.environ, INVOKE_PATHS_VAR=str(self.root), INVOKE_MPSPDZ_PROTOCOL=self.dep.protocol,
-                    INVOKE_SERVICE_BATCH=str(self.batch), INVOKE_SERVICE_MAX_QUEUED=str(self.max_queued),
-                    INVOKE_SERVICE_MAX_PER_CLIENT=str(self.max_queued), INVOKE_SERVICE_MAX_CLIENT_CONNECTIONS="32")
+        env = dict(os.environ, INVOKE_PATHS_VAR=str(self.root), INVOKE_MPSPDZ_PROTOCOL=self.dep.protocol,
+                   INVOKE_SERVICE_BATCH=str(self.batch), INVOKE_SERVICE_MAX_QUEUED=str(self.max_queued),
+                   INVOKE_SERVICE_MAX_PER_CLIENT=str(self.max_queued), INVOKE_SERVICE_MAX_CLIENT_CONNECTIONS="32")
+        if self.lanes is not None:
+            env["INVOKE_SERVICE_LANES"] = str(self.lanes)
+        return env
 
     def start_server(self, i: int) -> subprocess.Popen:
         argv = [sys.executable, "-m", "invoke", "serve", "--id", str(i), "--hosts", str(self.hosts_files[i]),

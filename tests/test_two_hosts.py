@@ -114,8 +114,9 @@ class Deployment:
     def outputs(self, job: str) -> list[Path]:
         return [self.servers[i] / "outputs" / job for i in range(2)]
 
-    def train(self, x, labels) -> client.Collected:
-        sent = client.share_train(self.client, x, labels, PARAMS, self.root / "jobs" / "train", protocol=self.protocol)
+    def train(self, x, labels, params=None) -> client.Collected:
+        sent = client.share_train(self.client, x, labels, params or PARAMS, self.root / "jobs" / "train",
+                                  protocol=self.protocol)
         res = self.run(self.root / "jobs" / "train")
         assert all(rc == 0 for rc, _ in res), res
         return client.collect(self.client, sent.job, self.outputs(sent.job))

@@ -32,6 +32,18 @@ def _cfg(c, section: str, key: str, flag=None):
     return c.config.get(section, {}).get(key)
 
 
+def _switch(value, name: str) -> bool:
+    """A yes/no setting from invoke.yaml (a boolean) or a flag (text); anything else is an Exit naming it."""
+    if value is None or isinstance(value, bool):
+        return value is not False
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise Exit(f"{name}: {value!r} is not one of true, false", code=1)
+
+
 def _layout(c):
     """Run state under paths.var, computing with mpspdz.protocol (dealer | semi2k)."""
     from orchestration.mpspdz.toolchain import MPSPDZError, protocol

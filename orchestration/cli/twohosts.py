@@ -12,7 +12,7 @@ from pathlib import Path
 from invoke import Exit, task
 
 from orchestration.cli.common import (TRAIN_HELP, _cfg, _embedded_gallery, _face, _gallery, _layout, _logging, _mp,
-                                      _progress, _query_paths, _said_by, _say_protocol, _service_hosts, _tls,
+                                      _progress, _query_paths, _said_by, _say_protocol, _service_hosts, _switch, _tls,
                                       _train_params, _write_rows)
 
 #: how messages name party 2 (as orchestration.mpspdz.certs.party_label does)
@@ -256,6 +256,9 @@ def deal(c, job=None, hosts=None, timeout=None, mpspdz_home=None, verbose=False,
     "hosts": "two hosts: the service's hosts file (server 0, server 1[, the client's dealer]); default service.hosts",
     "server_dir": "this server's folder: certs, model shares, allowed clients (default <var>/server<id>)",
     "batch": "queries per MPC batch (default service.batch)",
+    "lanes": "batches of --batch queries in flight at once, 1..8, the same on both servers (default service.lanes)",
+    "quick": "true | false: one more lane, of one query, for a face that comes alone; the same on both servers "
+             "(default service.quick)",
     "max_queued": "queries a server holds waiting before it answers busy (default service.max_queued)",
     "max_per_client": "queries one client certificate may have waiting (default service.max_per_client)",
     "max_client_connections": "connections one client certificate may hold to a server (default "
@@ -267,7 +270,8 @@ def deal(c, job=None, hosts=None, timeout=None, mpspdz_home=None, verbose=False,
     "backend": "with --sources: the gallery's embedder, facenet | dlib (default face.backend)",
 })
 def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, max_per_client=None,
-          max_client_connections=None, mpspdz_home=None, verbose=False, sources=False, backend=None):
+          max_client_connections=None, mpspdz_home=None, verbose=False, sources=False, backend=None, lanes=None,
+          quick=None):
     """Run the recognition service until SIGTERM or Ctrl-C: servers that stay up and answer in milliseconds.
 
     Each server runs one long-lived MP-SPDZ party with its model share loaded and a gateway that
@@ -290,8 +294,10 @@ def serve(c, id=None, hosts=None, server_dir=None, batch=None, max_queued=None, 
     n_queued = int(_cfg(c, "service", "max_queued", max_queued))
     limits = [f"--{k.replace('_', '-')}={int(v)}" for k, v in
               (("max_per_client", _cfg(c, "service", "max_per_client", max_per_client)),
-               ("max_client_connections", _cfg(c, "service", "max_client_connections", max_client_connections)))
+               ("max_client_connections", _cfg(c, "service", "max_client_connections", max_client_connections)),
+               ("lanes", _cfg(c, "service", "lanes", lanes)))
               if v is not None]
+    limits.append("--quick" if _switch(_cfg(c, "service", "quick", quick), "--quick (service.quick)") else "--no-quick")
     settings = None
     if sources:
         import json

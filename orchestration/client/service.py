@@ -38,7 +38,7 @@ from orchestration.mpspdz.launcher import PartySpec, _kill, bind_shim, exit_reas
 from orchestration.mpspdz.toolchain import MPSPDZ, Protocol, compile_program
 from orchestration.mpspdz.rundir import prepare_run
 from orchestration.shared.model import PREDICT_PROGRAM
-from orchestration.shared.ports import ServicePorts, service_program_args
+from orchestration.shared.ports import ServicePorts, service_program_args, status_lanes
 from orchestration.shared.wire import ServiceError, WireError, body_shares, receive, send, shares_body
 
 logger = logging.getLogger(__name__)
@@ -393,7 +393,8 @@ def run_service_dealer(mp: MPSPDZ, client_dir: Path, build: Path, hosts: Hosts, 
                 stop.wait(0.2)
                 continue
             warned = False
-            args = service_program_args(int(st["batch"]), int(st["d1"]), int(st["c"]), int(st["exp_bits"]))
+            args = service_program_args(int(st["batch"]), int(st["d1"]), int(st["c"]), int(st["exp_bits"]),
+                                        **status_lanes(st))
             program = compile_program(mp, PREDICT_PROGRAM, args, build, proto=proto)
             hosts_file = prepare_run(run, party_certs, build, proto, program, hosts)
             spec = PartySpec(proto.dealer, run, log_path, me.address, me.port)

@@ -30,7 +30,7 @@ from orchestration.mpspdz.launcher import PartySpec, _kill, bind_shim, exit_reas
 from orchestration.mpspdz.rundir import prepare_run
 from orchestration.mpspdz.toolchain import MPSPDZ, MPSPDZError, Protocol, compile_program
 from orchestration.shared.model import PREDICT_PROGRAM
-from orchestration.shared.ports import CLIENT_OFFSET, service_program_args
+from orchestration.shared.ports import CLIENT_OFFSET, service_program_args, status_lanes
 from orchestration.shared.wire import WireError, receive, send
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class Dealer:
         wanted: dict[str, tuple[tuple[Any, ...], str, list[str], int] | None] = {"service": None, "job": None}
         if st.get("state") in ("starting", "serving") and st.get("protocol") == self.proto.name:
             args = service_program_args(int(st["batch"]), int(st["d1"]), int(st["c"]), int(st["exp_bits"]),
-                                        st.get("names"))
+                                        st.get("names"), **status_lanes(st))
             wanted["service"] = (("service", *args), PREDICT_PROGRAM, args, 0)  # a RELOAD keeps the run
         job = st.get("job")
         if isinstance(job, dict):

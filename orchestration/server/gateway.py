@@ -14,7 +14,9 @@ Everything a gateway handles is a share, a size or an id. The gateway has four p
 * :mod:`orchestration.server.requests`: the table of requests, the state machine both gateways keep;
 * :mod:`orchestration.server.link`: the link between the two gateways, on which server 0 plans the
   batches and both announce the requests they hold;
-* :mod:`orchestration.server.party`: the driver of this server's MP-SPDZ party.
+* :mod:`orchestration.server.party`: the driver of this server's MP-SPDZ party, one connection per lane
+  (the party's request loops: batches in flight at once), and :mod:`orchestration.server.lanes`, a worker
+  thread per lane.
 
 This module ties them into sessions. Model generations: a client names the generation it holds.
 Server 0 switches the service to a new generation between two batches, once both servers hold it
@@ -57,7 +59,8 @@ from orchestration.server.link import Follower, Leader, LinkListener, connect_li
 from orchestration.server.party import PartyDriver, SessionEnded, Switching
 from orchestration.server.requests import MAX_D1, MAX_PER_CLIENT, MAX_QUERIES, MAX_QUEUED, REQUEST_TIMEOUT, Request, \
     RequestTable, Slot
-from orchestration.shared.ports import CLIENT_OFFSET, LINK_OFFSET, SPDZ_OFFSET, ServicePorts, service_program_args
+from orchestration.shared.ports import CLIENT_OFFSET, LINK_OFFSET, MAX_LANES, SPDZ_OFFSET, ServicePorts, \
+    service_program_args
 from orchestration.shared.roles import ACTIONS, RoleError, require_role
 from orchestration.shared.reference import SCORE
 from orchestration.shared.wire import WireError, body_shares, int_field, send, str_field
@@ -65,6 +68,10 @@ from orchestration.shared.wire import WireError, body_shares, int_field, send, s
 logger = logging.getLogger(__name__)
 
 DEFAULT_EXP_BITS = 8
+#: batches in flight at once: the serve program's request loops, each an MP-SPDZ thread with its own gateway
+#: connection and channels between the parties. At 20 ms between the servers a batch spends most of its time
+#: waiting for the other server, so a second lane nearly doubles throughput at the same latency.
+DEFAULT_LANES = 2
 
 
 class ServiceServer:
@@ -74,11 +81,13 @@ class ServiceServer:
                  follower_wait: float = 10.0, party_timeout: float = 30.0, start_timeout: float = 120.0,
                  max_queued: int = MAX_QUEUED, max_per_client: int | None = None,
                  request_timeout: float = REQUEST_TIMEOUT, limits: Limits = Limits(),
-                 sources: Settings | None = None):
+                 sources: Settings | None = None, lanes: int = DEFAULT_LANES, quick: bool = True):
         if server.party not in (0, 1):
             raise ValueError(f"server id {server.party}: expected 0 or 1")
         if batch < 1 or batch > 1024:
             raise ValueError(f"service batch {batch}: expected 1..1024")
+        if not 1 <= lanes <= MAX_LANES:
+            raise ValueError(f"service lanes {lanes}: expected 1..{MAX_LANES}")
         n_lines = proto.n_parties
         if len(hosts) < n_lines:
             raise ValueError(f"{hosts.path}: {len(hosts)} lines, the {proto.name} service needs {n_lines} "
@@ -86,14 +95,14 @@ class ServiceServer:
         self.mp, self.server, self.build, self.proto = mp, server, Path(build), proto
         self.ports = ServicePorts(hosts)
         self.party = server.party
-        self.batch = batch
+        self.batch, self.lanes, self.quick = batch, lanes, quick
         self.follower_wait, self.party_timeout = follower_wait, party_timeout
         self.table = RequestTable(self.party, batch, max_queued=max_queued,
                                   max_per_client=min(max_queued, max_per_client or max(MAX_PER_CLIENT, max_queued // 4)),
                                   half_timeout=2 * follower_wait, request_timeout=request_timeout,
                                   pending_wait=follower_wait)
         self.driver = PartyDriver(mp, server, build, self.ports, proto, batch, party_timeout=party_timeout,
-                                  start_timeout=start_timeout)
+                                  start_timeout=start_timeout, lanes=lanes, quick=quick)
         self.serving: dict[str, Any] | None = None  # {"gen", "d1", "c", "exp_bits"} of the running session
         self.starting: dict[str, Any] | None = None  # the model of the session being set up
         self.stop = threading.Event()
@@ -193,7 +202,8 @@ class ServiceServer:
         s = self.serving or self.starting or {}
         state = "serving" if self.serving else "starting" if self.starting else "waiting"
         out = {"type": "status", "party": self.party, "state": state, "gen": s.get("gen"), "d1": s.get("d1"),
-               "c": s.get("c"), "exp_bits": s.get("exp_bits"), "names": s.get("names"), "batch": self.batch,
+               "c": s.get("c"), "exp_bits": s.get("exp_bits"), "names": s.get("names"), "batch": self.batch, "lanes": self.lanes,
+               "quick": self.quick,
                "protocol": self.proto.name, "queued": self.table.queued_by(conn.name),
                "max_queued": self.table.max_per_client}
         if self.registry is not None:
@@ -247,11 +257,16 @@ class ServiceServer:
 
     # -- batches --------------------------------------------------------------------------------------
 
-    def compute(self, command: int, slots: list[Slot], gen: str) -> None:
-        """One batch on the party; the answers go to the requests' clients."""
-        assert self.serving is not None
-        x = self.table.batch_input(slots, int(self.serving["d1"]))
-        self.table.deliver(slots, self.driver.run_batch(command, x), gen)
+    @property
+    def lane_batch(self) -> list[int]:
+        """Queries per batch of each lane: the quick lane's one first, if any."""
+        return self.driver.lane_batch
+
+    def compute(self, command: int, slots: list[Slot], gen: str, lane: int, d1: int) -> None:
+        """One batch on the party's ``lane`` (from that lane's worker thread); the answers go to the requests'
+        clients."""
+        x = self.table.batch_input(slots, d1, self.lane_batch[lane])
+        self.table.deliver(slots, self.driver.run_batch(command, x, lane), gen)
 
     # -- sessions -------------------------------------------------------------------------------------
 
@@ -331,7 +346,7 @@ class ServiceServer:
     def _hello(self, link: ssl.SSLSocket, model: dict[str, Any], box: Outbox) -> dict[str, Any]:
         """The session's first messages on a new link; returns the model both serve."""
         if self.party == 0:
-            send(link, {"type": "hello", "gen": model["gen"]})
+            send(link, {"type": "hello", "gen": model["gen"], "lanes": self.lane_batch})
             answer = link_receive(link)
             if answer.get("type") != "hello" or answer.get("ok") is not True:
                 raise SessionEnded(f"server 1 cannot serve generation {model['gen']}: {str(answer.get('message'))[:300]}")
@@ -341,6 +356,10 @@ class ServiceServer:
         hello = link_receive(link)
         try:
             model = self.generation(str_field(hello, "gen"))
+            if hello.get("lanes", [self.batch]) != self.lane_batch:
+                raise ModelError(f"server 0's lanes take batches of {hello.get('lanes', [self.batch])!r} queries, "
+                                 f"server 1's {self.lane_batch}: start both with the same --batch, --lanes and "
+                                 "--quick (service.batch, service.lanes, service.quick)")
         except (ModelError, WireError) as exc:
             send(link, {"type": "hello", "ok": False, "message": str(exc)})
             raise SessionEnded(str(exc)) from None
@@ -421,6 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hosts", required=True, type=Path, help="the service's hosts file")
     ap.add_argument("--protocol", default="dealer", help="dealer | semi2k")
     ap.add_argument("--batch", type=int, default=16, help="queries per MPC batch")
+    ap.add_argument("--lanes", type=int, default=DEFAULT_LANES,
+                    help=f"batches of --batch queries in flight at once (the party's request loops, 1..{MAX_LANES}); "
+                         "the same on both servers")
+    ap.add_argument("--quick", action=argparse.BooleanOptionalAction, default=True,
+                    help="one more lane, of one query, for a face that comes alone (--no-quick: none); the same on "
+                         "both servers")
     ap.add_argument("--mpspdz-home", default=None, help="MP-SPDZ folder")
     ap.add_argument("--follower-wait", type=float, default=10.0, help="seconds the servers wait for each other: for a "
                     "model generation both hold; half a request (one server only) is failed after twice this")
@@ -455,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         svc = ServiceServer(mp, server, server.build_dir, hosts, proto, batch=a.batch, follower_wait=a.follower_wait,
                             max_queued=a.max_queued, max_per_client=a.max_per_client,
                             request_timeout=a.request_timeout, limits=limits,
-                            sources=_settings(a.sources))
+                            sources=_settings(a.sources), lanes=a.lanes, quick=a.quick)
         if svc.registry is not None:
             svc.registry.env = dataclasses.replace(svc.registry.env, timeout=a.job_timeout)
     except (MPSPDZError, HostsError, ValueError, OSError, TypeError) as exc:

@@ -2,8 +2,11 @@
 
 Both parties must compute on the same queries in the same order, so server 0 *leads*: it forms each
 batch from the requests both servers hold (:meth:`orchestration.server.requests.RequestTable.plan`),
-sends the batch's plan (request ids and positions, model generation) to server 1, and both feed
-their party. Each gateway announces on the link every request that reaches it, with its sizes
+sends the batch's plan (request ids and positions, model generation, lane) to server 1, and both feed
+their party on that lane. With several lanes (the party's request loops, each an MP-SPDZ thread) a plan goes
+out for every lane that is free, so that many batches are in flight; each lane runs its plans in order, and
+server 1 answers each plan when it is computed, whatever the order of the lanes. Before a switch of model
+generation server 0 waits until every plan is answered; then each lane's next plan re-reads the model. Each gateway announces on the link every request that reaches it, with its sizes
 (``[id, n, d1]``): server 1 as they arrive, server 0 with each plan. Server 1 checks every plan
 against its own copies before a share is used (:meth:`~RequestTable.gather`).
 
@@ -12,10 +15,10 @@ Messages (each a frame of :mod:`orchestration.shared.wire`)::
     0 -> 1   hello {gen}                     at the start of a session
              plan  {seq, probe}              are you there, which generation do you hold?
              plan  {seq, restart}            both restart for a generation of other sizes
-             plan  {seq, gen, reload, slots, reject, have}
+             plan  {seq, gen, lane, reload, slots, reject, have}
     1 -> 0   hello {ok, message}
              have  {ids}                     requests that reached server 1: [[id, n, d1], ...]
-             done  {seq, current}            plan seq computed; the generation server 1 holds now
+             done  {seq, current}            plan seq computed (any order); the generation server 1 holds now
 
 A message that is not one of these, from either side, ends the session (both start a new one).
 """
@@ -29,6 +32,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from orchestration.server.connections import Outbox
+from orchestration.server.lanes import LaneWorkers
 from orchestration.server.party import CMD_RELOAD, CMD_SERVE, SessionEnded, Switching
 from orchestration.shared.wire import WireError, encode, int_field, receive, send, str_field
 
@@ -105,20 +109,26 @@ def connect_link(addr: tuple[str, int], context: ssl.SSLContext, stop: threading
 
 
 class Leader:
-    """Server 0, the link's one reader and writer: plans batches of requests both servers hold."""
+    """Server 0, the link's one reader and writer: plans batches of requests both servers hold, one per free lane."""
 
     def __init__(self, gw: "ServiceServer", link: ssl.SSLSocket, box: Outbox):
         self.gw, self.link, self.box, self.table = gw, link, box, gw.table
         self.seq = 0
+        self.out: dict[int, int | None] = {}  # plans server 1 has not answered: seq -> lane (None: no batch)
+        self.follower_gen: str | None = None  # the generation server 1 said it holds, in its latest answer
+        self.reload: set[int] = set()  # lanes whose next batch re-reads the model (after a switch)
 
-    def send_plan(self, msg: dict[str, Any]) -> None:
-        """A message to server 1, with the requests that reached server 0 since the last one."""
+    def send_plan(self, msg: dict[str, Any], lane: int | None = None) -> int:
+        """A message to server 1, with the requests that reached server 0 since the last one; returns its seq."""
+        seq = msg["seq"] = self.seq
+        self.seq += 1
         msg["have"] = self.table.take_announcements(ANNOUNCE_CHUNK)
         send(self.link, msg)
+        self.out[seq] = lane
+        return seq
 
-    def read(self, seq: int | None = None) -> dict[str, Any] | None:
-        """One message from server 1: an announcement (taken, None), or (only while plan ``seq`` is out)
-        the answer to that plan, returned."""
+    def read(self) -> None:
+        """One message from server 1: an announcement, or the answer to one of the plans out."""
         msg = link_receive(self.link)
         kind = msg.get("type")
         if kind == "have":
@@ -126,85 +136,125 @@ class Leader:
                 self.table.mark_held(msg.get("ids"))
             except ValueError as exc:
                 raise SessionEnded(f"server 1: {exc}") from None
-            return None
-        if kind != "done" or seq is None or msg.get("seq") != seq:
-            raise SessionEnded(f"server 1 sent {kind} {msg.get('seq')} " +
-                               (f"in answer to plan {seq}" if seq is not None else "with no plan out"))
-        return msg
+            return
+        seq = msg.get("seq")
+        if kind != "done" or not isinstance(seq, int) or seq not in self.out:
+            raise SessionEnded(f"server 1 sent {kind} {seq} with plans {sorted(self.out)} out")
+        del self.out[seq]
+        current = msg.get("current")
+        self.follower_gen = current if isinstance(current, str) else None
 
-    def ack(self) -> str | None:
-        """Server 1's answer to the plan out (announcements that come first are taken on the way)."""
-        while True:
-            answer = self.read(self.seq)
-            if answer is not None:
-                self.seq += 1
-                current = answer.get("current")
-                return current if isinstance(current, str) else None
+    def ack(self, seq: int) -> str | None:
+        """Wait for server 1's answer to plan ``seq`` (taking what comes first on the way); what it holds now."""
+        while seq in self.out:
+            self.read()
+        return self.follower_gen
+
+    def drain(self, lanes: LaneWorkers) -> None:
+        """Every plan answered by server 1 and computed by this server's lanes."""
+        while self.out:
+            self.read()
+        if not lanes.wait_idle(self.gw.party_timeout):
+            raise SessionEnded(f"server 0's party did not finish its batches within {self.gw.party_timeout:.0f} s")
+
+    def pick_lane(self, free: list[int]) -> int:
+        """Of the free lanes, the smallest whose batch holds every query waiting, else the largest: a face that
+        comes alone takes the quick lane (a batch of one), a crowd the lanes of a whole batch."""
+        batch = self.gw.lane_batch
+        waiting = self.table.ready_queries()
+        fits = [k for k in free if batch[k] >= waiting]
+        return min(fits, key=lambda k: batch[k]) if fits else max(free, key=lambda k: batch[k])
 
     def run(self) -> None:
         gw, table = self.gw, self.table
-        follower_gen: str | None = None
+        lanes = LaneWorkers(len(gw.lane_batch), "server0")
+        try:
+            self._run(lanes)
+        finally:
+            lanes.close()
+
+    def _run(self, lanes: LaneWorkers) -> None:
+        gw, table = self.gw, self.table
         last_contact = time.monotonic()
         while not gw.stop.is_set():
             gw.driver.check_alive()
-            if not table.ready() and self.box.wait(self.link, 0.5):  # a new request, or server 1 announced
+            lanes.check()
+            free = [k for k in range(len(gw.lane_batch)) if k not in self.out.values()]
+            if (not free or not table.ready()) and self.box.wait(self.link, 0.5):  # a request, an answer, news
                 self.read()
+                continue
+            if not free:
+                continue
             assert gw.serving is not None
-            command, gen = CMD_SERVE, gw.serving["gen"]
+            gen = gw.serving["gen"]
             mine = gw.current()
             idle = time.monotonic() - last_contact > HEARTBEAT or table.announcing() > ANNOUNCE_CHUNK
             if idle or (mine is not None and mine["gen"] != gen):
+                self.drain(lanes)
                 last_contact = time.monotonic()
-                if idle or follower_gen != (mine or {}).get("gen"):  # what does server 1 hold now (and is it there)?
-                    self.send_plan({"type": "plan", "seq": self.seq, "probe": True})
-                    follower_gen = self.ack()
-                if mine is not None and mine["gen"] != gen and follower_gen == mine["gen"]:
+                if idle or self.follower_gen != (mine or {}).get("gen"):  # what does server 1 hold now?
+                    self.ack(self.send_plan({"type": "plan", "probe": True}))
+                if mine is not None and mine["gen"] != gen and self.follower_gen == mine["gen"]:
                     if tuple(mine.get(k) for k in ("d1", "c", "exp_bits", "names")) != tuple(
                             gw.serving.get(k) for k in ("d1", "c", "exp_bits", "names")):
-                        self.send_plan({"type": "plan", "seq": self.seq, "restart": mine["gen"]})
+                        self.send_plan({"type": "plan", "restart": mine["gen"]})
                         raise Switching(f"switching to generation {mine['gen']}, of other sizes: restarting")
-                    command, gen = CMD_RELOAD, mine["gen"]
-            slots, held = table.plan(gen, pending=mine["gen"] if mine is not None else None)
+                    gw.driver.install_model(mine["gen"])  # no lane computes: every plan is answered
+                    gw.serving, gen = mine, mine["gen"]
+                    self.reload = set(range(len(gw.lane_batch)))
+                    logger.info("server 0: switched to model generation %s between two batches", gen)
+            lane = self.pick_lane(free)
+            command = CMD_RELOAD if lane in self.reload else CMD_SERVE
+            slots, held = table.plan(gen, pending=mine["gen"] if mine is not None else None,
+                                     room=gw.lane_batch[lane])
             rejects = table.take_rejects(REJECT_CHUNK)
             if not slots and command == CMD_SERVE:
                 if rejects:
-                    self.send_plan({"type": "plan", "seq": self.seq, "gen": gen, "slots": [], "reject": rejects})
-                    follower_gen = self.ack()
+                    self.send_plan({"type": "plan", "gen": gen, "slots": [], "reject": rejects})
                 elif held:  # requests wait for a switch server 1 is not ready for yet
                     gw.stop.wait(0.05)
                 continue
-            self.send_plan({"type": "plan", "seq": self.seq, "gen": gen, "reload": command == CMD_RELOAD,
-                            "slots": [[r.id, s, c] for r, s, c in slots if r is not None], "reject": rejects})
-            if command == CMD_RELOAD:
-                gw.driver.install_model(gen)
-                gw.serving = mine
-                logger.info("server 0: switched to model generation %s between two batches", gen)
-            gw.compute(command, slots, gen)
-            follower_gen = self.ack()
+            self.send_plan({"type": "plan", "gen": gen, "lane": lane, "reload": command == CMD_RELOAD,
+                            "slots": [[r.id, s, c] for r, s, c in slots if r is not None], "reject": rejects}, lane)
+            self.reload.discard(lane)
+            d1 = int(gw.serving["d1"])
+            lanes.submit(lane, lambda c=command, sl=slots, g=gen, k=lane: gw.compute(c, sl, g, k, d1))
             last_contact = time.monotonic()
 
 
 class Follower:
-    """Server 1, the link's one reader and writer: runs server 0's plans (checked), announces requests."""
+    """Server 1, the link's one reader: runs server 0's plans (checked) on their lanes, announces requests."""
 
     def __init__(self, gw: "ServiceServer", link: ssl.SSLSocket, box: Outbox, renewed: threading.Event):
         self.gw, self.link, self.box, self.table, self.renewed = gw, link, box, gw.table, renewed
+        self.write = threading.Lock()  # the lanes answer plans while the main loop announces requests
+        self.lanes: LaneWorkers | None = None
 
     def done(self, seq: int) -> None:
-        self.box.flush(self.link)  # announcements go out before anything else this server sends
-        send(self.link, {"type": "done", "seq": seq, "current": self.gw.current_name()})
+        with self.write:
+            self.box.flush(self.link)  # announcements go out before anything else this server sends
+            send(self.link, {"type": "done", "seq": seq, "current": self.gw.current_name()})
 
     def run(self) -> None:
+        self.lanes = LaneWorkers(len(self.gw.lane_batch), "server1")
+        try:
+            self._run(self.lanes)
+        finally:
+            self.lanes.close()
+
+    def _run(self, lanes: LaneWorkers) -> None:
         gw = self.gw
         silence = 3 * HEARTBEAT + gw.party_timeout  # server 0 writes at least every HEARTBEAT seconds
         self.link.settimeout(gw.party_timeout)  # within a message
         heard = time.monotonic()
         while not gw.stop.is_set():
             gw.driver.check_alive()
+            lanes.check()
             if self.renewed.is_set():
                 raise SessionEnded("server 0 opened a new link")
             readable = self.box.wait(self.link, 0.5)
-            self.box.flush(self.link)
+            with self.write:
+                self.box.flush(self.link)
             if not readable:
                 if time.monotonic() - heard > silence:
                     raise SessionEnded(f"server 0 sent nothing for {silence:.0f} s")
@@ -217,7 +267,8 @@ class Follower:
                 raise SessionEnded(f"server 0 sent a plan this server cannot follow: {exc}") from None
 
     def follow(self, plan: dict[str, Any]) -> None:
-        gw, table = self.gw, self.table
+        gw, table, lanes = self.gw, self.table, self.lanes
+        assert lanes is not None
         if plan.get("type") != "plan":
             raise SessionEnded(f"server 0 sent {plan.get('type')!r} instead of a plan")
         seq = int_field(plan, "seq", 0, 1 << 62)
@@ -232,17 +283,27 @@ class Follower:
             self.done(seq)
             return
         gen = str_field(plan, "gen")
+        lane = int_field(plan, "lane", 0, len(gw.lane_batch) - 1)
         command = CMD_SERVE
         if plan.get("reload"):
-            model = gw.generation(gen)
-            gw.driver.install_model(gen)
-            gw.serving = model
+            if gw.serving is None or gw.serving["gen"] != gen:
+                model = gw.generation(gen)
+                # server 0 switches only once every plan is answered: no lane of this server computes now
+                if not lanes.wait_idle(gw.party_timeout):
+                    raise SessionEnded(f"server 1's party did not finish its batches within {gw.party_timeout:.0f} s")
+                gw.driver.install_model(gen)
+                gw.serving = model
+                logger.info("server 1: switched to model generation %s between two batches", gen)
             command = CMD_RELOAD
-            logger.info("server 1: switched to model generation %s between two batches", gen)
         assert gw.serving is not None
-        slots = table.gather(plan.get("slots", []), gen, gw.serving["d1"])
-        gw.compute(command, slots, gen)
-        self.done(seq)
+        d1 = int(gw.serving["d1"])
+        slots = table.gather(plan.get("slots", []), gen, d1, gw.lane_batch[lane])
+
+        def job() -> None:
+            gw.compute(command, slots, gen, lane, d1)
+            self.done(seq)
+
+        lanes.submit(lane, job)
 
 
 def link_box_messages(items: list[list[Any]]) -> list[bytes]:

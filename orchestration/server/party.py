@@ -2,9 +2,10 @@
 
 The party is MP-SPDZ's ``semi2k-party.x`` or ``dealer-ring-party.x``, started in a working folder of
 its own (``<server>/service``, owner-only), with this server's model share as its persistence file.
-The gateway is the party's one MP-SPDZ client (``C<i>``, TLS on loopback with a throw-away key): per
-batch it sends a command and ``batch`` x ``d1`` shares, and reads back ``2 * batch`` shares. This
-module knows the octetStream framing (MP-SPDZ's ExternalIO/client.py) and nothing about clients.
+The gateway is the party's one MP-SPDZ client (``C<i>``, TLS on loopback with a throw-away key), with one
+connection per lane (the program's request loops, each an MP-SPDZ thread: batches in flight at once): per
+batch it sends a command and ``batch`` x ``d1`` shares on the lane's connection, and reads back ``k * batch``
+shares. This module knows the octetStream framing (MP-SPDZ's ExternalIO/client.py) and nothing about clients.
 """
 from __future__ import annotations
 
@@ -46,14 +47,15 @@ class PartyDriver:
     """Server ``server.party``'s MP-SPDZ party for one session at a time."""
 
     def __init__(self, mp: MPSPDZ, server: Server, build: Path, ports: ServicePorts, proto: Protocol, batch: int, *,
-                 party_timeout: float, start_timeout: float):
+                 party_timeout: float, start_timeout: float, lanes: int = 1, quick: bool = False):
         self.mp, self.server, self.build, self.ports, self.proto = mp, server, Path(build), ports, proto
-        self.party, self.batch = server.party, batch
+        self.party, self.batch, self.lanes, self.quick = server.party, batch, lanes, quick
+        self.lane_batch = [1] * quick + [batch] * lanes  # queries per batch of each lane (the quick lane first)
         self.party_timeout, self.start_timeout = party_timeout, start_timeout
         self.rundir = server.root / "service"
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
-        self.sock: ssl.SSLSocket | None = None
+        self.socks: list[ssl.SSLSocket] = []  # one per lane, in the order the party accepted them
         self.outputs = 3  # answer values per query of the program running: best, S, z_max (names mode: name words + 1)
 
     @property
@@ -71,12 +73,14 @@ class PartyDriver:
         os.replace(tmp, dest)
 
     def start(self, model: dict[str, Any], certs: certs_mod.PartyCerts) -> None:
-        args = service_program_args(self.batch, model["d1"], model["c"], model["exp_bits"], model.get("names"))
+        args = service_program_args(self.batch, model["d1"], model["c"], model["exp_bits"], model.get("names"),
+                                    self.lanes, self.quick)
         self.outputs = 3 if model.get("names") is None else int(model["names"][0]) + 1
         program = compile_program(self.mp, PREDICT_PROGRAM, args, self.build, proto=self.proto)
         hosts_file = prepare_run(self.rundir, certs, self.build, self.proto, program, self.ports.hosts,
                                  self.ports.spdz(self.party)[1] - self.party)
-        certs_mod.make_gateway_cert(self.rundir / "Player-Data", self.party)
+        for lane in range(len(self.lane_batch)):
+            certs_mod.make_gateway_cert(self.rundir / "Player-Data", self.client_id(lane))
         self.install_model(model["gen"])
         me = self.ports.hosts[self.party]
         spec = PartySpec(self.party, self.rundir, self.log_path, me.address, me.port)
@@ -86,12 +90,12 @@ class PartyDriver:
                     self.proc.pid)
 
     def stop(self) -> None:
-        if self.sock is not None:
+        for sock in self.socks:
             try:
-                self.sock.close()
+                sock.close()
             except OSError:
                 pass
-            self.sock = None
+        self.socks = []
         if self.proc is not None:
             _kill(self.proc)  # SIGTERM to its process group, SIGKILL after 3 s
             self.proc = None
@@ -107,12 +111,24 @@ class PartyDriver:
             raise SessionEnded(f"party {self.party} exited with code {self.proc.returncode}: "
                                + (f"{why} (its last lines: {tail})" if why else tail))
 
+    def client_id(self, lane: int) -> int:
+        """Lane ``lane``'s MP-SPDZ client id (C<id>): MP-SPDZ refuses a second connection with an id it has, so
+        each lane connects with its own, party + 2 * lane (lane 0: the party's number, as with one lane)."""
+        return self.party + 2 * lane
+
     def connect(self, give_up: Callable[[], bool]) -> None:
-        """Connect to our party as MP-SPDZ client C<i> once it listens (after it met the other parties)."""
+        """Connect every lane to our party as MP-SPDZ client C<id> once it listens (after it met the other
+        parties): one after the other, each TLS handshake done before the next connection, so that the party
+        (which shakes hands as it accepts) accepts them in lane order."""
+        self.socks = []
+        for lane in range(len(self.lane_batch)):
+            self.socks.append(self._connect_one(self.client_id(lane), give_up))
+
+    def _connect_one(self, client_id: int, give_up: Callable[[], bool]) -> ssl.SSLSocket:
         addr = self.ports.spdz(self.party)
         pdata = self.rundir / "Player-Data"
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.load_cert_chain(pdata / f"C{self.party}.pem", pdata / f"C{self.party}.key")
+        ctx.load_cert_chain(pdata / f"C{client_id}.pem", pdata / f"C{client_id}.key")
         ctx.load_verify_locations(cafile=str(pdata / f"P{self.party}.pem"))
         ctx.check_hostname = False
         deadline = time.monotonic() + self.start_timeout
@@ -129,33 +145,35 @@ class PartyDriver:
                                        f"(is the other server{' and the dealer' if self.proto.dealer else ''} up?)")
                 time.sleep(0.1)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        raw.sendall(octets(str(self.party).encode()))
+        raw.sendall(octets(str(client_id).encode()))
         sock = ctx.wrap_socket(raw, server_hostname=f"P{self.party}")
         sock.settimeout(self.party_timeout)
         spec = octets_receive(sock)
         if spec[:4] != b"R\x00\x00\x00" or int.from_bytes(spec[4:8], "little") != 64:
             sock.close()
             raise SessionEnded(f"party {self.party} computes over an unexpected domain {spec[:12]!r}")
-        self.sock = sock
+        return sock
 
-    def run_batch(self, command: int, x: np.ndarray) -> np.ndarray:
-        """One batch: ``x`` is ``batch`` x ``d1`` of this server's shares. Returns ``batch`` x k answer shares
-        (k = 3: best, S, z_max; names mode: the L name words and accept * z_max)."""
-        assert self.sock is not None
-        if x.shape[0] != self.batch:
-            raise SessionEnded(f"a batch of {x.shape[0]} queries, the party takes {self.batch}")
-        self.sock.sendall(octets(np.array([command, 0, 0], dtype="<i8").tobytes()))
-        self.sock.sendall(octets(x.astype("<u8").tobytes()))
+    def run_batch(self, command: int, x: np.ndarray, lane: int = 0) -> np.ndarray:
+        """One batch on ``lane``: ``x`` is ``batch`` x ``d1`` of this server's shares. Returns ``batch`` x k answer
+        shares (k = 3: best, S, z_max; names mode: the L name words and accept * z_max). One caller per lane."""
+        if not 0 <= lane < len(self.socks):
+            raise SessionEnded(f"lane {lane}: the party has {len(self.socks)} connected")
+        sock, batch = self.socks[lane], self.lane_batch[lane]
+        if x.shape[0] != batch:
+            raise SessionEnded(f"a batch of {x.shape[0]} queries, lane {lane} of the party takes {batch}")
+        sock.sendall(octets(np.array([command, 0, 0], dtype="<i8").tobytes()))
+        sock.sendall(octets(x.astype("<u8").tobytes()))
         try:
-            out = octets_receive(self.sock)
+            out = octets_receive(sock)
         except socket.timeout:
             raise SessionEnded(f"party {self.party} did not answer within {self.party_timeout:.0f} s") from None
         vals = np.frombuffer(out, dtype="<u8").astype(np.uint64)
         k = self.outputs
-        if len(vals) != k * self.batch:
-            raise SessionEnded(f"party {self.party} answered {len(vals)} shares, expected {k * self.batch}")
+        if len(vals) != k * batch:
+            raise SessionEnded(f"party {self.party} answered {len(vals)} shares on lane {lane}, expected {k * batch}")
         # write_shares_to_socket interleaves its vectors: query 0's k values, then query 1's, ...
-        return vals.reshape(self.batch, k)
+        return vals.reshape(batch, k)
 
 
 # ---- MP-SPDZ's octetStream framing (ExternalIO/client.py) ----------------------------------------

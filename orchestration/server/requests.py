@@ -59,8 +59,8 @@ class Request:
     conn: Conn
     t0: float = field(default_factory=time.monotonic)
     out: np.ndarray | None = None  # n x k answer shares (k = 3: best, S, z_max; names mode: L name words, accept*z_max)
-    filled: int = 0
-    scheduled: int = 0  # leader: queries already put into a plan
+    filled: int = 0  # queries answered
+    scheduled: int = 0  # queries already put into a plan (server 0: planned; server 1: gathered from plans)
     both: bool = False  # the other server announced that it holds this request too, with the same sizes
     finished: bool = False
 
@@ -270,15 +270,21 @@ class RequestTable:
         with self.lock:
             return any(r is not None and r.both for r in (self.requests.get(rid) for rid in self.queue))
 
-    def plan(self, gen: str, pending: str | None) -> tuple[list[Slot], int]:
-        """Up to ``batch`` queries from the oldest requests for ``gen`` that server 1 holds too, and how
-        many requests wait for a switch. Requests refused here go to :meth:`take_rejects`.
+    def ready_queries(self) -> int:
+        """Queries of requests both servers hold that no plan has taken yet (any generation)."""
+        with self.lock:
+            return sum(r.n - r.scheduled for r in (self.requests.get(rid) for rid in self.queue)
+                       if r is not None and r.both and not r.finished)
+
+    def plan(self, gen: str, pending: str | None, room: int | None = None) -> tuple[list[Slot], int]:
+        """Up to ``room`` queries (default ``batch``) from the oldest requests for ``gen`` that server 1 holds
+        too, and how many requests wait for a switch. Requests refused here go to :meth:`take_rejects`.
 
         A request for ``pending`` (the generation this server installed, not yet served because server 1
         does not hold it yet) waits up to ``pending_wait``; a request for any other generation is refused.
         A request server 1 has not announced stays queued (:meth:`expire` fails it if server 1 never does)."""
         slots: list[Slot] = []
-        room = self.batch
+        room = self.batch if room is None else min(room, self.batch)
         held = 0
         with self.lock:
             waiting: list[str] = []
@@ -325,7 +331,7 @@ class RequestTable:
                 else:
                     self._remember(rid, code, msg)
 
-    def gather(self, wanted: Any, gen: str, d1: int) -> list[Slot]:
+    def gather(self, wanted: Any, gen: str, d1: int, room: int | None = None) -> list[Slot]:
         """The requests of server 0's plan, each checked against this server's own copy. A slot that does
         not fit (unknown request, other generation, out of the request's bounds, another size, a batch
         overflow) is fed as zeros and its request is failed here, which the client sees. Server 0 plans
@@ -334,12 +340,13 @@ class RequestTable:
             raise ValueError("a plan's slots are not a list")
         slots: list[Slot] = []
         total = 0
+        room = self.batch if room is None else min(room, self.batch)
         with self.lock:
             for item in wanted:
                 rid, start, count = _id_and_two_ints(item, "a planned slot", "[id, start, count]")
-                if count < 1 or total + count > self.batch:
+                if count < 1 or total + count > room:
                     raise ValueError(f"plan of {total + max(count, 0)} queries or a slot of {count}: the batch is "
-                                     f"{self.batch}")
+                                     f"{room}")
                 total += count
                 req = self.requests.get(rid)
                 if req is None:
@@ -348,10 +355,12 @@ class RequestTable:
                     self._fail(req, "generation", f"the service serves model generation {gen}, the request expects "
                                                   f"{req.gen}")
                     req = None
-                elif not 0 <= start or start + count > req.n or start != req.filled or req.d1 != d1:
+                elif not 0 <= start or start + count > req.n or start != req.scheduled or req.d1 != d1:
                     self._fail(req, "failed", f"server 0 planned queries {start}..{start + count - 1} of request "
                                               f"{rid}, which has {req.n} x {req.d1} here: refused")
                     req = None
+                else:
+                    req.scheduled += count  # the next plan of it starts here (plans of two lanes may be in flight)
                 slots.append((req, start, count))
         return slots
 
@@ -362,9 +371,9 @@ class RequestTable:
 
     # -- both: a batch's inputs and answers --------------------------------------------------------------
 
-    def batch_input(self, slots: list[Slot], d1: int) -> np.ndarray:
-        """This server's shares for one batch: ``batch`` x ``d1``, zeros where no query is."""
-        x = np.zeros((self.batch, d1), dtype=np.uint64)
+    def batch_input(self, slots: list[Slot], d1: int, rows: int | None = None) -> np.ndarray:
+        """This server's shares for one batch: ``rows`` (default ``batch``) x ``d1``, zeros where no query is."""
+        x = np.zeros((self.batch if rows is None else rows, d1), dtype=np.uint64)
         pos = 0
         with self.lock:
             for req, start, count in slots:
