@@ -194,6 +194,26 @@ def test_concurrent_clients_get_their_own_answers(svc, data):
             assert got == [expect[k] for k in idx]
 
 
+def test_a_request_of_several_batches_runs_on_several_lanes_at_once(svc, data):
+    """Issue 19's pipelining: server 0 plans a batch for every free lane, so the batches of one large request are
+    in flight together (server 0's status counts them), server 1 takes the parts of the request out of order
+    from its lanes, and every query's answer is still the one-job mode's."""
+    lab, clients = svc
+    x, _, _, _ = data
+    big = np.vstack([x, x[:13]])  # 73 queries: four batches of 16 and more, on two lanes of 16 and the quick lane
+    one_job = lab.dep.predict(big).predictions
+    ans = _recognise(lab, clients, big)
+    assert [p.best for p in ans.predictions] == [p.best for p in one_job]
+    assert np.max(np.abs(np.array([p.score for p in ans.predictions]) - [p.score for p in one_job])) <= 2 ** -9
+    cl = lab.new_client()
+    try:
+        st = clients.call(cl.status)
+    finally:
+        clients.call(cl.close)
+    assert st[0]["lanes"] == 2 and st[0]["quick"] is True, st[0]
+    assert st[0]["in_flight_peak"] >= 2, st[0]
+
+
 def test_a_request_that_reaches_one_server_only_delays_nobody(svc, data):
     """Half a request (a client that died between its two sends, or a network cut) stays on one
     server: requests both servers hold are served without waiting for it, and the half is answered

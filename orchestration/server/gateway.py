@@ -104,6 +104,7 @@ class ServiceServer:
         self.driver = PartyDriver(mp, server, build, self.ports, proto, batch, party_timeout=party_timeout,
                                   start_timeout=start_timeout, lanes=lanes, quick=quick)
         self.serving: dict[str, Any] | None = None  # {"gen", "d1", "c", "exp_bits"} of the running session
+        self.in_flight_peak = 0  # server 0: the most batches it has had in flight at once (lanes at work)
         self.starting: dict[str, Any] | None = None  # the model of the session being set up
         self.stop = threading.Event()
         self.link_box: Outbox | None = None  # the session's link: announcements (server 1), wake-ups (server 0)
@@ -203,7 +204,7 @@ class ServiceServer:
         state = "serving" if self.serving else "starting" if self.starting else "waiting"
         out = {"type": "status", "party": self.party, "state": state, "gen": s.get("gen"), "d1": s.get("d1"),
                "c": s.get("c"), "exp_bits": s.get("exp_bits"), "names": s.get("names"), "batch": self.batch, "lanes": self.lanes,
-               "quick": self.quick,
+               "quick": self.quick, "in_flight_peak": self.in_flight_peak,
                "protocol": self.proto.name, "queued": self.table.queued_by(conn.name),
                "max_queued": self.table.max_per_client}
         if self.registry is not None:
@@ -444,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"batches of --batch queries in flight at once (the party's request loops, 1..{MAX_LANES}); "
                          "the same on both servers")
     ap.add_argument("--quick", action=argparse.BooleanOptionalAction, default=True,
-                    help="one more lane, of one query, for a face that comes alone (--no-quick: none); the same on "
+                    help="one more lane, of one query, for a face that comes alone (on unless negated); the same on "
                          "both servers")
     ap.add_argument("--mpspdz-home", default=None, help="MP-SPDZ folder")
     ap.add_argument("--follower-wait", type=float, default=10.0, help="seconds the servers wait for each other: for a "

@@ -217,6 +217,7 @@ class Leader:
             self.send_plan({"type": "plan", "gen": gen, "lane": lane, "reload": command == CMD_RELOAD,
                             "slots": [[r.id, s, c] for r, s, c in slots if r is not None], "reject": rejects}, lane)
             self.reload.discard(lane)
+            gw.in_flight_peak = max(gw.in_flight_peak, sum(v is not None for v in self.out.values()))
             d1 = int(gw.serving["d1"])
             lanes.submit(lane, lambda c=command, sl=slots, g=gen, k=lane: gw.compute(c, sl, g, k, d1))
             last_contact = time.monotonic()
