@@ -157,7 +157,7 @@ def run_local(mp, proto, c: int, args: argparse.Namespace, tmp: Path) -> list[di
     train_private(mp, layout, x, labels, params(args))
     with LocalService(mp, layout, proto, batch=args.batch, port=7600, log_dir=layout.root / "logs",
                       extra_args=["--lanes", str(args.lanes)]) as svc:
-        svc.wait_ready()
+        svc.wait_ready(timeout=args.ready_timeout)
         label = dict(setup="local", rtt_ms=0.0, protocol=proto.name, classes=c, batch=args.batch, lanes=args.lanes)
         return measure(LocalCall(), lambda: ServiceClient(layout.client, svc.hosts), x, args, label)
 
@@ -184,7 +184,7 @@ def run_netns(mp, proto, c: int, rtt: float, args: argparse.Namespace, tmp: Path
         lab = ServiceLab(dep, batch=args.batch, lanes=args.lanes).start()
         call = NsCall(net.ns[1], max(args.clients, 1))
         try:
-            lab.wait_ready(call.clients)
+            lab.wait_ready(call.clients, timeout=args.ready_timeout)
             label = dict(setup="netns", rtt_ms=rtt, delay=net.delay, protocol=proto.name, classes=c,
                          batch=args.batch, lanes=args.lanes)
             return measure(call, lambda: lab.new_client(timeout=900), x, args, label)
@@ -201,6 +201,9 @@ def main() -> int:
     ap.add_argument("--protocol", action="append", choices=("dealer", "semi2k"))
     ap.add_argument("--batch", type=int, default=16, help="queries per MPC batch of the service")
     ap.add_argument("--lanes", type=int, default=2, help="batches in flight at once (service.lanes)")
+    ap.add_argument("--ready-timeout", type=float, default=1800.0,
+                    help="seconds to wait for the service (both servers and the dealer compile the serve program "
+                         "first: minutes at C=10,000)")
     ap.add_argument("--epochs", type=int, default=PARAMS.epochs,
                     help="SGD epochs of the model served (0: the warm start from class means, for large C)")
     ap.add_argument("--per", type=int, default=4, help="training faces per person")

@@ -3,8 +3,9 @@
 The program runs alone on local parties (tests/mpc_run.py) on a synthetic warm-start model, and its three
 answers are compared with the float64 reference (reference.predict_scores): the top class exactly, z_max
 within Z_TOL, S as the exponential's fixed point allows. One argmax level (c <= 10, the exponentials in
-parallel with the comparisons, z_max picked with the winner's indicator) and several (c > 10, z_max the last
-level's value), ties, and a batch against its queries one by one. These tests need MP-SPDZ; without it they
+parallel with the comparisons, z_max picked with the winner's indicator; up to 64 classes, one group of the
+select tree) and several (the group sizes of level_plan, z_max the winner's payload), a group of one passed on
+unchanged, ties, and a batch against its queries one by one. These tests need MP-SPDZ; without it they
 FAIL (conftest's ``mp``).
 """
 from __future__ import annotations
