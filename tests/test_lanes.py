@@ -31,7 +31,7 @@ def test_each_lane_runs_its_jobs_in_order_and_lanes_run_side_by_side():
         assert workers.wait_idle(10)
         assert [k for lane, k in seen if lane == 0] == list(range(5))
         assert [k for lane, k in seen if lane == 1] == list(range(5))
-        assert workers.idle_lane() == 0
+        assert workers.busy == [0, 0]
     finally:
         workers.close()
 
@@ -101,3 +101,20 @@ def test_the_serve_program_arguments_name_the_lanes():
         ["16", "129", "291", "8", "serve", "lanes", "2", "quick"]
     assert service_program_args(16, 129, 320, 8, [8, -1.5], 2, True)[5:] == \
         ["lanes", "2", "quick", "names", "8", "m1.5"]
+
+
+@pytest.mark.parametrize("seq", [True, "1", 1.0, 7, None])
+def test_server_0_refuses_an_answer_to_no_plan_it_has_out(monkeypatch, seq):
+    """Server 1's "done" must name a plan out by its integer seq (True == 1 in Python, and must not pass for it):
+    anything else ends the session, never completes another plan."""
+    from orchestration.server import link as link_mod
+    from orchestration.server.party import SessionEnded
+
+    leader = Leader.__new__(Leader)
+    leader.out = {1: 0}
+    leader.follower_gen = None
+    monkeypatch.setattr(link_mod, "link_receive", lambda _sock: {"type": "done", "seq": seq, "current": "g"})
+    leader.link = None
+    with pytest.raises(SessionEnded, match="server 1 sent done"):
+        leader.read()
+    assert leader.out == {1: 0}

@@ -95,7 +95,7 @@ class ServiceServer:
         self.mp, self.server, self.build, self.proto = mp, server, Path(build), proto
         self.ports = ServicePorts(hosts)
         self.party = server.party
-        self.batch, self.lanes, self.quick = batch, lanes, quick
+        self.batch = batch
         self.follower_wait, self.party_timeout = follower_wait, party_timeout
         self.table = RequestTable(self.party, batch, max_queued=max_queued,
                                   max_per_client=min(max_queued, max_per_client or max(MAX_PER_CLIENT, max_queued // 4)),
@@ -203,8 +203,8 @@ class ServiceServer:
         s = self.serving or self.starting or {}
         state = "serving" if self.serving else "starting" if self.starting else "waiting"
         out = {"type": "status", "party": self.party, "state": state, "gen": s.get("gen"), "d1": s.get("d1"),
-               "c": s.get("c"), "exp_bits": s.get("exp_bits"), "names": s.get("names"), "batch": self.batch, "lanes": self.lanes,
-               "quick": self.quick, "in_flight_peak": self.in_flight_peak,
+               "c": s.get("c"), "exp_bits": s.get("exp_bits"), "names": s.get("names"), "batch": self.batch,
+               "lanes": self.driver.lanes, "quick": self.driver.quick,
                "protocol": self.proto.name, "queued": self.table.queued_by(conn.name),
                "max_queued": self.table.max_per_client}
         if self.registry is not None:

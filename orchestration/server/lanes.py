@@ -58,14 +58,6 @@ class LaneWorkers:
         if self.error is not None:
             raise self.error
 
-    def idle_lane(self) -> int | None:
-        """A lane with nothing to do, or None."""
-        with self.cond:
-            for k, n in enumerate(self.busy):
-                if n == 0:
-                    return k
-        return None
-
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until every lane finished its jobs (or one failed); False on timeout."""
         with self.cond:

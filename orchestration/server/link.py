@@ -6,9 +6,10 @@ sends the batch's plan (request ids and positions, model generation, lane) to se
 their party on that lane. With several lanes (the party's request loops, each an MP-SPDZ thread) a plan goes
 out for every lane that is free, so that many batches are in flight; each lane runs its plans in order, and
 server 1 answers each plan when it is computed, whatever the order of the lanes. Before a switch of model
-generation server 0 waits until every plan is answered; then each lane's next plan re-reads the model. Each gateway announces on the link every request that reaches it, with its sizes
-(``[id, n, d1]``): server 1 as they arrive, server 0 with each plan. Server 1 checks every plan
-against its own copies before a share is used (:meth:`~RequestTable.gather`).
+generation server 0 waits until every plan is answered; then each lane's next plan re-reads the model. Each
+gateway announces on the link every request that reaches it, with its sizes (``[id, n, d1]``): server 1 as
+they arrive, server 0 with each plan. Server 1 checks every plan against its own copies before a share is used
+(:meth:`~RequestTable.gather`).
 
 Messages (each a frame of :mod:`orchestration.shared.wire`)::
 
@@ -138,7 +139,7 @@ class Leader:
                 raise SessionEnded(f"server 1: {exc}") from None
             return
         seq = msg.get("seq")
-        if kind != "done" or not isinstance(seq, int) or seq not in self.out:
+        if kind != "done" or not isinstance(seq, int) or isinstance(seq, bool) or seq not in self.out:
             raise SessionEnded(f"server 1 sent {kind} {seq} with plans {sorted(self.out)} out")
         del self.out[seq]
         current = msg.get("current")
@@ -166,8 +167,7 @@ class Leader:
         return min(fits, key=lambda k: batch[k]) if fits else max(free, key=lambda k: batch[k])
 
     def run(self) -> None:
-        gw, table = self.gw, self.table
-        lanes = LaneWorkers(len(gw.lane_batch), "server0")
+        lanes = LaneWorkers(len(self.gw.lane_batch), "server0")
         try:
             self._run(lanes)
         finally:
@@ -217,7 +217,10 @@ class Leader:
             self.send_plan({"type": "plan", "gen": gen, "lane": lane, "reload": command == CMD_RELOAD,
                             "slots": [[r.id, s, c] for r, s, c in slots if r is not None], "reject": rejects}, lane)
             self.reload.discard(lane)
-            gw.in_flight_peak = max(gw.in_flight_peak, sum(v is not None for v in self.out.values()))
+            in_flight = sum(v is not None for v in self.out.values())
+            if in_flight > gw.in_flight_peak:  # the operator's log, not the clients' status: it tells of others' load
+                gw.in_flight_peak = in_flight
+                logger.info("server 0: %d batches in flight at once (lanes of %s queries)", in_flight, gw.lane_batch)
             d1 = int(gw.serving["d1"])
             lanes.submit(lane, lambda c=command, sl=slots, g=gen, k=lane: gw.compute(c, sl, g, k, d1))
             last_contact = time.monotonic()
