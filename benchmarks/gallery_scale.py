@@ -8,7 +8,9 @@ Each server is run by `invoke party` over TLS in its own network namespace, as o
 (see benchmarks/two_hosts.py). The models are synthetic (2 photos per person, the warm start from class means:
 the size is what matters here). Per (C, RTT, batch) it prints one row: protocol seconds per face, faces per
 second, MB sent between all parties per face, MP-SPDZ's round count for server 0 (`mpspdz_rounds`: every send and
-every receive, about twice the round trips) and the round trips (protocol time / measured RTT). Compiling is
+every receive), the part of it MP-SPDZ counts in its online phase (`online`: the openings between the servers; the
+rest is preprocessing, in the dealer mode the dealer's deliveries, which it pushes ahead of the servers) and the
+round trips (protocol time / measured RTT). Compiling is
 outside the timing (once per size). Writes the table as Markdown and a PNG of seconds per face against C, one
 line per round trip and batch, to --out (default benchmarks/results/).
 """
@@ -35,7 +37,7 @@ from orchestration.client import jobs as client  # noqa: E402
 from orchestration.shared import reference  # noqa: E402
 
 COLUMNS = ["classes", "rtt_ms", "batch", "seconds_per_face", "faces_per_s", "mb_per_face", "mpspdz_rounds",
-           "round_trips", "protocol_s"]
+           "online_rounds", "round_trips", "protocol_s"]
 
 
 def measure(c: int, rtt: float, batches: list[int], proto: str) -> list[dict]:
@@ -57,6 +59,7 @@ def measure(c: int, rtt: float, batches: list[int], proto: str) -> list[dict]:
             secs = float(rc[0]["seconds"])
             row = {"classes": c, "rtt_ms": rtt, "batch": q, "seconds_per_face": secs / q, "faces_per_s": q / secs,
                    "mb_per_face": float(rc[0]["global_data_mb"]) / q, "mpspdz_rounds": rc[0].get("rounds"),
+                   "online_rounds": rc[0].get("online_rounds", ""),
                    "round_trips": round(secs * 1000 / measured) if rtt else "", "protocol_s": secs,
                    "rtt_measured_ms": measured}
             print(",".join(_fmt(row[k]) for k in COLUMNS), flush=True)
@@ -88,17 +91,18 @@ def merged(path: Path, rows: list[dict]) -> list[dict]:
         with path.open(newline="") as f:
             for r in csv.DictReader(f):
                 if key(r) not in new:
-                    old.append({k: (v if k == "round_trips" or v == "" else float(v) if "." in v or "e" in v else int(v))
+                    old.append({k: (v if k == "round_trips" or not v else float(v) if "." in v or "e" in v else int(v))
                                 for k, v in r.items()})
     return sorted(old + rows, key=key)
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| C | RTT (ms) | batch | s per face | faces/s | MB per face | mpspdz_rounds | round trips |\n" \
-           "|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    head = "| C | RTT (ms) | batch | s per face | faces/s | MB per face | mpspdz_rounds | online | round trips |\n" \
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     return head + "".join(
         f"| {r['classes']:,} | {r['rtt_ms']:g} | {r['batch']} | {r['seconds_per_face']:.3f} | {r['faces_per_s']:.1f} | "
-        f"{r['mb_per_face']:.2f} | {r['mpspdz_rounds']} | {r['round_trips']} |\n" for r in rows)
+        f"{r['mb_per_face']:.2f} | {r['mpspdz_rounds']} | {r.get('online_rounds', '')} | {r['round_trips']} |\n"
+        for r in rows)
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -137,7 +137,8 @@ def assert_no_plaintext(files: list[Path], names: list[bytes], needles: set[byte
 SERVER_JSON_KEYS = {"c", "created", "d1", "frac_bits", "n", "program", "program_version", "run_id", "job", "q",
                     "values", "d", "extra", "file", "kind", "n_classes", "n_values", "party", "ring_bits", "sha256",
                     "gen", "model_gen", "program_args", "status", "finished", "seconds", "data_sent_mb",
-                    "global_data_mb", "refreshed_from", "protocol", "rounds", "seq", "exp_bits"}
+                    "global_data_mb", "refreshed_from", "protocol", "rounds", "seq", "exp_bits", "online_rounds",
+                    "offline_rounds"}
 
 
 def _server_files(layout: Layout) -> list[Path]:

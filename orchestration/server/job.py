@@ -419,7 +419,8 @@ def finish_job(prep: PreparedJob, result: PartyResult | None) -> Path:
                                "finished": time.time()}
     if result is not None:
         receipt.update(seconds=result.seconds, data_sent_mb=result.data_sent_mb,
-                       global_data_mb=result.global_data_mb, rounds=result.rounds, protocol=m.protocol)
+                       global_data_mb=result.global_data_mb, rounds=result.rounds, protocol=m.protocol,
+                       online_rounds=result.online_rounds, offline_rounds=result.offline_rounds)
     out = server.outputs / m.job
     tmp_out = server.outputs / f".{m.job}.tmp"
     destroy_tree(tmp_out)
