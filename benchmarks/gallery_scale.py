@@ -59,7 +59,7 @@ def measure(c: int, rtt: float, batches: list[int], proto: str) -> list[dict]:
             secs = float(rc[0]["seconds"])
             row = {"classes": c, "rtt_ms": rtt, "batch": q, "seconds_per_face": secs / q, "faces_per_s": q / secs,
                    "mb_per_face": float(rc[0]["global_data_mb"]) / q, "mpspdz_rounds": rc[0].get("rounds"),
-                   "online_rounds": rc[0].get("online_rounds", ""),
+                   "online_rounds": rc[0].get("online_rounds") or "",
                    "round_trips": round(secs * 1000 / measured) if rtt else "", "protocol_s": secs,
                    "rtt_measured_ms": measured}
             print(",".join(_fmt(row[k]) for k in COLUMNS), flush=True)

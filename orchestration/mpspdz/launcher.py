@@ -67,8 +67,9 @@ _GLOBAL_DATA = re.compile(r"^Global data sent = ([0-9.e+]+) MB")
 _TIME = re.compile(r"^Time = ([0-9.e+-]+) seconds")
 #: MP-SPDZ's own split of the rounds (-v): the online phase's (openings between the servers) and the preprocessing's
 #: (in the dealer mode the dealer's deliveries, which it pushes ahead of the servers)
-_PHASES = re.compile(r"^Spent [0-9.e+-]+ seconds \([0-9.e+-]+ MB, (\d+) rounds\) on the online phase and "
-                     r"[0-9.e+-]+ seconds \([0-9.e+-]+ MB, (\d+) rounds\) on the preprocessing")
+#: (with threads: "3 threads spent a total of ... on the online phase, ... on the preprocessing/offline phase, and")
+_PHASES = re.compile(r"^(?:Spent|\d+ threads spent a total of) [0-9.e+-]+ seconds \([0-9.e+-]+ MB, (\d+) rounds\) "
+                     r"on the online phase(?: and|,) [0-9.e+-]+ seconds \([0-9.e+-]+ MB, (\d+) rounds\) on the preprocessing")
 
 
 class PartyFailed(MPSPDZError):
