@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from capture import read_stats
+
 CAPTURE = Path(__file__).with_name("capture.py")
 RELAY = Path(__file__).with_name("delay_relay.py")
 
@@ -56,6 +58,7 @@ class _Namespaces:
     """Running commands in namespace ``self.ns[i]`` and looking at its listeners."""
 
     ns: tuple[str, ...]
+    veth: tuple[str, ...]  # the interface inside namespace i
 
     def cmd(self, i: int, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns[i], *argv]
@@ -80,6 +83,17 @@ class _Namespaces:
                 ip = ".".join(str(b) for b in struct.pack("<I", int(ip_hex, 16)))
                 out.append((ip, int(port_hex, 16)))
         return out
+
+    def capture(self, i: int, out: Path) -> subprocess.Popen:
+        """Start capturing TCP frames on namespace i's veth into ``out`` (stop with terminate())."""
+        p = self.popen(i, [sys.executable, str(CAPTURE), self.veth[i], str(out)], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+        assert p.stdout is not None
+        line = p.stdout.readline()  # "ready" once the socket is bound
+        if line.strip() != "ready":
+            p.kill()
+            raise RuntimeError(f"capture on {self.veth[i]} did not start: {line} {p.stderr.read() if p.stderr else ''}")
+        return p
 
 
 class ThreeHosts(_Namespaces):
@@ -232,20 +246,21 @@ class TwoHosts(_Namespaces):
                 " ts.append(time.perf_counter()-t); s.close()\nprint(statistics.median(ts)*1000)")
         return float(self.run(0, [sys.executable, "-c", code]).stdout)
 
-    def capture(self, i: int, out: Path) -> subprocess.Popen:
-        """Start capturing TCP frames on namespace i's veth into ``out`` (stop with terminate())."""
-        p = self.popen(i, [sys.executable, str(CAPTURE), self.veth[i], str(out)], stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True)
-        assert p.stdout is not None
-        line = p.stdout.readline()  # "ready" once the socket is bound
-        if line.strip() != "ready":
-            p.kill()
-            raise RuntimeError(f"capture did not start: {line} {p.stderr.read() if p.stderr else ''}")
-        return p
-
 
 def tcp_streams(capture_file: Path) -> dict[tuple[str, int, str, int], bytes]:
-    """Reassemble the TCP payload of each direction of each connection in a capture (by sequence number)."""
+    """Reassemble the TCP payload of each direction of each connection in a capture (by sequence number).
+
+    Raises ValueError if the capture itself lost frames (the counts tests/capture.py wrote on exit) or if a
+    stream has a hole."""
+    stats = read_stats(Path(capture_file))
+    if stats and (stats["drops"] or stats["truncated"]):
+        raise ValueError(f"the capture {capture_file} lost frames ({stats}): the harness fell behind, "
+                         "the streams cannot be checked")
+    # Per direction: offset from its first captured sequence number (modulo 2**32, so a stream may wrap) ->
+    # the longest payload seen there. A retransmission starts where the lost segment started but may be
+    # shorter (after a timeout TCP resends one MSS of a 64 KiB GSO frame): keeping the last one seen would
+    # open a hole in the stream.
+    base: dict[tuple[str, int, str, int], int] = {}
     segs: dict[tuple[str, int, str, int], dict[int, bytes]] = {}
     data = Path(capture_file).read_bytes()
     pos = 0
@@ -259,23 +274,29 @@ def tcp_streams(capture_file: Path) -> dict[tuple[str, int, str, int], bytes]:
         ihl = (ip[0] & 0x0F) * 4
         if ip[9] != 6:
             continue
-        total = struct.unpack_from(">H", ip, 2)[0]
+        total = struct.unpack_from(">H", ip, 2)[0] or len(ip)  # 0: a BIG TCP frame over 64 KiB
         src, dst = ".".join(map(str, ip[12:16])), ".".join(map(str, ip[16:20]))
         tcp = ip[ihl:total]
         sport, dport, seq = struct.unpack_from(">HHI", tcp, 0)
         off = (tcp[12] >> 4) * 4
         payload = bytes(tcp[off:])
         if payload:
-            segs.setdefault((src, sport, dst, dport), {})[seq] = payload
+            key = (src, sport, dst, dport)
+            rel = (seq - base.setdefault(key, seq)) % 2**32
+            rel = rel - 2**32 if rel >= 2**31 else rel  # a retransmission of bytes sent before the first frame
+            held = segs.setdefault(key, {})
+            if len(payload) > len(held.get(rel, b"")):
+                held[rel] = payload
     streams = {}
-    for key, by_seq in segs.items():
-        seqs = sorted(by_seq)
+    for key, by_off in segs.items():
+        offs = sorted(by_off)
         buf = bytearray()
-        nxt = seqs[0]
-        for s in seqs:
-            p = by_seq[s]
+        nxt = offs[0]
+        for s in offs:
+            p = by_off[s]
             if s > nxt:
-                raise ValueError(f"capture misses bytes of {key} at sequence {nxt} (dropped frames)")
+                at = (base[key] + nxt) % 2**32
+                raise ValueError(f"capture misses bytes of {key} at sequence {at} (capture counts: {stats})")
             if s + len(p) <= nxt:
                 continue
             buf += p[nxt - s:]

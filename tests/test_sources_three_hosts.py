@@ -150,13 +150,7 @@ class Three:
     def capture(self, i: int) -> tuple[subprocess.Popen, Path]:
         """Capture every TCP frame on host i's veth (all its traffic but its loopback) into a file."""
         out = self.root / f"host{i}.cap"
-        p = self.net.popen(i, [sys.executable, str(netlab.CAPTURE), self.net.veth[i], str(out)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert p.stdout is not None
-        if p.stdout.readline().strip() != "ready":
-            p.kill()
-            raise AssertionError(f"capture on host {i} did not start: {p.stderr.read() if p.stderr else ''}")
-        return p, out
+        return self.net.capture(i, out), out
 
     def pem(self, who: str, party: int) -> Path:
         if who == "dealer":
